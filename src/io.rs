@@ -1,0 +1,154 @@
+//! A small positional I/O seam, so that tests and fuzzers can run the library on
+//! in-memory images and inject failures.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+/// Positional reads.
+pub trait ReadAt: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns 0 at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Current length of the underlying file or buffer.
+    fn len(&self) -> io::Result<u64>;
+
+    /// Whether the file is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros and
+    /// the number of bytes that really came from the file is returned.
+    fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            done += n;
+        }
+        buf[done..].fill(0);
+        Ok(done)
+    }
+
+    /// Fills `buf` from `offset`; a short file is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let n = self.read_at_zero_fill(buf, offset)?;
+        if n < buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} bytes at {offset:#x} extend past the end of the file",
+                    buf.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Positional writes.
+pub trait WriteAt: Send + Sync {
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Flushes data and metadata to stable storage.
+    fn sync(&self) -> io::Result<()>;
+    /// Sets the length of the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+impl ReadAt for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+}
+
+impl WriteAt for File {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        FileExt::write_all_at(self, buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.sync_all()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+}
+
+/// An in-memory file, for tests and fuzzing.
+#[derive(Debug, Default)]
+pub struct MemFile {
+    data: Mutex<Vec<u8>>,
+    /// Fail every write after this many successful ones (crash simulation).
+    pub fail_after_writes: Option<usize>,
+    writes: Mutex<usize>,
+}
+
+impl MemFile {
+    /// A file holding `data`.
+    pub fn new(data: Vec<u8>) -> Self {
+        MemFile {
+            data: Mutex::new(data),
+            ..Default::default()
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.lock().expect("not poisoned").clone()
+    }
+}
+
+impl ReadAt for MemFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let d = self.data.lock().expect("not poisoned");
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
+        if start >= d.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(d.len() - start);
+        buf[..n].copy_from_slice(&d[start..start + n]);
+        Ok(n)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.lock().expect("not poisoned").len() as u64)
+    }
+}
+
+impl WriteAt for MemFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut w = self.writes.lock().expect("not poisoned");
+        if let Some(limit) = self.fail_after_writes {
+            if *w >= limit {
+                return Err(io::Error::other("injected write failure"));
+            }
+        }
+        *w += 1;
+        let mut d = self.data.lock().expect("not poisoned");
+        let start = usize::try_from(offset).map_err(io::Error::other)?;
+        let end = start + buf.len();
+        if d.len() < end {
+            d.resize(end, 0);
+        }
+        d[start..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        self.data.lock().expect("not poisoned").resize(len, 0);
+        Ok(())
+    }
+}
