@@ -86,7 +86,7 @@ pub fn decompress_zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
     let r = d.decompress(input, out, FlushDecompress::Finish);
     let full = d.total_out() as usize == out.len();
     match r {
-        Ok(Status::StreamEnd) if full => Ok(()),
+        // Stream end, or a full buffer (QEMU accepts Z_BUF_ERROR with full output).
         Ok(_) if full => Ok(()),
         Ok(_) => Err(Error::corrupt(
             "compressed cluster",

@@ -90,7 +90,7 @@ mod tests {
     proptest! {
         #[test]
         fn is_zero_agrees_with_a_plain_scan(mut v in proptest::collection::vec(0u8..2, 0..300), pos in any::<usize>()) {
-            for b in &mut v { *b = 0; }
+            v.fill(0);
             prop_assert!(is_zero(&v));
             if !v.is_empty() {
                 let i = pos % v.len();

@@ -168,9 +168,8 @@ pub fn generate(path: &Path, size: u64, seed: u64, mix: Mix) -> Result<()> {
         } else {
             if pending_hole > 0 {
                 out.flush().ctx(|| "write".into())?;
-                use std::io::Seek;
-                out.get_mut()
-                    .seek(std::io::SeekFrom::Current(pending_hole as i64))
+                let hole = i64::try_from(pending_hole).expect("holes are smaller than 2^63");
+                std::io::Seek::seek(out.get_mut(), std::io::SeekFrom::Current(hole))
                     .ctx(|| "seek".into())?;
                 pending_hole = 0;
             }

@@ -128,8 +128,7 @@ impl<'a> Writer<'a> {
         let l1_size = virtual_size.div_ceil(cs).div_ceil(l2_entries);
         if l1_size * 8 > MAX_L1_BYTES {
             return Err(Error::LimitExceeded(format!(
-                "virtual size {virtual_size} needs an L1 table of {} entries, more than QEMU's 32 MiB limit; use a larger cluster_size",
-                l1_size
+                "virtual size {virtual_size} needs an L1 table of {l1_size} entries, more than QEMU's 32 MiB limit; use a larger cluster_size"
             )));
         }
         Ok(Writer {
