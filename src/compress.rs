@@ -40,7 +40,11 @@ pub fn compress(
     data: &[u8],
     cs: usize,
 ) -> Option<Vec<u8>> {
-    let mut out = vec![0u8; cs];
+    // Room for the worst case (zlib's deflateBound, zstd's compress bound): zlib-rs
+    // panics when a stored block does not fit the output buffer, so never give it
+    // less; whether the stream is worth storing is decided afterwards.
+    let bound = data.len() + data.len() / 8 + 1024;
+    let mut out = vec![0u8; bound.max(zstd::zstd_safe::compress_bound(data.len()))];
     let n = match codec {
         CompressionType::Zlib => {
             let level = level.unwrap_or(6).clamp(0, 9);

@@ -6,8 +6,17 @@ use std::time::Instant;
 
 use common::*;
 
-fn convert_ok(args: &[&str], input: &std::path::Path, output: &std::path::Path) -> serde_json::Value {
-    let mut a: Vec<std::ffi::OsString> = vec!["convert".into(), "-q".into(), "--output".into(), "json".into()];
+fn convert_ok(
+    args: &[&str],
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> serde_json::Value {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "convert".into(),
+        "-q".into(),
+        "--output".into(),
+        "json".into(),
+    ];
     a.extend(args.iter().map(Into::into));
     a.push(input.into());
     a.push(output.into());
@@ -29,7 +38,11 @@ fn every_cluster_size_and_refcount_width_gives_a_clean_identical_image() {
         let distinct = make_input(&input, cs, n, 777, cs as u64);
         for bits in [2u32, 16, 64] {
             let out = dir.path().join(format!("out-{cs}-{bits}.qcow2"));
-            let r = convert_ok(&["-o", &format!("cluster_size={cs},refcount_bits={bits}")], &input, &out);
+            let r = convert_ok(
+                &["-o", &format!("cluster_size={cs},refcount_bits={bits}")],
+                &input,
+                &out,
+            );
             assert_qemu_check_clean(&out);
             assert_qemu_compare_same(&input, "raw", &out);
             let layout = read_layout(&out);
@@ -37,11 +50,21 @@ fn every_cluster_size_and_refcount_width_gives_a_clean_identical_image() {
             assert_eq!(layout.header.refcount_bits(), bits);
             // One host cluster per distinct content, plus saturation copies.
             let sat = r["saturation-copies"].as_u64().unwrap() as usize;
-            assert_eq!(layout.data_refs.len(), distinct + sat, "cs={cs} bits={bits}");
-            assert_eq!(r["host-data-clusters"].as_u64().unwrap() as usize, distinct + sat);
+            assert_eq!(
+                layout.data_refs.len(),
+                distinct + sat,
+                "cs={cs} bits={bits}"
+            );
+            assert_eq!(
+                r["host-data-clusters"].as_u64().unwrap() as usize,
+                distinct + sat
+            );
             // Refcount = number of references; COPIED iff refcount 1.
             for (off, refs) in &layout.data_refs {
-                assert_eq!(layout.refcounts[&(off >> layout.header.cluster_bits)], *refs);
+                assert_eq!(
+                    layout.refcounts[&(off >> layout.header.cluster_bits)],
+                    *refs
+                );
             }
             for (off, copied) in &layout.copied {
                 assert_eq!(*copied, layout.data_refs[off] == 1, "COPIED iff refcount 1");
@@ -92,7 +115,10 @@ fn no_dedup_stores_every_non_zero_cluster() {
     let input = dir.path().join("in.raw");
     make_input(&input, 65536, 40, 0, 3);
     let data = std::fs::read(&input).unwrap();
-    let nonzero = data.chunks(65536).filter(|c| c.iter().any(|b| *b != 0)).count();
+    let nonzero = data
+        .chunks(65536)
+        .filter(|c| c.iter().any(|b| *b != 0))
+        .count();
     let out = dir.path().join("out.qcow2");
     let r = convert_ok(&["--no-dedup"], &input, &out);
     assert_qemu_check_clean(&out);
@@ -112,8 +138,15 @@ fn output_is_identical_for_any_number_of_workers() {
     let want = std::fs::read(&reference).unwrap();
     for m in ["1", "2", "8"] {
         let out = dir.path().join(format!("m{m}.qcow2"));
-        convert_ok(&["-m", m, "-o", "cluster_size=4k", "--max-in-flight", "4M"], &input, &out);
-        assert!(std::fs::read(&out).unwrap() == want, "{m} workers differ from the sequential converter");
+        convert_ok(
+            &["-m", m, "-o", "cluster_size=4k", "--max-in-flight", "4M"],
+            &input,
+            &out,
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "{m} workers differ from the sequential converter"
+        );
     }
     assert_qemu_check_clean(&reference);
     assert_qemu_compare_same(&input, "raw", &reference);
@@ -122,12 +155,19 @@ fn output_is_identical_for_any_number_of_workers() {
 #[test]
 fn empty_and_tiny_inputs_convert() {
     let dir = tempfile::tempdir().unwrap();
-    for (name, bytes) in [("empty", vec![]), ("one", vec![1u8]), ("zeros", vec![0u8; 70000])] {
+    for (name, bytes) in [
+        ("empty", vec![]),
+        ("one", vec![1u8]),
+        ("zeros", vec![0u8; 70000]),
+    ] {
         let input = dir.path().join(format!("{name}.raw"));
         std::fs::write(&input, &bytes).unwrap();
         let out = dir.path().join(format!("{name}.qcow2"));
         let r = convert_ok(&[], &input, &out);
-        assert_eq!(r["virtual-size"].as_u64().unwrap(), (bytes.len() as u64).div_ceil(512) * 512);
+        assert_eq!(
+            r["virtual-size"].as_u64().unwrap(),
+            (bytes.len() as u64).div_ceil(512) * 512
+        );
         assert_qemu_check_clean(&out);
         assert_qemu_compare_same(&input, "raw", &out);
     }
@@ -157,7 +197,11 @@ fn sparse_terabyte_converts_about_as_fast_as_its_data() {
     let out = dir.path().join("sparse.qcow2");
     let r = convert_ok(&["--no-sync"], &sparse, &out);
     let sparse_time = t.elapsed();
-    assert_eq!(r["bytes-read"].as_u64().unwrap(), 64 << 20, "holes are not read");
+    assert_eq!(
+        r["bytes-read"].as_u64().unwrap(),
+        64 << 20,
+        "holes are not read"
+    );
     assert!(
         sparse_time < dense_time * 10 + std::time::Duration::from_secs(2),
         "sparse {sparse_time:?} vs dense {dense_time:?}"
@@ -165,7 +209,11 @@ fn sparse_terabyte_converts_about_as_fast_as_its_data() {
     assert_qemu_check_clean(&out);
 }
 
-fn assert_fails_cleanly(args: &[&std::ffi::OsStr], dir: &std::path::Path, before: &[String]) -> String {
+fn assert_fails_cleanly(
+    args: &[&std::ffi::OsStr],
+    dir: &std::path::Path,
+    before: &[String],
+) -> String {
     let o = qdedup(args);
     assert!(!o.status.success());
     assert_ne!(o.status.code(), Some(101), "no panic");
@@ -186,22 +234,86 @@ fn bad_paths_give_one_line_errors_and_leave_nothing_behind() {
     let before = dir_entries(d);
     let c = |s: &str| std::ffi::OsString::from(s);
 
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), d.join("missing.raw").as_os_str(), d.join("o.qcow2").as_os_str()], d, &before);
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            d.join("missing.raw").as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("missing.raw"), "{e}");
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), d.as_os_str(), d.join("o.qcow2").as_os_str()], d, &before);
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            d.as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("directory"), "{e}");
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), input.as_os_str(), existing.as_os_str()], d, &before);
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            existing.as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("exists"), "{e}");
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), input.as_os_str(), input.as_os_str(), c("--force").as_os_str()], d, &before);
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            input.as_os_str(),
+            c("--force").as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("is the input"), "{e}");
     // The same file under another name is still the input.
     let other = d.join(".").join("in.raw");
-    assert_fails_cleanly(&[c("convert").as_os_str(), input.as_os_str(), other.as_os_str(), c("--force").as_os_str()], d, &before);
-    assert_eq!(std::fs::read(&input).unwrap(), vec![1u8; 4096], "input untouched");
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), input.as_os_str(), d.join("no/such/dir/o.qcow2").as_os_str()], d, &before);
+    assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            other.as_os_str(),
+            c("--force").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        vec![1u8; 4096],
+        "input untouched"
+    );
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            d.join("no/such/dir/o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("no/such/dir"), "{e}");
-    let e = assert_fails_cleanly(&[c("convert").as_os_str(), c("-o").as_os_str(), c("cluster_size=1000").as_os_str(), input.as_os_str(), d.join("o.qcow2").as_os_str()], d, &before);
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            c("-o").as_os_str(),
+            c("cluster_size=1000").as_os_str(),
+            input.as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
     assert!(e.contains("cluster_size"), "{e}");
 }
 
@@ -224,10 +336,23 @@ fn human_report_names_the_figures() {
     let input = dir.path().join("in.raw");
     make_input(&input, 65536, 20, 0, 2);
     let out = dir.path().join("out.qcow2");
-    let o = qdedup([std::ffi::OsStr::new("convert"), input.as_os_str(), out.as_os_str()]);
+    let o = qdedup([
+        std::ffi::OsStr::new("convert"),
+        input.as_os_str(),
+        out.as_os_str(),
+    ]);
     assert!(o.status.success());
     let s = String::from_utf8_lossy(&o.stdout);
-    for w in ["virtual size", "zero", "unique", "duplicate", "read", "written", "saved", "MB/s"] {
+    for w in [
+        "virtual size",
+        "zero",
+        "unique",
+        "duplicate",
+        "read",
+        "written",
+        "saved",
+        "MB/s",
+    ] {
         assert!(s.contains(w), "missing {w} in {s}");
     }
 }

@@ -40,14 +40,28 @@ pub enum Kind {
     Zero,
     /// Not yet looked at by a worker.
     Unprocessed,
-    /// Data with its hash; `stream` is a range in `Batch::streams` if compressed.
+    /// Data with its hash and what compression made of it.
     Data {
         /// BLAKE3 of the cluster.
         hash: Hash,
-        /// Compressed stream `(start, len)` in the batch's stream buffer.
-        stream: Option<(u32, u32)>,
+        /// Compression outcome; a stream is a range in `Batch::streams`.
+        stream: Stream<(u32, u32)>,
     },
 }
+
+/// What a worker's compression attempt gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream<T> {
+    /// Not compressed (compression off, or another worker claimed this content).
+    NotTried,
+    /// Compressed, but the stream would not save space.
+    NotWorth,
+    /// A stream worth storing.
+    Some(T),
+}
+
+/// Contents (by 64-bit hash prefix) some worker has already compressed.
+pub type Claims = dashmap::DashSet<u64>;
 
 /// A run of consecutive guest clusters travelling through the pipeline.
 #[derive(Debug, Default)]
@@ -67,8 +81,15 @@ pub struct Batch {
 /// Compresses one cluster; `None` if that saves no space.
 pub type CompressFn = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
 
-/// The worker's job: detect zeros, hash, compress (pure).
-pub fn process(batch: &mut Batch, cs: usize, compress: Option<&CompressFn>) {
+/// The worker's job: detect zeros, hash, and compress the first occurrence of each
+/// content (the first worker to claim its hash prefix in `claims`; every cluster
+/// when `claims` is `None`).
+pub fn process(
+    batch: &mut Batch,
+    cs: usize,
+    compress: Option<&CompressFn>,
+    claims: Option<&Claims>,
+) {
     batch.streams.clear();
     for (i, k) in batch.kinds.iter_mut().enumerate() {
         if *k != Kind::Unprocessed {
@@ -79,15 +100,20 @@ pub fn process(batch: &mut Batch, cs: usize, compress: Option<&CompressFn>) {
             *k = Kind::Zero;
             continue;
         }
-        let stream = compress.and_then(|f| f(c)).map(|s| {
-            let start = batch.streams.len() as u32;
-            batch.streams.extend_from_slice(&s);
-            (start, s.len() as u32)
-        });
-        *k = Kind::Data {
-            hash: hash_cluster(c),
-            stream,
+        let hash = hash_cluster(c);
+        let prefix = u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"));
+        let stream = match compress {
+            Some(f) if claims.is_none_or(|cl| cl.insert(prefix)) => match f(c) {
+                Some(s) => {
+                    let start = batch.streams.len() as u32;
+                    batch.streams.extend_from_slice(&s);
+                    Stream::Some((start, s.len() as u32))
+                }
+                None => Stream::NotWorth,
+            },
+            _ => Stream::NotTried,
         };
+        *k = Kind::Data { hash, stream };
     }
 }
 
@@ -102,7 +128,11 @@ fn deliver(writer: &mut Writer<'_>, b: &Batch, cs: usize) -> Result<()> {
             Kind::Data { hash, stream } => ClusterIn::Data {
                 hash,
                 data: &b.data[i * cs..(i + 1) * cs],
-                stream: stream.map(|(s, l)| &b.streams[s as usize..(s + l) as usize]),
+                stream: match stream {
+                    Stream::Some((s, l)) => Stream::Some(&b.streams[s as usize..(s + l) as usize]),
+                    Stream::NotWorth => Stream::NotWorth,
+                    Stream::NotTried => Stream::NotTried,
+                },
             },
         })
         .collect();
@@ -235,11 +265,12 @@ pub fn run_sequential(
     let total = src.virtual_size();
     let mut reader = BatchReader::new(src, cs);
     let mut batch = Batch::default();
+    let claims = opts.dedup.then(Claims::new);
     while reader.next_batch(&mut batch)? {
         if cancelled(opts) {
             return Err(Error::Interrupted);
         }
-        process(&mut batch, cs as usize, compress);
+        process(&mut batch, cs as usize, compress, claims.as_ref());
         deliver(writer, &batch, cs as usize)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
@@ -276,6 +307,8 @@ pub fn run_pipelined(
         stop.store(true, Ordering::SeqCst);
     };
     let mut bytes_read = 0;
+    let claims = opts.dedup.then(Claims::new);
+    let claims = claims.as_ref();
 
     std::thread::scope(|s| {
         // Reader.
@@ -314,7 +347,7 @@ pub fn run_pipelined(
             s.spawn(move || {
                 while let Ok(mut b) = work_rx.recv() {
                     if !stop_w.load(Ordering::Relaxed) {
-                        process(&mut b, cs as usize, compress);
+                        process(&mut b, cs as usize, compress, claims);
                     }
                     if done_tx.send(b).is_err() {
                         break;

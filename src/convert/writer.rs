@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 
+use super::pipeline::Stream;
 use crate::dedup::{DedupIndex, Hash, Target};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
@@ -51,8 +52,8 @@ pub enum ClusterIn<'a> {
         hash: Hash,
         /// The cluster's bytes (cluster size).
         data: &'a [u8],
-        /// The compressed stream, if compressing it saves space.
-        stream: Option<&'a [u8]>,
+        /// What compression made of it.
+        stream: Stream<&'a [u8]>,
     },
 }
 
@@ -199,7 +200,7 @@ impl<'a> Writer<'a> {
         &mut self,
         hash: Hash,
         cdata: &[u8],
-        stream: Option<&[u8]>,
+        stream: Stream<&[u8]>,
         batch: &[u8],
         i: usize,
     ) -> Result<u64> {
@@ -239,8 +240,10 @@ impl<'a> Writer<'a> {
         // A new copy: compressed if a stream that saves space exists.
         let owned;
         let stream = match (stream, &self.compressor) {
-            (Some(s), _) => Some(s),
-            (None, Some(f)) if self.compression.is_some() && self.dedup => {
+            (Stream::Some(s), _) => Some(s),
+            // No worker compressed this content (another batch claimed it first,
+            // or this is a new copy after saturation): compress here.
+            (Stream::NotTried, Some(f)) => {
                 owned = f(cdata);
                 owned.as_deref()
             }

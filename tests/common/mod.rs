@@ -24,7 +24,10 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(qdedup_bin()).args(args).output().expect("qdedup runs")
+    Command::new(qdedup_bin())
+        .args(args)
+        .output()
+        .expect("qdedup runs")
 }
 
 /// Runs a qemu tool; a missing tool fails the test (it must not silently skip).
@@ -33,10 +36,9 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
-    Command::new(tool)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is required for this test (apt-get install qemu-utils): {e}"))
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
+    })
 }
 
 /// Asserts `qemu-img check` finds `img` clean.
@@ -173,12 +175,20 @@ pub fn read_layout(path: &Path) -> Layout {
             }
         }
     }
-    let rt = read(&f, header.refcount_table_offset, (header.refcount_table_clusters as usize) << cb);
+    let rt = read(
+        &f,
+        header.refcount_table_offset,
+        (header.refcount_table_clusters as usize) << cb,
+    );
     let epb = refcount::entries_per_block(cb, header.refcount_order);
     let mut refcounts = HashMap::new();
     for &off in data_refs.keys() {
         let c = off >> cb;
-        let rb = u64::from_be_bytes(rt[(c / epb) as usize * 8..(c / epb) as usize * 8 + 8].try_into().unwrap());
+        let rb = u64::from_be_bytes(
+            rt[(c / epb) as usize * 8..(c / epb) as usize * 8 + 8]
+                .try_into()
+                .unwrap(),
+        );
         let block = read(&f, rb, cs);
         refcounts.insert(c, refcount::get(&block, header.refcount_order, c % epb));
     }
