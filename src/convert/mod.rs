@@ -53,6 +53,10 @@ pub struct ConvertReport {
     pub clusters_compressed: u64,
     /// Bytes of compressed streams.
     pub compressed_bytes: u64,
+    /// Guest bytes those streams hold (compressed clusters × cluster size).
+    pub compressed_input_bytes: u64,
+    /// `compressed_input_bytes / compressed_bytes` (0 when nothing was compressed).
+    pub compression_ratio: f64,
     /// Host clusters holding guest data.
     pub host_data_clusters: u64,
     /// Largest refcount of a data cluster.
@@ -113,10 +117,12 @@ impl std::fmt::Display for ConvertReport {
         if let Some(c) = &self.compression {
             writeln!(
                 f,
-                "compressed:        {} clusters ({}) into {:.1} MiB",
+                "compressed:        {} clusters ({}): {:.1} MiB into {:.1} MiB, ratio {:.2}",
                 self.clusters_compressed,
                 c,
-                mib(self.compressed_bytes)
+                mib(self.compressed_input_bytes),
+                mib(self.compressed_bytes),
+                self.compression_ratio
             )?;
         }
         writeln!(
@@ -277,6 +283,12 @@ pub fn convert(
         saturation_copies: stats.saturation_copies,
         clusters_compressed: stats.compressed_clusters,
         compressed_bytes: stats.compressed_bytes,
+        compressed_input_bytes: stats.compressed_clusters * cs,
+        compression_ratio: if stats.compressed_bytes == 0 {
+            0.0
+        } else {
+            (stats.compressed_clusters * cs) as f64 / stats.compressed_bytes as f64
+        },
         host_data_clusters: stats.host_data_clusters,
         max_refcount: stats.max_refcount,
         bytes_read,

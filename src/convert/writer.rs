@@ -284,6 +284,13 @@ impl<'a> Writer<'a> {
     fn place_stream(&mut self, s: &[u8], batch: &[u8]) -> Result<(u64, Target)> {
         let cs = self.cs();
         let len = s.len() as u64;
+        // The cluster holding the tail may already be at the maximum refcount
+        // through references to earlier streams: then start a fresh cluster.
+        if let Some(t) = self.ctail {
+            if u64::from(self.refcounts[(t >> self.cluster_bits) as usize]) >= self.max_ref {
+                self.ctail = None;
+            }
+        }
         let off = match self.ctail {
             Some(t) if t + len <= (t | (cs - 1)) + 1 => t,
             Some(t) if (t >> self.cluster_bits) + 1 == self.next_cluster => {

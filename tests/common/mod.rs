@@ -137,6 +137,12 @@ pub struct Layout {
     pub copied: Vec<(u64, bool)>,
     /// Compressed L2 entries.
     pub compressed: u64,
+    /// Compressed L2 entries with COPIED set (never allowed).
+    pub compressed_copied: u64,
+    /// Host clusters touched by compressed streams → references through streams.
+    pub stream_refs: HashMap<u64, u64>,
+    /// Distinct compressed streams (by descriptor).
+    pub streams: std::collections::HashSet<u64>,
     /// Stored refcount of a host cluster index.
     pub refcounts: HashMap<u64, u64>,
 }
@@ -158,6 +164,9 @@ pub fn read_layout(path: &Path) -> Layout {
     let mut data_refs = HashMap::new();
     let mut copied = Vec::new();
     let mut compressed = 0;
+    let mut compressed_copied = 0;
+    let mut stream_refs: HashMap<u64, u64> = HashMap::new();
+    let mut streams = std::collections::HashSet::new();
     for e in l1.chunks_exact(8) {
         let l1e = L1Entry::decode(u64::from_be_bytes(e.try_into().unwrap()));
         if l1e.l2_offset == 0 {
@@ -170,7 +179,15 @@ pub fn read_layout(path: &Path) -> Layout {
                     *data_refs.entry(offset).or_insert(0) += 1;
                     copied.push((offset, c));
                 }
-                L2Entry::Compressed { .. } => compressed += 1,
+                L2Entry::Compressed { desc, copied: c } => {
+                    compressed += 1;
+                    compressed_copied += u64::from(c);
+                    streams.insert(desc.encode(cb));
+                    let (a, b) = desc.clusters(cb);
+                    for h in a..=b {
+                        *stream_refs.entry(h).or_insert(0) += 1;
+                    }
+                }
                 _ => {}
             }
         }
@@ -182,8 +199,11 @@ pub fn read_layout(path: &Path) -> Layout {
     );
     let epb = refcount::entries_per_block(cb, header.refcount_order);
     let mut refcounts = HashMap::new();
-    for &off in data_refs.keys() {
-        let c = off >> cb;
+    for c in data_refs
+        .keys()
+        .map(|o| o >> cb)
+        .chain(stream_refs.keys().copied())
+    {
         let rb = u64::from_be_bytes(
             rt[(c / epb) as usize * 8..(c / epb) as usize * 8 + 8]
                 .try_into()
@@ -197,6 +217,9 @@ pub fn read_layout(path: &Path) -> Layout {
         data_refs,
         copied,
         compressed,
+        compressed_copied,
+        stream_refs,
+        streams,
         refcounts,
     }
 }
