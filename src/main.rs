@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -118,11 +118,18 @@ fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
     Some(pb)
 }
 
-fn cancel_flag() -> Arc<AtomicBool> {
+/// Ctrl-C (SIGINT) and SIGTERM set the returned flag: the conversion stops at the
+/// next batch and removes its temporary file. A second Ctrl-C exits at once.
+/// SIGXFSZ is caught too, so that a file size limit makes writes fail with EFBIG
+/// (reported, temporary file removed) instead of killing the process.
+fn install_signal_handlers() -> Arc<AtomicBool> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
     let flag = Arc::new(AtomicBool::new(false));
-    let f = flag.clone();
-    // A second handler cannot be installed; that only happens in tests of main.
-    let _ = ctrlc::set_handler(move || f.store(true, Ordering::SeqCst));
+    for sig in [SIGINT, SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    let _ = signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)));
     flag
 }
 
@@ -160,8 +167,7 @@ fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
             pb.set_position(done);
         }));
     }
-    let cancel = cancel_flag();
-    opts.cancel = Some(cancel.clone());
+    opts.cancel = Some(install_signal_handlers());
     let src = open_source(&a.input, a.format)?;
     let report = convert::convert(&a.input, &a.output_image, src.as_ref(), &opts);
     if let Some(pb) = pb {

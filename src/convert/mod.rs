@@ -197,6 +197,33 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Removes temporary files of earlier runs for the same output name that were
+/// killed (no process holds their lock any more). Returns what was removed.
+fn remove_stale_temporaries(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!(".{name}.");
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let fname = e.file_name();
+        let f = fname.to_string_lossy();
+        if !(f.starts_with(&prefix) && f.ends_with(".qdedup-tmp")) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 /// Converts the image at `input` into a deduplicated qcow2 image at `output`.
 pub fn convert(
     input: &Path,
@@ -242,6 +269,8 @@ pub fn convert(
         .tempfile_in(dir)
         .ctx(|| format!("cannot create a temporary file in {}", dir.display()))?;
     let file: &File = tmp.as_file();
+    // Held until the file is closed: tells later runs this temporary file is live.
+    let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
     let (stats, bytes_read, index_bytes) = convert_to(src, file, opts)?;
     if opts.sync {
         file.sync_all()
@@ -259,11 +288,17 @@ pub fn convert(
             let _ = d.sync_all();
         }
     }
+    let mut notes = Vec::new();
+    for stale in remove_stale_temporaries(dir, &name) {
+        notes.push(format!(
+            "removed {} left by an interrupted run",
+            stale.display()
+        ));
+    }
     let seconds = start.elapsed().as_secs_f64();
     let cs = opts.cluster_size();
     let vsize = src.virtual_size();
     let data_clusters = stats.unique_clusters + stats.duplicate_clusters;
-    let mut notes = Vec::new();
     if opts.dedup && opts.refcount_order == 0 {
         notes.push(
             "refcount_bits=1 allows no sharing: duplicate clusters were stored as copies".into(),
