@@ -192,7 +192,9 @@ mod tests {
     }
 
     fn sample(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i / 7 % 251) as u8 ^ (i % 3) as u8).collect()
+        (0..n)
+            .map(|i| (i / 7 % 251) as u8 ^ (i % 3) as u8)
+            .collect()
     }
 
     fn deflate_raw(data: &[u8], window_bits: u8) -> Vec<u8> {
