@@ -157,8 +157,8 @@ pub fn decompress(codec: CompressionType, input: &[u8], out: &mut [u8]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
     use flate2::{Compress, Compression, FlushCompress};
+    use proptest::prelude::*;
 
     fn compressible(seed: u8, cs: usize) -> Vec<u8> {
         (0..cs)

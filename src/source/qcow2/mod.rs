@@ -224,10 +224,7 @@ impl Qcow2Source {
                     e,
                 )
             })?;
-        let r = match self.compression {
-            CompressionType::Zlib => compress::decompress_zlib(&input, out),
-            CompressionType::Zstd => compress::decompress_zstd(&input, out),
-        };
+        let r = compress::decompress(self.compression, &input, out);
         r.map_err(|e| match e {
             Error::Corrupt { detail, .. } => Error::corrupt(
                 "compressed cluster",
@@ -261,15 +258,14 @@ impl Qcow2Source {
             .as_ref()
             .filter(|(k, _)| *k == key)
             .map(|(_, d)| Arc::clone(d));
-        let data = match cached {
-            Some(d) => d,
-            None => {
-                let mut d = vec![0u8; cs];
-                self.decompress(desc, entry, &mut d)?;
-                let d: Arc<[u8]> = d.into();
-                *self.last_compressed.lock().expect("cache lock") = Some((key, Arc::clone(&d)));
-                d
-            }
+        let data = if let Some(d) = cached {
+            d
+        } else {
+            let mut d = vec![0u8; cs];
+            self.decompress(desc, entry, &mut d)?;
+            let d: Arc<[u8]> = d.into();
+            *self.last_compressed.lock().expect("cache lock") = Some((key, Arc::clone(&d)));
+            d
         };
         buf.copy_from_slice(&data[start..start + buf.len()]);
         Ok(())
