@@ -234,6 +234,24 @@ fn patch(path: &Path, at: u64, bytes: &[u8]) {
     fs::write(path, d).unwrap();
 }
 
+fn be64_at(path: &Path, at: u64) -> u64 {
+    let d = fs::read(path).unwrap();
+    u64::from_be_bytes(d[at as usize..at as usize + 8].try_into().unwrap())
+}
+
+/// File offset of the L2 table referenced by the first L1 entry.
+fn first_l2_table(path: &Path) -> u64 {
+    let l1 = be64_at(path, 40);
+    be64_at(path, l1) & 0x00ff_ffff_ffff_fe00
+}
+
+/// Reads the whole guest and returns the first error.
+fn read_err(path: &Path, opts: &OpenOptions) -> Error {
+    let src = open(path, opts).unwrap();
+    let mut buf = vec![0u8; usize::try_from(src.virtual_size()).unwrap()];
+    src.read_at(&mut buf, 0).unwrap_err()
+}
+
 fn open_err(path: &Path) -> Error {
     match open(path, &OpenOptions::default()) {
         Ok(_) => panic!("{} opened, but should be refused", path.display()),
@@ -260,6 +278,16 @@ fn version_2_images_read_like_qemu() {
     assert_like_qemu(&img);
     let q = Qcow2Source::open(&img, &OpenOptions::default()).unwrap();
     assert_eq!(q.header().version, 2);
+    // A zero flag is a v3 feature: in v2 it is corruption (QEMU: EIO).
+    let l2 = first_l2_table(&img);
+    let e0 = be64_at(&img, l2);
+    patch(&img, l2, &(e0 | 1).to_be_bytes());
+    let e = read_err(&img, &OpenOptions::default());
+    assert!(
+        matches!(e, Error::Corrupt { structure: "L2 entry", offset, .. } if offset == l2),
+        "{e}"
+    );
+    assert!(e.to_string().contains("version 2"), "{e}");
 }
 
 #[test]
@@ -410,6 +438,15 @@ fn extended_l2_subclusters_read_like_qemu() {
     );
     qemu_io(&c, "qcow2", &["write -P 0x21 6k 2k", "write -z -u 300k 8k"]);
     assert_like_qemu(&c);
+
+    // Allocated and zero at once is invalid (QEMU: EIO).
+    let l2 = first_l2_table(&top);
+    patch(&top, l2 + 8, &0x0000_0001_0000_0001u64.to_be_bytes());
+    let e = read_err(&top, &OpenOptions::default());
+    assert!(
+        matches!(e, Error::Corrupt { structure: "L2 entry", offset, .. } if offset == l2),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------- chains
@@ -903,6 +940,38 @@ fn truncated_images_fail_naming_the_structure() {
             "block status over a truncated image must fail"
         );
     }
+    // Cut in the middle of the first L2 table; then an unaligned L2 offset.
+    let l2 = first_l2_table(&img);
+    let p = dir.path().join("cut.qcow2");
+    fs::copy(&img, &p).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(l2 + 100)
+        .unwrap();
+    let e = read_err(&p, &OpenOptions::default());
+    assert!(
+        matches!(
+            e,
+            Error::Corrupt {
+                structure: "L1 table",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("L2 table"), "{e}");
+    fs::copy(&img, &p).unwrap();
+    let l1 = be64_at(&p, 40);
+    patch(&p, l1, &(be64_at(&p, l1) + 512).to_be_bytes());
+    let e = read_err(&p, &OpenOptions::default());
+    assert!(
+        matches!(e, Error::Corrupt { structure: "L1 table", offset, .. } if offset == l1),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("not cluster aligned"), "{e}");
+
     // Cut inside the header cluster: the L1 table is gone.
     let p = dir.path().join("cut.qcow2");
     fs::copy(&img, &p).unwrap();

@@ -329,3 +329,97 @@ impl Mapper {
         Ok((kind, unit_end))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemFile;
+
+    #[test]
+    fn l2_cache_evicts_the_least_recently_used_table() {
+        let mut c = L2Cache {
+            capacity: 2,
+            tick: 0,
+            tables: HashMap::new(),
+        };
+        let t = |v: u64| -> Arc<[u64]> { vec![v].into() };
+        c.insert(1, t(1));
+        c.insert(2, t(2));
+        assert!(c.get(1).is_some()); // 2 is now the oldest
+        c.insert(3, t(3));
+        assert!(c.get(2).is_none());
+        assert_eq!(c.get(1).unwrap()[0], 1);
+        assert_eq!(c.get(3).unwrap()[0], 3);
+        assert_eq!(c.tables.len(), 2);
+    }
+
+    /// A 4 KiB-cluster layer: L2 table at 0x1000, data clusters from 0x2000.
+    fn layer(entries: &[u64]) -> (Mapper, MemFile) {
+        let mut file = vec![0u8; 0x8000];
+        for (i, e) in entries.iter().enumerate() {
+            file[0x1000 + i * 8..0x1000 + i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        let m = Mapper::new(12, false, 3, vec![0x1000], 0x100, 0x8000);
+        (m, MemFile::new(file))
+    }
+
+    #[test]
+    fn runs_merge_while_host_clusters_are_contiguous() {
+        let (m, f) = layer(&[0x2000, 0x3000, 0x5000, 0, 0, 1, 1, 0x4000 | (1 << 62)]);
+        assert_eq!(
+            m.extent(&f, 100, 1 << 20).unwrap(),
+            (Extent::Data { host: 0x2064 }, 0x2000 - 100)
+        );
+        assert_eq!(
+            m.extent(&f, 0x2000, 1 << 20).unwrap(),
+            (Extent::Data { host: 0x5000 }, 0x1000)
+        );
+        assert_eq!(
+            m.extent(&f, 0x3000, 1 << 20).unwrap(),
+            (Extent::Unallocated, 0x2000)
+        );
+        assert_eq!(
+            m.extent(&f, 0x5000, 0x1800).unwrap(),
+            (Extent::Zero, 0x1800)
+        );
+        assert!(matches!(
+            m.extent(&f, 0x7800, 1 << 20).unwrap(),
+            (Extent::Compressed { .. }, 0x800)
+        ));
+        // The rest of the table and past the L1 table: unallocated.
+        assert_eq!(
+            m.extent(&f, 0x8000, 1 << 30).unwrap(),
+            (Extent::Unallocated, (512 << 12) - 0x8000)
+        );
+        assert_eq!(
+            m.extent(&f, 512 << 12, 5).unwrap(),
+            (Extent::Unallocated, 5)
+        );
+    }
+
+    #[test]
+    fn data_past_the_end_of_the_file_names_the_l2_entry() {
+        let (m, f) = layer(&[0x2000, 0x9000]);
+        let e = m.extent(&f, 0x1000, 0x1000).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Corrupt {
+                    structure: "L2 entry",
+                    offset: 0x1008,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let (m, f) = layer(&[0x2200]);
+        assert!(matches!(
+            m.extent(&f, 0, 1),
+            Err(Error::Corrupt {
+                structure: "L2 entry",
+                offset: 0x1000,
+                ..
+            })
+        ));
+    }
+}

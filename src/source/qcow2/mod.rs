@@ -40,6 +40,9 @@ pub use chain::{resolve_backing_name, MAX_CHAIN_DEPTH};
 /// Most extents merged into one `block_status` answer, so that a call stays cheap
 /// even on images with many small, scattered allocations.
 const MAX_EXTENTS_PER_STATUS: usize = 1024;
+/// A data run longer than this is returned without merging further extents
+/// (callers loop; long runs matter for zeros, which are skipped without reading).
+const DATA_RUN_SOFT_LIMIT: u64 = 64 << 20;
 
 /// One qcow2 image (the active layer or one snapshot's view), opened read-only,
 /// with the source its unallocated clusters fall through to.
@@ -303,6 +306,9 @@ impl Source for Qcow2Source {
                 Some(_) => {}
             }
             pos += len;
+            if s == BlockStatus::Data && pos - offset >= DATA_RUN_SOFT_LIMIT {
+                break;
+            }
         }
         Ok((
             status.expect("offset < end, so one extent was seen"),
