@@ -447,6 +447,28 @@ fn extended_l2_subclusters_read_like_qemu() {
         matches!(e, Error::Corrupt { structure: "L2 entry", offset, .. } if offset == l2),
         "{e}"
     );
+    // Errors from a backing file name it.
+    let over = create(
+        dir.path(),
+        "over.qcow2",
+        "3M",
+        &["-b", "top.qcow2", "-F", "qcow2"],
+    );
+    let e = read_err(&over, &OpenOptions::default());
+    assert!(
+        matches!(
+            e,
+            Error::Corrupt {
+                structure: "L2 entry",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("in backing file") && e.to_string().contains("top.qcow2"),
+        "{e}"
+    );
 }
 
 // ---------------------------------------------------------------- chains
@@ -745,6 +767,48 @@ fn parallel_reads_agree_with_serial_reads() {
             });
         }
     });
+}
+
+/// A file that counts positional reads.
+struct CountingFile {
+    file: fs::File,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl qdedup::io::ReadAt for CountingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::os::unix::fs::FileExt::read_at(&self.file, buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+#[test]
+fn large_reads_of_contiguous_clusters_use_few_preads() {
+    let dir = TempDir::new().unwrap();
+    let guest = random_bytes(10, 8 << 20);
+    let img = qcow2_from_raw(
+        dir.path(),
+        "seq.qcow2",
+        &guest,
+        &["-o", "cluster_size=4096"],
+    );
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let file = CountingFile {
+        file: fs::File::open(&img).unwrap(),
+        reads: reads.clone(),
+    };
+    let q = Qcow2Source::from_reader(Box::new(file), None).unwrap();
+    reads.store(0, std::sync::atomic::Ordering::Relaxed);
+    let mut buf = vec![0u8; guest.len()];
+    q.read_at(&mut buf, 0).unwrap();
+    assert_eq!(buf, guest);
+    // 2048 clusters in 4 L2 tables of 512 entries: a few reads, not 2048.
+    let n = reads.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n <= 16, "{n} preads for 8 MiB of contiguous clusters");
 }
 
 #[test]

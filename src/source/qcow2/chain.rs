@@ -132,6 +132,7 @@ fn open_backing(
             // Backing files are read in their active state (no snapshot).
             let mut q =
                 Qcow2Source::from_reader(Box::new(file), None).map_err(|e| in_file(e, path))?;
+            q.set_label(path);
             if let Some(name) = q.backing_name.as_deref() {
                 let bpath = resolve_backing_name(path, name).map_err(|e| in_file(e, path))?;
                 let bformat = q
@@ -147,7 +148,7 @@ fn open_backing(
 }
 
 /// Names the file an error from a backing layer comes from.
-fn in_file(e: Error, path: &Path) -> Error {
+pub(super) fn in_file(e: Error, path: &Path) -> Error {
     match e {
         Error::Corrupt {
             structure,

@@ -57,6 +57,8 @@ pub struct Qcow2Source {
     snapshot: Option<Snapshot>,
     mapper: Mapper,
     backing: Option<Box<dyn Source>>,
+    /// Set for backing files: named in errors this layer raises while reading.
+    label: Option<std::path::PathBuf>,
     /// The last decompressed cluster (keyed by its stream offset), for reads that
     /// cover a compressed cluster in several pieces.
     last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
@@ -108,6 +110,7 @@ impl Qcow2Source {
             header: m.header,
             mapper,
             backing: None,
+            label: None,
             last_compressed: Mutex::new(None),
         })
     }
@@ -116,6 +119,19 @@ impl Qcow2Source {
     /// size return zeros.
     pub fn set_backing(&mut self, backing: Option<Box<dyn Source>>) {
         self.backing = backing;
+    }
+
+    /// Errors this layer raises (not those of its own backing source) name
+    /// `path` as the backing file they come from.
+    pub(crate) fn set_label(&mut self, path: &Path) {
+        self.label = Some(path.to_path_buf());
+    }
+
+    fn own<T>(&self, r: Result<T>) -> Result<T> {
+        match &self.label {
+            Some(p) => r.map_err(|e| chain::in_file(e, p)),
+            None => r,
+        }
     }
 
     /// The backing source, if one is attached.
@@ -294,7 +310,7 @@ impl Source for Qcow2Source {
             if pos >= end {
                 break;
             }
-            let (ext, len) = self.mapper.extent(self.file.as_ref(), pos, end - pos)?;
+            let (ext, len) = self.own(self.mapper.extent(self.file.as_ref(), pos, end - pos))?;
             let (s, len) = match ext {
                 Extent::Zero => (BlockStatus::Zero, len),
                 Extent::Data { .. } | Extent::Compressed { .. } => (BlockStatus::Data, len),
@@ -321,17 +337,19 @@ impl Source for Qcow2Source {
         let mut done = 0usize;
         while done < buf.len() {
             let guest = offset + done as u64;
-            let (ext, len) =
-                self.mapper
-                    .extent(self.file.as_ref(), guest, (buf.len() - done) as u64)?;
+            let (ext, len) = self.own(self.mapper.extent(
+                self.file.as_ref(),
+                guest,
+                (buf.len() - done) as u64,
+            ))?;
             // len ≤ the remaining buffer, so it fits usize.
             let chunk = &mut buf[done..done + len as usize];
             match ext {
                 Extent::Zero => chunk.fill(0),
                 Extent::Unallocated => self.read_backing(chunk, guest)?,
-                Extent::Data { host } => self.read_data(chunk, host)?,
+                Extent::Data { host } => self.own(self.read_data(chunk, host))?,
                 Extent::Compressed { desc, entry } => {
-                    self.read_compressed(chunk, guest, desc, entry)?;
+                    self.own(self.read_compressed(chunk, guest, desc, entry))?;
                 }
             }
             done += chunk.len();
