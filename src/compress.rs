@@ -109,32 +109,41 @@ pub fn decompress_zlib(input: &[u8], out: &mut [u8]) -> Result<()> {
     }
 }
 
-/// Decodes zstd frames from `input` until `out` (one cluster) is full.
+/// Largest zstd window (log2) the decoder accepts: 8 MiB. A frame written for one
+/// cluster (≤ 2 MiB) with a known source size never needs more; a crafted frame
+/// header cannot make the decoder allocate a large window.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 23;
+
+/// Decodes zstd frames from `input` until `out` (one cluster) is full, across as
+/// many frames as needed. As in QEMU (`qcow2_zstd_decompress`): no progress is an
+/// error, and so is a frame that is not completely flushed once the cluster is
+/// full (the stream holds more than one cluster). Trailing input is ignored.
 pub fn decompress_zstd(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+    use zstd::stream::raw::{DParameter, Decoder, InBuffer, Operation, OutBuffer};
+    let bad = |d: String| Error::corrupt("compressed cluster", 0, d);
     let mut dec = Decoder::new().map_err(|e| Error::io("zstd decoder", e))?;
+    dec.set_parameter(DParameter::WindowLogMax(ZSTD_WINDOW_LOG_MAX))
+        .map_err(|e| Error::io("zstd decoder", e))?;
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
-    loop {
+    let mut hint = 0usize;
+    while outb.pos() < outb.capacity() {
         let (before_in, before_out) = (inb.pos(), outb.pos());
-        dec.run(&mut inb, &mut outb).map_err(|e| {
-            Error::corrupt("compressed cluster", 0, format!("bad zstd stream: {e}"))
-        })?;
-        if outb.pos() == outb.capacity() {
-            return Ok(());
-        }
+        hint = dec
+            .run(&mut inb, &mut outb)
+            .map_err(|e| bad(format!("bad zstd stream: {e}")))?;
         if inb.pos() == before_in && outb.pos() == before_out {
-            return Err(Error::corrupt(
-                "compressed cluster",
-                0,
-                format!(
-                    "zstd stream ends after {} of {} bytes",
-                    outb.pos(),
-                    outb.capacity()
-                ),
-            ));
+            return Err(bad(format!(
+                "zstd stream ends after {} of {} bytes",
+                outb.pos(),
+                outb.capacity()
+            )));
         }
     }
+    if hint > 0 {
+        return Err(bad("zstd frame holds more than one cluster".into()));
+    }
+    Ok(())
 }
 
 /// Decompresses with the given codec into `out`.
@@ -148,6 +157,7 @@ pub fn decompress(codec: CompressionType, input: &[u8], out: &mut [u8]) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flate2::{Compress, Compression, FlushCompress};
     use proptest::prelude::*;
 
     fn compressible(seed: u8, cs: usize) -> Vec<u8> {
@@ -179,6 +189,96 @@ mod tests {
             let mut out = vec![0u8; 4096];
             assert!(decompress(codec, &s[..s.len() / 2], &mut out).is_err());
         }
+    }
+
+    fn sample(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| (i / 7 % 251) as u8 ^ (i % 3) as u8)
+            .collect()
+    }
+
+    fn deflate_raw(data: &[u8], window_bits: u8) -> Vec<u8> {
+        let mut c = Compress::new_with_window_bits(Compression::default(), false, window_bits);
+        let mut out = vec![0u8; data.len() * 2 + 64];
+        c.compress(data, &mut out, FlushCompress::Finish).unwrap();
+        out.truncate(c.total_out() as usize);
+        out
+    }
+
+    #[test]
+    fn deflate_with_4k_and_32k_windows_both_decode() {
+        let data = sample(65536);
+        for bits in [12, 15] {
+            let mut stream = deflate_raw(&data, bits);
+            stream.extend_from_slice(&[0xa5; 700]); // trailing bytes of the sector
+            let mut out = vec![0u8; data.len()];
+            decompress_zlib(&stream, &mut out).unwrap();
+            assert_eq!(out, data, "window bits {bits}");
+        }
+    }
+
+    #[test]
+    fn deflate_that_ends_early_is_corrupt() {
+        let data = sample(4096);
+        let stream = deflate_raw(&data, 12);
+        let mut out = vec![0u8; 8192];
+        assert!(matches!(
+            decompress_zlib(&stream, &mut out),
+            Err(Error::Corrupt { .. })
+        ));
+        let mut out = vec![0u8; 4096];
+        assert!(decompress_zlib(&stream[..stream.len() / 2], &mut out).is_err());
+        assert!(decompress_zlib(&[0xff; 64], &mut out).is_err());
+        assert!(decompress_zlib(&[], &mut out).is_err());
+    }
+
+    #[test]
+    fn deflate_that_holds_more_than_a_cluster_fills_the_cluster() {
+        // QEMU accepts Z_BUF_ERROR with a full output buffer.
+        let data = sample(8192);
+        let stream = deflate_raw(&data, 12);
+        let mut out = vec![0u8; 4096];
+        decompress_zlib(&stream, &mut out).unwrap();
+        assert_eq!(out, data[..4096]);
+    }
+
+    #[test]
+    fn zstd_one_or_several_frames_decode() {
+        let data = sample(65536);
+        let mut one = zstd::bulk::compress(&data, 3).unwrap();
+        one.extend_from_slice(&[0u8; 300]);
+        let mut out = vec![0u8; data.len()];
+        decompress_zstd(&one, &mut out).unwrap();
+        assert_eq!(out, data);
+
+        let mut several = Vec::new();
+        for part in data.chunks(10000) {
+            several.extend(zstd::bulk::compress(part, 1).unwrap());
+        }
+        several.extend_from_slice(&[0x77; 100]);
+        out.fill(0);
+        decompress_zstd(&several, &mut out).unwrap();
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn zstd_errors_are_corrupt_not_panics() {
+        let data = sample(4096);
+        let frame = zstd::bulk::compress(&data, 3).unwrap();
+        let mut out = vec![0u8; 8192];
+        // Too little data: the stream ends (trailing zeros are not a frame).
+        let mut padded = frame.clone();
+        padded.extend_from_slice(&[0u8; 64]);
+        assert!(decompress_zstd(&padded, &mut out).is_err());
+        assert!(decompress_zstd(&frame, &mut out).is_err());
+        // Truncated frame.
+        let mut out = vec![0u8; 4096];
+        assert!(decompress_zstd(&frame[..frame.len() / 2], &mut out).is_err());
+        // More than one cluster in a frame.
+        let big = zstd::bulk::compress(&sample(8192), 3).unwrap();
+        assert!(decompress_zstd(&big, &mut out).is_err());
+        assert!(decompress_zstd(&[0xff; 32], &mut out).is_err());
+        assert!(decompress_zstd(&[], &mut out).is_err());
     }
 
     proptest! {
