@@ -35,11 +35,23 @@ enum InputFormat {
     Qcow2,
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BackingChain {
+    Full,
+    None,
+}
+
 #[derive(clap::Args)]
 struct ConvertArgs {
     /// Input format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<InputFormat>,
+    /// Read through the backing chain (full, default) or the top layer alone (none).
+    #[arg(long, value_enum, default_value = "full")]
+    backing_chain: BackingChain,
+    /// Convert this snapshot's view (ID or name) instead of the active layer.
+    #[arg(short = 'l', long = "snapshot", value_name = "ID|NAME")]
+    snapshot: Option<String>,
     /// Output format; only qcow2 (accepted for qemu-img compatibility).
     #[arg(short = 'O', value_parser = ["qcow2"], default_value = "qcow2")]
     out_format: String,
@@ -94,14 +106,17 @@ enum Cmd {
     },
 }
 
-fn open_source(path: &Path, format: Option<InputFormat>) -> Result<Box<dyn Source>> {
-    match format {
-        Some(InputFormat::Qcow2) => anyhow::bail!("qcow2 input is not supported yet"),
-        _ => Ok(Box::new(
-            qdedup::source::raw::RawSource::open(path)
-                .with_context(|| format!("cannot open input {}", path.display()))?,
-        )),
-    }
+fn open_source(a: &ConvertArgs) -> Result<Box<dyn Source>> {
+    let opts = qdedup::source::OpenOptions {
+        format: a.format.map(|f| match f {
+            InputFormat::Raw => qdedup::source::Format::Raw,
+            InputFormat::Qcow2 => qdedup::source::Format::Qcow2,
+        }),
+        backing_chain: a.backing_chain == BackingChain::Full,
+        snapshot: a.snapshot.clone(),
+    };
+    qdedup::source::open(&a.input, &opts)
+        .with_context(|| format!("cannot open input {}", a.input.display()))
 }
 
 fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
@@ -168,7 +183,7 @@ fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
         }));
     }
     opts.cancel = Some(install_signal_handlers());
-    let src = open_source(&a.input, a.format)?;
+    let src = open_source(a)?;
     let report = convert::convert(&a.input, &a.output_image, src.as_ref(), &opts);
     if let Some(pb) = pb {
         pb.finish_and_clear();
