@@ -11,4 +11,5 @@ pub use error::{Error, Result};
 pub mod compress;
 pub mod convert;
 pub mod dedup;
+pub mod inspect;
 pub mod sample;

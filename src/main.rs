@@ -91,10 +91,98 @@ struct ConvertArgs {
     output_image: PathBuf,
 }
 
+#[derive(clap::Args)]
+struct InfoArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<InputFormat>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Image.
+    image: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct MapArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<InputFormat>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Add the refcount of each extent's host cluster (extents split where it changes).
+    #[arg(long)]
+    shared: bool,
+    /// Also draw the image (zero / unique / shared / compressed) into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Image.
+    image: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct CompareArgs {
+    /// Format of the first image (probed when omitted).
+    #[arg(short = 'f', value_enum)]
+    format_a: Option<InputFormat>,
+    /// Format of the second image (probed when omitted).
+    #[arg(short = 'F', value_enum)]
+    format_b: Option<InputFormat>,
+    /// Print nothing; the exit code says it all (0 same, 1 different, 2 error).
+    #[arg(short, long)]
+    quiet: bool,
+    /// First image.
+    a: PathBuf,
+    /// Second image.
+    b: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct EstimateArgs {
+    /// Input format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<InputFormat>,
+    /// Estimate a compressed conversion (codec from -o compression_type, default zlib).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Compression level (zlib 0-9, zstd 1-22).
+    #[arg(long)]
+    compression_level: Option<i32>,
+    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Tabulate several cluster sizes in one pass, e.g. 4k,64k,2m.
+    #[arg(long, value_name = "LIST")]
+    cluster_sizes: Option<String>,
+    /// Read only this fraction of the input (e.g. 0.05) and estimate with an interval.
+    #[arg(long, value_name = "P")]
+    sample: Option<f64>,
+    /// Seed of --sample.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Hash/compress worker threads (default: available cores; 0 = sequential).
+    #[arg(short = 'm', long = "workers")]
+    workers: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Input image.
+    input: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Convert an image to a deduplicated qcow2 v3 image.
     Convert(ConvertArgs),
+    /// Describe an image like `qemu-img info`, plus dedup figures.
+    Info(InfoArgs),
+    /// Show the guest-to-host mapping like `qemu-img map`.
+    Map(MapArgs),
+    /// Compare the guest contents of two images like `qemu-img compare`.
+    Compare(CompareArgs),
+    /// Predict the size of a conversion (and of `qemu-img convert`) without writing.
+    Estimate(EstimateArgs),
     /// Generate a sample disk image, convert it and verify the result with qemu-img.
     Demo {
         /// Size of the sample image, e.g. 256M.
@@ -104,6 +192,130 @@ enum Cmd {
         #[arg(long)]
         keep: Option<PathBuf>,
     },
+}
+
+fn fmt_of(f: Option<InputFormat>) -> Option<qdedup::source::Format> {
+    f.map(|f| match f {
+        InputFormat::Raw => qdedup::source::Format::Raw,
+        InputFormat::Qcow2 => qdedup::source::Format::Qcow2,
+    })
+}
+
+fn run_info(a: &InfoArgs) -> Result<ExitCode> {
+    let info = qdedup::inspect::info::info(&a.image, fmt_of(a.format))
+        .with_context(|| format!("cannot describe {}", a.image.display()))?;
+    match a.output {
+        OutputFormat::Human => println!("{info}"),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_map(a: &MapArgs) -> Result<ExitCode> {
+    use qdedup::inspect::map;
+    let opts = map::MapOptions {
+        format: fmt_of(a.format),
+        shared: a.shared || a.svg.is_some(),
+    };
+    let mut m = map::map(&a.image, &opts)
+        .with_context(|| format!("cannot map {}", a.image.display()))?;
+    if let Some(svg) = &a.svg {
+        let size = m.entries.last().map_or(0, |e| e.start + e.length);
+        let pic = qdedup::inspect::svg::render(&m.entries, size, &a.image.display().to_string());
+        std::fs::write(svg, pic).with_context(|| format!("cannot write {}", svg.display()))?;
+        if !a.shared {
+            // The picture needed refcounts; the listing did not ask for them.
+            m = map::map(&a.image, &map::MapOptions { shared: false, ..opts })?;
+        }
+    }
+    match a.output {
+        OutputFormat::Human => print!("{}", map::to_human(&m, a.shared)),
+        OutputFormat::Json => println!("{}", map::to_json(&m.entries)),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_compare(a: &CompareArgs) -> ExitCode {
+    use qdedup::inspect::compare;
+    let opts = compare::CompareOptions {
+        format_a: fmt_of(a.format_a),
+        format_b: fmt_of(a.format_b),
+    };
+    match compare::compare(&a.a, &a.b, &opts) {
+        Ok(r) => {
+            if !a.quiet && r.size_mismatch {
+                println!("Warning: Image size mismatch!");
+            }
+            if let Some(o) = r.mismatch_offset {
+                if !a.quiet {
+                    println!("Content mismatch at offset {o}!");
+                }
+                ExitCode::from(1)
+            } else {
+                if !a.quiet {
+                    println!("Images are identical.");
+                }
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("qdedup: error: {:#}", anyhow::Error::from(e));
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_estimate(a: &EstimateArgs) -> Result<ExitCode> {
+    use qdedup::inspect::estimate;
+    let mut opts = ConvertOptions::default();
+    for o in &a.options {
+        opts.apply_o(o)?;
+    }
+    if a.compress && opts.compression.is_none() {
+        opts.compression = Some(CompressionType::Zlib);
+    }
+    if !a.compress {
+        opts.compression = None;
+    }
+    opts.compression_level = a.compression_level;
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    let mut extra = Vec::new();
+    if let Some(list) = &a.cluster_sizes {
+        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+            let mut probe = ConvertOptions::default();
+            probe.apply_o(&format!("cluster_size={}", item.trim()))?;
+            extra.push(probe.cluster_bits);
+        }
+        // Without -o cluster_size, the first listed size is the primary one.
+        if !a.options.iter().any(|o| o.contains("cluster_size")) {
+            if let Some(&first) = extra.first() {
+                opts.cluster_bits = first;
+            }
+        }
+    }
+    let src = qdedup::source::open(
+        &a.input,
+        &qdedup::source::OpenOptions {
+            format: fmt_of(a.format),
+            ..Default::default()
+        },
+    )
+    .with_context(|| format!("cannot open input {}", a.input.display()))?;
+    let eopts = estimate::EstimateOptions {
+        convert: opts,
+        extra_cluster_bits: extra,
+        sample: a.sample,
+        seed: a.seed,
+    };
+    let r = estimate::estimate(src.as_ref(), &eopts)
+        .with_context(|| format!("cannot estimate {}", a.input.display()))?;
+    match a.output {
+        OutputFormat::Human => println!("{r}"),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn open_source(a: &ConvertArgs) -> Result<Box<dyn Source>> {
@@ -268,6 +480,10 @@ fn main() -> ExitCode {
     let r = match &cli.cmd {
         Cmd::Convert(a) => run_convert(a),
         Cmd::Demo { size, keep } => run_demo(size, keep.as_deref()),
+        Cmd::Info(a) => run_info(a),
+        Cmd::Map(a) => run_map(a),
+        Cmd::Compare(a) => return run_compare(a),
+        Cmd::Estimate(a) => run_estimate(a),
     };
     match r {
         Ok(c) => c,

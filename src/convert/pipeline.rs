@@ -261,6 +261,33 @@ pub fn run_sequential(
     opts: &ConvertOptions,
     compress: Option<&CompressFn>,
 ) -> Result<u64> {
+    let cs = opts.cluster_size() as usize;
+    run_sequential_with(src, opts, compress, &mut |b| deliver(writer, b, cs))
+}
+
+/// The pipelined converter with `opts.workers` worker threads.
+pub fn run_pipelined(
+    src: &dyn Source,
+    writer: &mut Writer<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+) -> Result<u64> {
+    let cs = opts.cluster_size() as usize;
+    run_pipelined_with(src, opts, compress, &mut |b| deliver(writer, b, cs))
+}
+
+/// Receives processed batches in guest order (on the calling thread).
+pub type DeliverFn<'a> = dyn FnMut(&Batch) -> Result<()> + 'a;
+
+/// The sequential reader/worker loop, handing each processed batch to `deliver`
+/// (used by `convert` with a [`Writer`], and by `estimate` with several).
+/// Returns the guest bytes read.
+pub fn run_sequential_with(
+    src: &dyn Source,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
+) -> Result<u64> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
     let mut reader = BatchReader::new(src, cs);
@@ -271,7 +298,7 @@ pub fn run_sequential(
             return Err(Error::Interrupted);
         }
         process(&mut batch, cs as usize, compress, claims.as_ref());
-        deliver(writer, &batch, cs as usize)?;
+        deliver(&batch)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
         }
@@ -279,12 +306,13 @@ pub fn run_sequential(
     Ok(reader.bytes_read)
 }
 
-/// The pipelined converter with `opts.workers` worker threads.
-pub fn run_pipelined(
+/// The pipelined reader/workers, handing processed batches to `deliver` in guest
+/// order on the calling thread. Returns the guest bytes read.
+pub fn run_pipelined_with(
     src: &dyn Source,
-    writer: &mut Writer<'_>,
     opts: &ConvertOptions,
     compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
 ) -> Result<u64> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
@@ -366,7 +394,7 @@ pub fn run_pipelined(
                 if stop.load(Ordering::Relaxed) {
                     break 'recv;
                 }
-                if let Err(e) = deliver(writer, &b, cs as usize) {
+                if let Err(e) = deliver(&b) {
                     fail(e);
                     break 'recv;
                 }

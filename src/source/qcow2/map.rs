@@ -32,8 +32,9 @@ const L2_CACHE_MAX_TABLES: u64 = 1024;
 pub(crate) enum Extent {
     /// Not allocated here: read the backing file (or zeros).
     Unallocated,
-    /// Reads as zeros (zero cluster or subcluster); never falls through.
-    Zero,
+    /// Reads as zeros (zero cluster or subcluster); never falls through. `host` is
+    /// the preallocated host offset of the run's first byte (QEMU's ZERO_ALLOC), if any.
+    Zero { host: Option<u64> },
     /// Guest data at this host offset (of the run's first byte); contiguous.
     Data { host: u64 },
     /// One compressed cluster (the run lies inside it).
@@ -213,7 +214,12 @@ impl Mapper {
             match first {
                 None => first = Some(kind),
                 Some(Extent::Unallocated) if kind == Extent::Unallocated => {}
-                Some(Extent::Zero) if kind == Extent::Zero => {}
+                Some(Extent::Zero { host: None }) if kind == (Extent::Zero { host: None }) => {}
+                Some(Extent::Zero { host: Some(h) })
+                    if kind
+                        == (Extent::Zero {
+                            host: Some(h + (pos - guest)),
+                        }) => {}
                 Some(Extent::Data { host })
                     if kind
                         == (Extent::Data {
@@ -287,7 +293,9 @@ impl Mapper {
                 if host != 0 {
                     check_host(host)?;
                 }
-                Extent::Zero
+                Extent::Zero {
+                    host: (host != 0).then_some(host + in_cluster),
+                }
             } else if host != 0 {
                 data(host)?
             } else {
@@ -310,7 +318,9 @@ impl Mapper {
             if alloc & (1 << sc) != 0 {
                 data(host)?
             } else if zero & (1 << sc) != 0 {
-                Extent::Zero
+                Extent::Zero {
+                    host: Some(host + in_cluster),
+                }
             } else {
                 Extent::Unallocated
             }
@@ -321,7 +331,7 @@ impl Mapper {
                 )));
             }
             if zero & (1 << sc) != 0 {
-                Extent::Zero
+                Extent::Zero { host: None }
             } else {
                 Extent::Unallocated
             }
@@ -380,7 +390,7 @@ mod tests {
         );
         assert_eq!(
             m.extent(&f, 0x5000, 0x1800).unwrap(),
-            (Extent::Zero, 0x1800)
+            (Extent::Zero { host: None }, 0x1800)
         );
         assert!(matches!(
             m.extent(&f, 0x7800, 1 << 20).unwrap(),

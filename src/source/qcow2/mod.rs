@@ -291,6 +291,49 @@ impl Qcow2Source {
     }
 }
 
+/// What one layer says about a run of guest bytes, without looking at its
+/// backing file (for `map`, which reports the depth itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayerExtent {
+    /// Not allocated in this layer.
+    Unallocated,
+    /// Reads as zeros; `host` is the preallocated host offset (ZERO_ALLOC).
+    Zero { host: Option<u64> },
+    /// Plain data at this host offset (of the run's first byte); contiguous.
+    Data { host: u64 },
+    /// One compressed cluster whose stream starts at `host` (a byte offset).
+    Compressed { host: u64 },
+}
+
+impl Qcow2Source {
+    /// Classifies guest bytes `[offset, offset + max_len)` in this layer alone:
+    /// the kind of the first run and its length (≥ 1). Runs never cross an L2
+    /// table; compressed runs are one cluster.
+    pub(crate) fn layer_extent(&self, offset: u64, max_len: u64) -> Result<(LayerExtent, u64)> {
+        self.check_range(offset, max_len.max(1))?;
+        let (ext, len) = self.own(self.mapper.extent(self.file.as_ref(), offset, max_len))?;
+        let e = match ext {
+            Extent::Unallocated => LayerExtent::Unallocated,
+            Extent::Zero { host } => LayerExtent::Zero { host },
+            Extent::Data { host } => LayerExtent::Data { host },
+            Extent::Compressed { desc, .. } => LayerExtent::Compressed {
+                host: desc.host_offset,
+            },
+        };
+        Ok((e, len))
+    }
+
+    /// The image file, for metadata walks (refcounts, L2 tables).
+    pub(crate) fn file(&self) -> &dyn ReadAt {
+        self.file.as_ref()
+    }
+
+    /// Length of the image file.
+    pub(crate) fn file_len(&self) -> u64 {
+        self.file_len
+    }
+}
+
 impl Source for Qcow2Source {
     fn virtual_size(&self) -> u64 {
         self.virtual_size
@@ -312,7 +355,7 @@ impl Source for Qcow2Source {
             }
             let (ext, len) = self.own(self.mapper.extent(self.file.as_ref(), pos, end - pos))?;
             let (s, len) = match ext {
-                Extent::Zero => (BlockStatus::Zero, len),
+                Extent::Zero { .. } => (BlockStatus::Zero, len),
                 Extent::Data { .. } | Extent::Compressed { .. } => (BlockStatus::Data, len),
                 Extent::Unallocated => self.backing_status(pos, len)?,
             };
@@ -345,7 +388,7 @@ impl Source for Qcow2Source {
             // len ≤ the remaining buffer, so it fits usize.
             let chunk = &mut buf[done..done + len as usize];
             match ext {
-                Extent::Zero => chunk.fill(0),
+                Extent::Zero { .. } => chunk.fill(0),
                 Extent::Unallocated => self.read_backing(chunk, guest)?,
                 Extent::Data { host } => self.own(self.read_data(chunk, host))?,
                 Extent::Compressed { desc, entry } => {

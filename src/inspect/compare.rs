@@ -1,0 +1,194 @@
+//! `compare`: guest-visible equality of two images, like `qemu-img compare`.
+//!
+//! Runs both images report as zero are skipped without reading; a run one image
+//! reports as zero is checked by reading the other image only. When both top
+//! layers are qcow2 files with the same cluster size, data clusters are compared
+//! one at a time and the pair of host clusters is remembered: a pair already found
+//! equal (deduplicated images repeat pairs) or the same host cluster of the same
+//! file is not read again. Images of different sizes compare like qemu-img: the
+//! common part must be equal and the longer image must read as zeros past it.
+
+use std::collections::HashSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::layers::{open_layers, Layer, LayerKind};
+use crate::dedup::is_zero;
+use crate::error::{IoContext, Result};
+use crate::source::qcow2::LayerExtent;
+use crate::source::{open, BlockStatus, Format, OpenOptions, Source};
+
+/// Bytes compared per step.
+const CHUNK: u64 = 1 << 20;
+/// qemu-img reports the 512-byte sector where contents first differ.
+const SECTOR: u64 = 512;
+
+/// What [`compare`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CompareResult {
+    /// The virtual sizes differ.
+    pub size_mismatch: bool,
+    /// Offset of the first differing 512-byte sector, if any.
+    pub mismatch_offset: Option<u64>,
+    /// Guest bytes read from either image.
+    pub bytes_read: u64,
+    /// Clusters skipped because their host clusters were already compared (or identical).
+    pub clusters_skipped_shared: u64,
+}
+
+/// Formats of the two images (probed when `None`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CompareOptions {
+    /// Format of the first image.
+    pub format_a: Option<Format>,
+    /// Format of the second image.
+    pub format_b: Option<Format>,
+}
+
+fn open_src(p: &Path, f: Option<Format>) -> Result<Box<dyn Source>> {
+    open(
+        p,
+        &OpenOptions {
+            format: f,
+            ..OpenOptions::default()
+        },
+    )
+}
+
+/// Cluster size and file identity of a qcow2 top layer, for the host-pair cache.
+struct Top {
+    layer: Layer,
+    cluster_size: u64,
+    file_id: (u64, u64),
+}
+
+fn top(p: &Path, f: Option<Format>) -> Result<Option<Top>> {
+    let mut layers = open_layers(p, f)?;
+    let layer = layers.remove(0);
+    let LayerKind::Qcow2(q) = &layer.kind else {
+        return Ok(None);
+    };
+    let cluster_size = q.header().cluster_size();
+    let m = std::fs::metadata(p).ctx(|| format!("cannot stat {}", p.display()))?;
+    Ok(Some(Top {
+        layer,
+        cluster_size,
+        file_id: (m.dev(), m.ino()),
+    }))
+}
+
+fn first_nonzero(buf: &[u8]) -> Option<usize> {
+    if is_zero(buf) {
+        None
+    } else {
+        buf.iter().position(|b| *b != 0)
+    }
+}
+
+fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a == b {
+        None
+    } else {
+        a.iter().zip(b).position(|(x, y)| x != y)
+    }
+}
+
+/// Compares the guest contents of the images at `a` and `b`.
+pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareResult> {
+    let sa = open_src(a, opts.format_a)?;
+    let sb = open_src(b, opts.format_b)?;
+    let (ta, tb) = (top(a, opts.format_a)?, top(b, opts.format_b)?);
+    let tops = match (ta, tb) {
+        (Some(x), Some(y)) if x.cluster_size == y.cluster_size => Some((x, y)),
+        _ => None,
+    };
+    let (size_a, size_b) = (sa.virtual_size(), sb.virtual_size());
+    let common = size_a.min(size_b);
+    let mut r = CompareResult {
+        size_mismatch: size_a != size_b,
+        mismatch_offset: None,
+        bytes_read: 0,
+        clusters_skipped_shared: 0,
+    };
+    let mut ba = vec![0u8; CHUNK as usize];
+    let mut bb = vec![0u8; CHUNK as usize];
+    let mut equal_pairs: HashSet<(u64, u64)> = HashSet::new();
+    let mut off = 0u64;
+    while off < common {
+        let (st_a, len_a) = sa.block_status(off, common - off)?;
+        let (st_b, len_b) = sb.block_status(off, common - off)?;
+        let mut n = len_a.min(len_b).min(CHUNK);
+        if st_a == BlockStatus::Zero && st_b == BlockStatus::Zero {
+            off += len_a.min(len_b);
+            continue;
+        }
+        // Host clusters of both top layers, when the whole cluster at `off` is data in both.
+        let mut pair = None;
+        if let (Some((x, y)), BlockStatus::Data, BlockStatus::Data) = (&tops, st_a, st_b) {
+            let cs = x.cluster_size;
+            n = n.min(cs - (off & (cs - 1)));
+            if off & (cs - 1) == 0 && n == cs {
+                let (ea, _) = x.layer.extent(off, cs)?;
+                let (eb, _) = y.layer.extent(off, cs)?;
+                if let (LayerExtent::Data { host: ha }, LayerExtent::Data { host: hb }) = (ea, eb) {
+                    let (ka, kb) = ((x.file_id, ha), (y.file_id, hb));
+                    if ka == kb || equal_pairs.contains(&(ha, hb)) {
+                        r.clusters_skipped_shared += 1;
+                        off += n;
+                        continue;
+                    }
+                    pair = Some((ha, hb));
+                }
+            }
+        }
+        let len = n as usize;
+        let diff = match (st_a, st_b) {
+            (BlockStatus::Zero, _) => {
+                sb.read_at(&mut bb[..len], off)?;
+                r.bytes_read += n;
+                first_nonzero(&bb[..len])
+            }
+            (_, BlockStatus::Zero) => {
+                sa.read_at(&mut ba[..len], off)?;
+                r.bytes_read += n;
+                first_nonzero(&ba[..len])
+            }
+            _ => {
+                sa.read_at(&mut ba[..len], off)?;
+                sb.read_at(&mut bb[..len], off)?;
+                r.bytes_read += 2 * n;
+                first_diff(&ba[..len], &bb[..len])
+            }
+        };
+        if let Some(i) = diff {
+            r.mismatch_offset = Some((off + i as u64) / SECTOR * SECTOR);
+            return Ok(r);
+        }
+        if let Some(p) = pair {
+            equal_pairs.insert(p);
+        }
+        off += n;
+    }
+    // The tail of the longer image must read as zeros.
+    let longer = if size_a > size_b { &sa } else { &sb };
+    let end = longer.virtual_size();
+    while off < end {
+        let (st, len) = longer.block_status(off, end - off)?;
+        let n = len.min(CHUNK);
+        if st == BlockStatus::Data {
+            longer.read_at(&mut ba[..n as usize], off)?;
+            r.bytes_read += n;
+            if let Some(i) = first_nonzero(&ba[..n as usize]) {
+                r.mismatch_offset = Some((off + i as u64) / SECTOR * SECTOR);
+                return Ok(r);
+            }
+            off += n;
+        } else {
+            off += len;
+        }
+    }
+    Ok(r)
+}

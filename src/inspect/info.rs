@@ -1,0 +1,443 @@
+//! `info`: what `qemu-img info` says about an image, with the same JSON names,
+//! plus dedup figures from a walk of the active L1/L2 tree.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::layers::{open_layers, path_combine, walk_l2, ClusterEntry, LayerKind};
+use crate::error::{IoContext, Result};
+use crate::format::header::{
+    QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY,
+};
+use crate::source::{Format, Qcow2Source, Source};
+
+/// `qemu-img info`'s `format-specific.data` for qcow2.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Specific {
+    /// "0.10" (version 2) or "1.1" (version 3).
+    pub compat: String,
+    /// "zlib" or "zstd".
+    pub compression_type: String,
+    /// Lazy refcounts (v3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lazy_refcounts: Option<bool>,
+    /// Refcount width.
+    pub refcount_bits: u32,
+    /// The corrupt bit (v3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt: Option<bool>,
+    /// Extended L2 entries (v3 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub extended_l2: Option<bool>,
+}
+
+/// `format-specific`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatSpecific {
+    /// "qcow2".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The fields.
+    pub data: Qcow2Specific,
+}
+
+/// One snapshot, with `qemu-img info`'s field names.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SnapshotInfo {
+    /// ID.
+    pub id: String,
+    /// Name.
+    pub name: String,
+    /// VM state size in bytes.
+    pub vm_state_size: u64,
+    /// Creation time, seconds.
+    pub date_sec: u32,
+    /// Creation time, nanoseconds.
+    pub date_nsec: u32,
+    /// Guest clock, seconds part.
+    pub vm_clock_sec: u64,
+    /// Guest clock, nanoseconds part.
+    pub vm_clock_nsec: u64,
+    /// Instruction count, when recorded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icount: Option<u64>,
+}
+
+/// Dedup and compression figures of the active layer (qdedup's own fields).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct DedupInfo {
+    /// Guest clusters (virtual size / cluster size, rounded up).
+    pub guest_clusters: u64,
+    /// Guest clusters with data in this layer (plain or compressed L2 entries).
+    pub allocated_clusters: u64,
+    /// Guest clusters with the zero flag.
+    pub zero_clusters: u64,
+    /// Guest clusters without an entry (read from the backing file, or zeros).
+    pub unallocated_clusters: u64,
+    /// Distinct host clusters holding guest data (plain ones and those holding streams).
+    pub host_data_clusters: u64,
+    /// Distinct stored contents: plain host clusters plus compressed streams.
+    pub stored_copies: u64,
+    /// Host data clusters referenced more than once.
+    pub shared_host_clusters: u64,
+    /// References to shared host clusters.
+    pub shared_references: u64,
+    /// Most references to one host cluster.
+    pub max_references: u64,
+    /// Mean references per shared host cluster (0 when none is shared).
+    pub mean_references: f64,
+    /// Guest clusters that reuse a stored copy (allocated − stored copies); as
+    /// `clusters-duplicate` in the convert report.
+    pub duplicate_clusters: u64,
+    /// `duplicate-clusters` × cluster size.
+    pub saved_bytes: u64,
+    /// Guest clusters stored as compressed references.
+    pub compressed_clusters: u64,
+    /// Distinct compressed streams (as `clusters-compressed` in the convert report).
+    pub compressed_streams: u64,
+    /// Bytes of those streams (packed streams measured up to the next one; a
+    /// stream followed by none is counted to its last 512-byte sector).
+    pub compressed_bytes: u64,
+    /// streams × cluster size / compressed bytes (0 if nothing is compressed).
+    pub compression_ratio: f64,
+}
+
+/// What `info` reports.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ImageInfo {
+    /// Virtual size.
+    pub virtual_size: u64,
+    /// The path as given.
+    pub filename: String,
+    /// Cluster size (qcow2).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_size: Option<u64>,
+    /// "qcow2" or "raw".
+    pub format: String,
+    /// Bytes allocated on the host file system (`st_blocks` × 512).
+    pub actual_size: u64,
+    /// qcow2 specifics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format_specific: Option<FormatSpecific>,
+    /// Snapshots (omitted when there are none, like qemu-img).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<SnapshotInfo>,
+    /// Backing file name as stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename: Option<String>,
+    /// Backing file name combined with the image's directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub full_backing_filename: Option<String>,
+    /// Backing format from the header extension.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backing_filename_format: Option<String>,
+    /// The dirty bit.
+    pub dirty_flag: bool,
+    /// Length of the image file (qdedup; qemu-img shows it under the child node).
+    pub file_size: u64,
+    /// Dedup figures (qcow2 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupInfo>,
+}
+
+/// Counts references of the active layer of `q`.
+pub fn dedup_info(q: &Qcow2Source) -> Result<DedupInfo> {
+    let cs = q.header().cluster_size();
+    let cb = q.header().cluster_bits;
+    let mut d = DedupInfo {
+        guest_clusters: q.virtual_size().div_ceil(cs),
+        ..DedupInfo::default()
+    };
+    let mut plain: HashMap<u64, u64> = HashMap::new();
+    // Stream start → (references, max length).
+    let mut streams: HashMap<u64, (u64, u64)> = HashMap::new();
+    let mut seen = 0u64;
+    walk_l2(q, |_, e| {
+        seen += 1;
+        match e {
+            ClusterEntry::Unallocated => d.unallocated_clusters += 1,
+            ClusterEntry::Zero => d.zero_clusters += 1,
+            ClusterEntry::Normal(h) => {
+                d.allocated_clusters += 1;
+                *plain.entry(h >> cb).or_insert(0) += 1;
+            }
+            ClusterEntry::Compressed { offset, max_len } => {
+                d.allocated_clusters += 1;
+                d.compressed_clusters += 1;
+                let s = streams.entry(offset).or_insert((0, max_len));
+                s.0 += 1;
+            }
+        }
+    })?;
+    d.unallocated_clusters += d.guest_clusters - seen;
+    // References per host cluster: plain references, plus one per stream reference
+    // for every cluster a stream touches (as refcounts count them).
+    let mut host = plain.clone();
+    let mut starts: Vec<u64> = streams.keys().copied().collect();
+    starts.sort_unstable();
+    for (k, &s) in starts.iter().enumerate() {
+        let (refs, max_len) = streams[&s];
+        let end = (s + max_len).min(starts.get(k + 1).copied().unwrap_or(u64::MAX).max(s + 1));
+        d.compressed_bytes += end - s;
+        for c in (s >> cb)..=((s + max_len - 1) >> cb) {
+            *host.entry(c).or_insert(0) += refs;
+        }
+    }
+    d.compressed_streams = streams.len() as u64;
+    d.host_data_clusters = host.len() as u64;
+    d.stored_copies = plain.len() as u64 + d.compressed_streams;
+    for &r in host.values() {
+        d.max_references = d.max_references.max(r);
+        if r > 1 {
+            d.shared_host_clusters += 1;
+            d.shared_references += r;
+        }
+    }
+    if d.shared_host_clusters > 0 {
+        d.mean_references = d.shared_references as f64 / d.shared_host_clusters as f64;
+    }
+    d.duplicate_clusters = d.allocated_clusters - d.stored_copies;
+    d.saved_bytes = d.duplicate_clusters * cs;
+    if d.compressed_bytes > 0 {
+        d.compression_ratio = (d.compressed_streams * cs) as f64 / d.compressed_bytes as f64;
+    }
+    Ok(d)
+}
+
+fn snapshot_infos(q: &Qcow2Source) -> Result<Vec<SnapshotInfo>> {
+    let mut out = Vec::new();
+    for s in q.snapshots()? {
+        // icount is the third u64 of the extra data (QEMU: -1 = not recorded).
+        let icount = if s.extra_data_size >= 24 {
+            let mut b = [0u8; 8];
+            q.file()
+                .read_exact_at(&mut b, s.entry_offset + 40 + 16)
+                .map_err(|e| crate::Error::io("cannot read the snapshot table", e))?;
+            Some(u64::from_be_bytes(b)).filter(|v| *v != u64::MAX)
+        } else {
+            None
+        };
+        out.push(SnapshotInfo {
+            id: s.id,
+            name: s.name,
+            vm_state_size: s.vm_state_size,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            icount,
+        });
+    }
+    Ok(out)
+}
+
+/// Describes the image at `path` (format probed unless given).
+pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
+    let meta = std::fs::metadata(path).ctx(|| format!("cannot stat {}", path.display()))?;
+    let mut layers = open_layers_top(path, format)?;
+    let filename = path.display().to_string();
+    let actual_size = meta.blocks() * 512;
+    match layers.remove(0).kind {
+        LayerKind::Raw(r) => Ok(ImageInfo {
+            virtual_size: r.virtual_size(),
+            filename,
+            cluster_size: None,
+            format: "raw".into(),
+            actual_size,
+            format_specific: None,
+            snapshots: Vec::new(),
+            backing_filename: None,
+            full_backing_filename: None,
+            backing_filename_format: None,
+            dirty_flag: false,
+            file_size: meta.len(),
+            dedup: None,
+        }),
+        LayerKind::Qcow2(q) => {
+            let h = q.header();
+            let v3 = h.version >= 3;
+            let data = Qcow2Specific {
+                compat: if v3 { "1.1" } else { "0.10" }.into(),
+                compression_type: q.header().compression()?.name().into(),
+                lazy_refcounts: v3
+                    .then_some(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS != 0),
+                refcount_bits: h.refcount_bits(),
+                corrupt: v3.then_some(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT != 0),
+                extended_l2: v3.then_some(h.extended_l2()),
+            };
+            let backing = q.backing_file().map(Path::to_path_buf);
+            Ok(ImageInfo {
+                virtual_size: q.virtual_size(),
+                filename,
+                cluster_size: Some(h.cluster_size()),
+                format: "qcow2".into(),
+                actual_size,
+                format_specific: Some(FormatSpecific {
+                    kind: "qcow2".into(),
+                    data,
+                }),
+                snapshots: snapshot_infos(&q)?,
+                full_backing_filename: backing
+                    .as_deref()
+                    .map(|b| path_combine(path, b).display().to_string()),
+                backing_filename: backing.map(|b| b.display().to_string()),
+                backing_filename_format: q.backing_format().map(str::to_string),
+                dirty_flag: h.incompatible_features & QCOW2_INCOMPAT_DIRTY != 0,
+                file_size: meta.len(),
+                dedup: Some(dedup_info(&q)?),
+            })
+        }
+    }
+}
+
+/// Opens only the top image (info does not need the backing files to exist).
+fn open_layers_top(path: &Path, format: Option<Format>) -> Result<Vec<super::layers::Layer>> {
+    let file = std::fs::File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+    let fmt = match format {
+        Some(f) => f,
+        None => crate::source::probe(&file).ctx(|| format!("cannot read {}", path.display()))?,
+    };
+    drop(file);
+    if fmt == Format::Raw {
+        return open_layers(path, Some(Format::Raw));
+    }
+    let q = Qcow2Source::open(
+        path,
+        &crate::source::OpenOptions {
+            format: Some(Format::Qcow2),
+            backing_chain: false,
+            snapshot: None,
+        },
+    )?;
+    Ok(vec![super::layers::Layer {
+        name: path.to_path_buf(),
+        kind: LayerKind::Qcow2(Box::new(q)),
+    }])
+}
+
+impl std::fmt::Display for ImageInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "image: {}", self.filename)?;
+        writeln!(f, "file format: {}", self.format)?;
+        writeln!(
+            f,
+            "virtual size: {} ({} bytes)",
+            human_size(self.virtual_size),
+            self.virtual_size
+        )?;
+        writeln!(f, "disk size: {}", human_size(self.actual_size))?;
+        writeln!(
+            f,
+            "file length: {} ({} bytes)",
+            human_size(self.file_size),
+            self.file_size
+        )?;
+        if let Some(cs) = self.cluster_size {
+            writeln!(f, "cluster_size: {cs}")?;
+        }
+        if let Some(b) = &self.backing_filename {
+            write!(f, "backing file: {b}")?;
+            if let Some(full) = &self.full_backing_filename {
+                if full != b {
+                    write!(f, " (actual path: {full})")?;
+                }
+            }
+            writeln!(f)?;
+        }
+        if let Some(b) = &self.backing_filename_format {
+            writeln!(f, "backing file format: {b}")?;
+        }
+        if !self.snapshots.is_empty() {
+            writeln!(f, "Snapshot list:")?;
+            writeln!(f, "{:<10}{:<20}{:>10}", "ID", "TAG", "VM SIZE")?;
+            for s in &self.snapshots {
+                writeln!(f, "{:<10}{:<20}{:>10}", s.id, s.name, human_size(s.vm_state_size))?;
+            }
+        }
+        if let Some(fs) = &self.format_specific {
+            let d = &fs.data;
+            writeln!(f, "Format specific information:")?;
+            writeln!(f, "    compat: {}", d.compat)?;
+            writeln!(f, "    compression type: {}", d.compression_type)?;
+            if let Some(l) = d.lazy_refcounts {
+                writeln!(f, "    lazy refcounts: {l}")?;
+            }
+            writeln!(f, "    refcount bits: {}", d.refcount_bits)?;
+            if let Some(c) = d.corrupt {
+                writeln!(f, "    corrupt: {c}")?;
+            }
+            if let Some(e) = d.extended_l2 {
+                writeln!(f, "    extended l2: {e}")?;
+            }
+        }
+        if let Some(d) = &self.dedup {
+            writeln!(f, "Dedup (active layer):")?;
+            writeln!(
+                f,
+                "    clusters: {} guest, {} allocated, {} zero, {} unallocated",
+                d.guest_clusters, d.allocated_clusters, d.zero_clusters, d.unallocated_clusters
+            )?;
+            writeln!(
+                f,
+                "    stored copies: {} ({} host data clusters)",
+                d.stored_copies, d.host_data_clusters
+            )?;
+            writeln!(
+                f,
+                "    shared host clusters: {} ({} references, {:.2} mean, {} max)",
+                d.shared_host_clusters, d.shared_references, d.mean_references, d.max_references
+            )?;
+            writeln!(
+                f,
+                "    saved by sharing: {} ({} duplicate clusters)",
+                human_size(d.saved_bytes),
+                d.duplicate_clusters
+            )?;
+            write!(
+                f,
+                "    compressed: {} clusters, {} streams, {}, ratio {:.2}",
+                d.compressed_clusters,
+                d.compressed_streams,
+                human_size(d.compressed_bytes),
+                d.compression_ratio
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's size formatting: "2.5 MiB", "64 KiB", "512 B".
+pub fn human_size(b: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        // QEMU prints 3 significant digits.
+        let s = if v >= 100.0 {
+            format!("{v:.0}")
+        } else if v >= 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.2}")
+        };
+        let s = if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        };
+        format!("{s} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,241 @@
+//! `map`: the guest → host mapping as `qemu-img map` reports it.
+//!
+//! Each extent is what QEMU's `get_block_status` in `qemu-img.c` computes: the
+//! first layer of the chain (depth 0 = the image itself) that allocates the
+//! bytes answers; a run unallocated everywhere reads as zeros and is reported at
+//! the depth of the last layer consulted with `present: false`. Consecutive
+//! extents merge like `entry_mergeable`: same flags and depth, and host offsets
+//! contiguous when there are offsets. With `shared`, each extent also carries the
+//! stored refcount of its host cluster, and extents are split where it changes.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::layers::{open_layers, Layer, LayerKind, RefcountReader};
+use crate::error::Result;
+use crate::source::qcow2::LayerExtent;
+use crate::source::Format;
+
+/// One extent, with `qemu-img map --output=json`'s fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Layer answering (0 = the image itself, 1 = its backing file, ...).
+    pub depth: u32,
+    /// Allocated in some layer of the chain.
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by data (or a preallocated cluster).
+    pub data: bool,
+    /// Stored compressed.
+    pub compressed: bool,
+    /// Host offset in the file of layer `depth` (absent for unallocated, plain
+    /// zero and compressed extents).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// With `--shared`: the stored refcount of the host cluster (for compressed
+    /// extents, of the cluster where the stream starts).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refcount: Option<u64>,
+}
+
+/// Options of [`map`].
+#[derive(Debug, Clone, Default)]
+pub struct MapOptions {
+    /// Force the format of the image (probed when `None`).
+    pub format: Option<Format>,
+    /// Report refcounts and do not merge extents with different refcounts.
+    pub shared: bool,
+}
+
+/// A mapped image: its extents and the names of its layers (by depth).
+#[derive(Debug, Clone)]
+pub struct ImageMap {
+    /// Extents covering the virtual size, in guest order.
+    pub entries: Vec<MapEntry>,
+    /// File name of each layer (top first), as QEMU prints them.
+    pub files: Vec<String>,
+    /// Cluster size of the top layer (qcow2), for rendering.
+    pub cluster_size: Option<u64>,
+}
+
+/// `get_block_status` of qemu-img: one extent starting at `offset`.
+fn block_status(
+    layers: &[Layer],
+    readers: &[Option<RefcountReader<'_>>],
+    offset: u64,
+    mut bytes: u64,
+) -> Result<MapEntry> {
+    let mut depth = 0usize;
+    loop {
+        let layer = &layers[depth];
+        let (ext, len) = layer.extent(offset, bytes)?;
+        bytes = len;
+        let mut e = MapEntry {
+            start: offset,
+            length: bytes,
+            depth: depth as u32,
+            present: true,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            refcount: None,
+        };
+        let rc_host = match ext {
+            LayerExtent::Unallocated => {
+                if let Some(next) = layers.get(depth + 1) {
+                    if offset < next.size() {
+                        depth += 1;
+                        continue;
+                    }
+                }
+                e.present = false;
+                e.zero = true;
+                None
+            }
+            LayerExtent::Zero { host } => {
+                e.zero = true;
+                e.offset = host;
+                host
+            }
+            LayerExtent::Data { host } => {
+                e.data = true;
+                e.offset = Some(host);
+                Some(host)
+            }
+            LayerExtent::Compressed { host } => {
+                e.data = true;
+                e.compressed = true;
+                Some(host)
+            }
+        };
+        if let (Some(h), Some(rr)) = (rc_host, &readers[depth]) {
+            let rc = rr.get(h)?;
+            e.refcount = Some(rc);
+            // Shorten a plain run to the clusters sharing the first one's refcount.
+            if e.offset.is_some() {
+                let LayerKind::Qcow2(q) = &layers[depth].kind else {
+                    unreachable!("refcount readers exist for qcow2 layers only")
+                };
+                let cs = q.header().cluster_size();
+                let mut n = (cs - (h & (cs - 1))).min(e.length);
+                while n < e.length && rr.get(h + n)? == rc {
+                    n = (n + cs).min(e.length);
+                }
+                e.length = n;
+            }
+        }
+        return Ok(e);
+    }
+}
+
+/// `entry_mergeable` of qemu-img (plus equal refcounts).
+fn mergeable(a: &MapEntry, b: &MapEntry) -> bool {
+    if a.length == 0
+        || (a.zero, a.data, a.compressed, a.depth, a.present, a.refcount)
+            != (b.zero, b.data, b.compressed, b.depth, b.present, b.refcount)
+    {
+        return false;
+    }
+    match (a.offset, b.offset) {
+        (None, None) => true,
+        (Some(x), Some(y)) => x + a.length == y,
+        _ => false,
+    }
+}
+
+/// Maps the image at `path` through its backing chain.
+pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
+    let layers = open_layers(path, opts.format)?;
+    let readers = layers
+        .iter()
+        .map(|l| match &l.kind {
+            LayerKind::Qcow2(q) if opts.shared => RefcountReader::new(q).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let size = layers[0].size();
+    let mut entries: Vec<MapEntry> = Vec::new();
+    let mut off = 0;
+    while off < size {
+        let e = block_status(&layers, &readers, off, size - off)?;
+        off += e.length;
+        match entries.last_mut() {
+            Some(c) if mergeable(c, &e) => c.length += e.length,
+            _ => entries.push(e),
+        }
+    }
+    let cluster_size = match &layers[0].kind {
+        LayerKind::Qcow2(q) => Some(q.header().cluster_size()),
+        LayerKind::Raw(_) => None,
+    };
+    Ok(ImageMap {
+        entries,
+        files: layers.iter().map(|l| l.name.display().to_string()).collect(),
+        cluster_size,
+    })
+}
+
+/// The JSON text qemu-img prints: one entry per line.
+pub fn to_json(entries: &[MapEntry]) -> String {
+    let mut s = String::from("[");
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            s.push_str(",\n");
+        }
+        s.push_str(&format!(
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+        ));
+        if let Some(o) = e.offset {
+            s.push_str(&format!(", \"offset\": {o}"));
+        }
+        if let Some(r) = e.refcount {
+            s.push_str(&format!(", \"refcount\": {r}"));
+        }
+        s.push('}');
+    }
+    s.push(']');
+    s
+}
+
+/// C's `%#-16x`: `0` has no prefix.
+fn hex16(v: u64) -> String {
+    let h = if v == 0 {
+        "0".to_string()
+    } else {
+        format!("{v:#x}")
+    };
+    format!("{h:<16}")
+}
+
+/// qemu-img map's default table: data extents only. Compressed extents (which
+/// qemu-img refuses to print) show "compressed" instead of a host offset.
+pub fn to_human(m: &ImageMap, shared: bool) -> String {
+    let mut s = format!("{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
+    if shared {
+        s.push_str("  Refcount");
+    }
+    s.push('\n');
+    for e in m.entries.iter().filter(|e| e.data && !e.zero) {
+        let mapped = match e.offset {
+            Some(o) => hex16(o),
+            None => format!("{:<16}", "compressed"),
+        };
+        s.push_str(&hex16(e.start));
+        s.push_str(&hex16(e.length));
+        s.push_str(&mapped);
+        s.push_str(&m.files[e.depth as usize]);
+        if let (true, Some(r)) = (shared, e.refcount) {
+            s.push_str(&format!("  {r}"));
+        }
+        s.push('\n');
+    }
+    s
+}
