@@ -243,7 +243,9 @@ fn run_compare(a: &CompareArgs) -> ExitCode {
     };
     match compare::compare(&a.a, &a.b, &opts) {
         Ok(r) => {
-            if !a.quiet && r.size_mismatch {
+            // Like qemu-img, the warning comes once the common part compared equal.
+            let common_equal = r.mismatch_offset.is_none_or(|o| o >= r.common_size);
+            if !a.quiet && r.size_mismatch && common_equal {
                 println!("Warning: Image size mismatch!");
             }
             if let Some(o) = r.mismatch_offset {
@@ -259,7 +261,7 @@ fn run_compare(a: &CompareArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("qdedup: error: {:#}", anyhow::Error::from(e));
+            eprintln!("qdedup: error: {e}");
             ExitCode::from(2)
         }
     }

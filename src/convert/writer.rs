@@ -80,6 +80,9 @@ pub struct WriterStats {
     pub file_size: u64,
     /// Largest refcount of any data cluster.
     pub max_refcount: u64,
+    /// Byte offset just past the data area: the end of the last compressed stream
+    /// when it ends inside the last data cluster, else the end of that cluster.
+    pub data_end: u64,
 }
 
 /// Compresses a cluster inside the writer, for the rare cases where no worker did
@@ -422,6 +425,10 @@ impl<'a> Writer<'a> {
                 "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
             ));
         }
+        self.stats.data_end = match self.ctail {
+            Some(t) if (t >> cb) + 1 == data_end => t,
+            _ => data_end << cb,
+        };
         let l2_start = data_end;
         let l1_start = l2_start + n_l2;
         let rb_start = l1_start + l1_clusters;

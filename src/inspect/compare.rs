@@ -31,6 +31,8 @@ const SECTOR: u64 = 512;
 pub struct CompareResult {
     /// The virtual sizes differ.
     pub size_mismatch: bool,
+    /// The smaller of the two virtual sizes.
+    pub common_size: u64,
     /// Offset of the first differing 512-byte sector, if any.
     pub mismatch_offset: Option<u64>,
     /// Guest bytes read from either image.
@@ -109,6 +111,7 @@ pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareResul
     let common = size_a.min(size_b);
     let mut r = CompareResult {
         size_mismatch: size_a != size_b,
+        common_size: common,
         mismatch_offset: None,
         bytes_read: 0,
         clusters_skipped_shared: 0,

@@ -162,12 +162,17 @@ pub struct EstimateReport {
 /// self-describing refcount blocks as the file grows. Assumes the refcount table
 /// does not have to grow (true up to 2^(2·cluster_bits − 3 − refcount_order + 3)
 /// clusters, e.g. 16 TiB at 64 KiB clusters and 16-bit refcounts).
+///
+/// `data_tail` is the number of bytes used in the last data cluster when it is
+/// only partly filled by compressed streams (0 = full): qemu-img then leaves the
+/// file ending after the last stream, rounded up to 512 bytes.
 pub fn qemu_img_size(
     cluster_bits: u32,
     refcount_order: u32,
     virtual_size: u64,
     data_clusters: u64,
     l2_tables: u64,
+    data_tail: u64,
 ) -> u64 {
     let cs = 1u64 << cluster_bits;
     let l1_entries = virtual_size.div_ceil(cs).div_ceil(cs / 8);
@@ -179,7 +184,12 @@ pub fn qemu_img_size(
         rb = (fixed + rb).div_ceil(epb);
     }
     let rt = (rb * 8).div_ceil(cs).max(1);
-    (fixed - 1 + rt + rb) * cs
+    let size = (fixed - 1 + rt + rb) * cs;
+    if data_clusters > 0 && data_tail > 0 && data_tail < cs {
+        size - cs + data_tail.div_ceil(512) * 512
+    } else {
+        size
+    }
 }
 
 /// qdedup's own layout (as [`Writer::finish`] lays it out), for the sampling model.
@@ -447,7 +457,7 @@ fn from_sample(
     let l2 = (s.l2_ranges.len() as u64).min(ranges);
     let order = opts.refcount_order;
     let est = qdedup_size(st.cb, order, vsize, data_clusters(distinct, d_frac, d_mean), l2);
-    let qemu = qemu_img_size(st.cb, order, vsize, data_clusters(nonzero, q_frac, q_mean), l2);
+    let qemu = qemu_img_size(st.cb, order, vsize, data_clusters(nonzero, q_frac, q_mean), l2, 0);
     // The dominant variance: unique singletons are a binomial sample of the unique contents.
     let sd = (unique_singletons * (1.0 - p)).sqrt() / p;
     let per = cs as f64 * ((1.0 - d_frac) + d_frac * d_mean / cs as f64);
@@ -615,6 +625,7 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
                 vsize,
                 p.host_data_clusters,
                 st.l2_tables,
+                p.data_end % cs,
             );
             row(
                 cs,
