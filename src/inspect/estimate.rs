@@ -395,6 +395,39 @@ impl Source for SampledSource<'_> {
     }
 }
 
+/// Largest sample count used to fit the rate of repeated contents (counts above
+/// it come from contents so frequent they are never missed).
+const MAX_FIT_COUNT: u32 = 8;
+/// Smallest rate the fit may return (a few contents seen exactly twice would
+/// otherwise imply an unbounded number of hidden repeats).
+const MIN_RATE: f64 = 0.5;
+
+/// λ such that a Poisson(λ) variable, conditioned on 2 ≤ X ≤ MAX_FIT_COUNT,
+/// has mean `m` (bisection; the mean increases with λ).
+fn truncated_poisson_rate(m: f64) -> f64 {
+    let mean = |l: f64| {
+        let (mut num, mut den, mut pk) = (0.0, 0.0, (-l).exp());
+        for k in 1..=MAX_FIT_COUNT {
+            pk *= l / f64::from(k);
+            if k >= 2 {
+                num += f64::from(k) * pk;
+                den += pk;
+            }
+        }
+        num / den
+    };
+    let (mut lo, mut hi) = (1e-3, 20.0);
+    for _ in 0..60 {
+        let mid = f64::midpoint(lo, hi);
+        if mean(mid) < m {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    f64::midpoint(lo, hi)
+}
+
 /// The sampling estimator for one cluster size (see `docs/design.md`).
 fn from_sample(
     st: &SizeState<'_>,
@@ -407,23 +440,27 @@ fn from_sample(
     let total = vsize.div_ceil(cs);
     let s = &st.stats;
     let p = (sampled_clusters as f64 / total as f64).clamp(f64::MIN_POSITIVE, 1.0);
-    let mut f = [0u64; 4]; // f1, f2, f3, (≥2)
+    // f1, f2, contents seen ≥ 2 times; and for the fit, contents seen 2..=8 times.
+    let (mut f1, mut f2, mut seen_rep, mut fit_n, mut fit_sum) = (0f64, 0f64, 0f64, 0f64, 0f64);
     for &(c, _) in s.counts.values() {
         match c {
-            1 => f[0] += 1,
-            2 => f[1] += 1,
-            3 => f[2] += 1,
+            1 => f1 += 1.0,
+            2 => f2 += 1.0,
             _ => {}
         }
         if c >= 2 {
-            f[3] += 1;
+            seen_rep += 1.0;
+        }
+        if (2..=MAX_FIT_COUNT).contains(&c) {
+            fit_n += 1.0;
+            fit_sum += f64::from(c);
         }
     }
-    let (f1, f2, f3, seen_rep) = (f[0] as f64, f[1] as f64, f[2] as f64, f[3] as f64);
     // Repeated contents with a small sample rate λ hide among the singletons:
-    // Poisson counts give f1_rep = 2·f2/λ and unseen = 2·f2/λ², λ ≈ 3·f3/f2.
+    // with Poisson counts, f1_rep = 2·f2/λ and unseen = 2·f2/λ², where λ solves
+    // the mean of the zero-and-one-truncated Poisson over contents seen 2..=8 times.
     let (f1_rep, unseen) = if f2 > 0.0 && p < 1.0 {
-        let lambda = (3.0 * f3 / f2).max(0.5);
+        let lambda = truncated_poisson_rate(fit_sum / fit_n).max(MIN_RATE);
         let f1_rep = (2.0 * f2 / lambda).min(f1);
         (f1_rep, (2.0 * f2 / (lambda * lambda)).min(f1_rep))
     } else {
@@ -459,7 +496,10 @@ fn from_sample(
     let est = qdedup_size(st.cb, order, vsize, data_clusters(distinct, d_frac, d_mean), l2);
     let qemu = qemu_img_size(st.cb, order, vsize, data_clusters(nonzero, q_frac, q_mean), l2, 0);
     // The dominant variance: unique singletons are a binomial sample of the unique contents.
-    let sd = (unique_singletons * (1.0 - p)).sqrt() / p;
+    // The fit of the hidden repeats adds its own error (f2 is a Poisson count and
+    // λ is fitted from `fit_n` contents); it too is scaled by 1/p.
+    let rep_rel = if f2 > 0.0 { (1.0 / f2 + 1.0 / fit_n.max(1.0)).sqrt() } else { 0.0 };
+    let sd = ((unique_singletons * (1.0 - p)) + (f1_rep * rep_rel).powi(2)).sqrt() / p;
     let per = cs as f64 * ((1.0 - d_frac) + d_frac * d_mean / cs as f64);
     let half = 1.96 * sd * per;
     let lo = (est as f64 - half).max(0.0) as u64;
