@@ -217,15 +217,21 @@ fn run_map(a: &MapArgs) -> Result<ExitCode> {
         format: fmt_of(a.format),
         shared: a.shared || a.svg.is_some(),
     };
-    let mut m = map::map(&a.image, &opts)
-        .with_context(|| format!("cannot map {}", a.image.display()))?;
+    let mut m =
+        map::map(&a.image, &opts).with_context(|| format!("cannot map {}", a.image.display()))?;
     if let Some(svg) = &a.svg {
         let size = m.entries.last().map_or(0, |e| e.start + e.length);
         let pic = qdedup::inspect::svg::render(&m.entries, size, &a.image.display().to_string());
         std::fs::write(svg, pic).with_context(|| format!("cannot write {}", svg.display()))?;
         if !a.shared {
             // The picture needed refcounts; the listing did not ask for them.
-            m = map::map(&a.image, &map::MapOptions { shared: false, ..opts })?;
+            m = map::map(
+                &a.image,
+                &map::MapOptions {
+                    shared: false,
+                    ..opts
+                },
+            )?;
         }
     }
     match a.output {

@@ -489,16 +489,37 @@ fn from_sample(
     let d_frac = comp_c / n_contents;
     let d_mean = if comp_c > 0.0 { comp_b / comp_c } else { 0.0 };
     let q_frac = comp_cl / nz_sampled;
-    let q_mean = if comp_cl > 0.0 { comp_clb / comp_cl } else { 0.0 };
+    let q_mean = if comp_cl > 0.0 {
+        comp_clb / comp_cl
+    } else {
+        0.0
+    };
     let ranges = vsize.div_ceil(cs).div_ceil(cs / 8);
     let l2 = (s.l2_ranges.len() as u64).min(ranges);
     let order = opts.refcount_order;
-    let est = qdedup_size(st.cb, order, vsize, data_clusters(distinct, d_frac, d_mean), l2);
-    let qemu = qemu_img_size(st.cb, order, vsize, data_clusters(nonzero, q_frac, q_mean), l2, 0);
+    let est = qdedup_size(
+        st.cb,
+        order,
+        vsize,
+        data_clusters(distinct, d_frac, d_mean),
+        l2,
+    );
+    let qemu = qemu_img_size(
+        st.cb,
+        order,
+        vsize,
+        data_clusters(nonzero, q_frac, q_mean),
+        l2,
+        0,
+    );
     // The dominant variance: unique singletons are a binomial sample of the unique contents.
     // The fit of the hidden repeats adds its own error (f2 is a Poisson count and
     // λ is fitted from `fit_n` contents); it too is scaled by 1/p.
-    let rep_rel = if f2 > 0.0 { (1.0 / f2 + 1.0 / fit_n.max(1.0)).sqrt() } else { 0.0 };
+    let rep_rel = if f2 > 0.0 {
+        (1.0 / f2 + 1.0 / fit_n.max(1.0)).sqrt()
+    } else {
+        0.0
+    };
     let sd = ((unique_singletons * (1.0 - p)) + (f1_rep * rep_rel).powi(2)).sqrt() / p;
     let per = cs as f64 * ((1.0 - d_frac) + d_frac * d_mean / cs as f64);
     let half = 1.96 * sd * per;
@@ -581,7 +602,9 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
         let c: CompressionType = copts.compression?;
         let level = copts.compression_level;
         let cs = 1usize << cb;
-        Some(Box::new(move |d: &[u8]| crate::compress::compress(c, level, d, cs)))
+        Some(Box::new(move |d: &[u8]| {
+            crate::compress::compress(c, level, d, cs)
+        }))
     };
     let mut states = Vec::with_capacity(bits.len());
     for (&cb, (ds, ps)) in bits.iter().zip(&sinks) {
@@ -602,7 +625,11 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
             compressor: make_compressor(cb),
             memo: HashMap::new(),
             scratch: vec![0u8; 1 << cb],
-            acc: if cb > min_bits { vec![0u8; 1 << cb] } else { Vec::new() },
+            acc: if cb > min_bits {
+                vec![0u8; 1 << cb]
+            } else {
+                Vec::new()
+            },
             acc_idx: None,
             acc_dirty: false,
             l2_tables: 0,
@@ -758,7 +785,11 @@ impl std::fmt::Display for EstimateReport {
                 r.clusters_duplicate
             )?;
             if let Some([lo, hi]) = r.estimated_size_95 {
-                writeln!(f, "{:>10} 95% interval of the qdedup size: {lo} .. {hi}", "")?;
+                writeln!(
+                    f,
+                    "{:>10} 95% interval of the qdedup size: {lo} .. {hi}",
+                    ""
+                )?;
             }
         }
         write!(

@@ -358,7 +358,13 @@ impl std::fmt::Display for ImageInfo {
             writeln!(f, "Snapshot list:")?;
             writeln!(f, "{:<10}{:<20}{:>10}", "ID", "TAG", "VM SIZE")?;
             for s in &self.snapshots {
-                writeln!(f, "{:<10}{:<20}{:>10}", s.id, s.name, human_size(s.vm_state_size))?;
+                writeln!(
+                    f,
+                    "{:<10}{:<20}{:>10}",
+                    s.id,
+                    s.name,
+                    human_size(s.vm_state_size)
+                )?;
             }
         }
         if let Some(fs) = &self.format_specific {

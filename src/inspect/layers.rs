@@ -50,12 +50,7 @@ impl Layer {
                 let (st, len) = r.block_status(offset, max_len)?;
                 Ok(match st {
                     BlockStatus::Data => (LayerExtent::Data { host: offset }, len),
-                    BlockStatus::Zero => (
-                        LayerExtent::Zero {
-                            host: Some(offset),
-                        },
-                        len,
-                    ),
+                    BlockStatus::Zero => (LayerExtent::Zero { host: Some(offset) }, len),
                 })
             }
         }
@@ -107,7 +102,9 @@ pub(crate) fn open_layers(path: &Path, format: Option<Format>) -> Result<Vec<Lay
                         .backing_format()
                         .map(str::parse::<Format>)
                         .transpose()
-                        .map_err(|e| Error::Unsupported(format!("backing file of {}: {e}", p.display())))?;
+                        .map_err(|e| {
+                            Error::Unsupported(format!("backing file of {}: {e}", p.display()))
+                        })?;
                     next = Some((path_combine(&p, b), bfmt));
                 }
                 LayerKind::Qcow2(Box::new(q))
@@ -155,7 +152,10 @@ impl<'a> RefcountReader<'a> {
     pub fn get(&self, host: u64) -> Result<u64> {
         let c = host >> self.cluster_bits;
         let epb = refcount::entries_per_block(self.cluster_bits, self.order);
-        let Some(&rb) = usize::try_from(c / epb).ok().and_then(|i| self.table.get(i)) else {
+        let Some(&rb) = usize::try_from(c / epb)
+            .ok()
+            .and_then(|i| self.table.get(i))
+        else {
             return Ok(0);
         };
         if rb == 0 {
@@ -226,17 +226,20 @@ pub(crate) fn walk_l2(q: &Qcow2Source, mut f: impl FnMut(u64, ClusterEntry)) -> 
                 ),
             ));
         }
-        file.read_exact_at(&mut table, l1e.l2_offset)
-            .map_err(|e| Error::io(format!("cannot read the L2 table at {:#x}", l1e.l2_offset), e))?;
+        file.read_exact_at(&mut table, l1e.l2_offset).map_err(|e| {
+            Error::io(
+                format!("cannot read the L2 table at {:#x}", l1e.l2_offset),
+                e,
+            )
+        })?;
         for j in 0..l2_entries.min(n_clusters - first) {
             let w = (j * wpe * 8) as usize;
             let raw = u64::from_be_bytes(table[w..w + 8].try_into().expect("8 bytes"));
             let entry = match L2Entry::decode(raw, cb, extended) {
                 L2Entry::Unallocated => {
                     if extended {
-                        let bm = u64::from_be_bytes(
-                            table[w + 8..w + 16].try_into().expect("8 bytes"),
-                        );
+                        let bm =
+                            u64::from_be_bytes(table[w + 8..w + 16].try_into().expect("8 bytes"));
                         if bm >> 32 != 0 {
                             ClusterEntry::Zero
                         } else {

@@ -177,7 +177,10 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
     };
     Ok(ImageMap {
         entries,
-        files: layers.iter().map(|l| l.name.display().to_string()).collect(),
+        files: layers
+            .iter()
+            .map(|l| l.name.display().to_string())
+            .collect(),
         cluster_size,
     })
 }
@@ -218,7 +221,10 @@ fn hex16(v: u64) -> String {
 /// qemu-img map's default table: data extents only. Compressed extents (which
 /// qemu-img refuses to print) show "compressed" instead of a host offset.
 pub fn to_human(m: &ImageMap, shared: bool) -> String {
-    let mut s = format!("{:<16}{:<16}{:<16}{}", "Offset", "Length", "Mapped to", "File");
+    let mut s = format!(
+        "{:<16}{:<16}{:<16}{}",
+        "Offset", "Length", "Mapped to", "File"
+    );
     if shared {
         s.push_str("  Refcount");
     }

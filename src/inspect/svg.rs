@@ -23,7 +23,11 @@ enum Class {
 const CLASSES: [(Class, &str, &str); 5] = [
     (Class::Zero, "#e8e8e8", "zero / unallocated"),
     (Class::Unique, "#4c8bf5", "data, unique host cluster"),
-    (Class::Shared, "#e8710a", "data, shared host cluster (refcount > 1)"),
+    (
+        Class::Shared,
+        "#e8710a",
+        "data, shared host cluster (refcount > 1)",
+    ),
     (Class::Compressed, "#188038", "compressed"),
     (Class::Backing, "#9334e6", "from a backing file"),
 ];
@@ -51,7 +55,10 @@ pub fn render(entries: &[MapEntry], size: u64, title: &str) -> String {
     let mut bytes = vec![[0u64; 5]; cells as usize];
     let mut totals = [0u64; 5];
     for e in entries {
-        let c = CLASSES.iter().position(|(k, _, _)| *k == class(e)).expect("listed");
+        let c = CLASSES
+            .iter()
+            .position(|(k, _, _)| *k == class(e))
+            .expect("listed");
         totals[c] += e.length;
         let mut off = e.start;
         let end = e.start + e.length;
@@ -84,7 +91,10 @@ pub fn render(entries: &[MapEntry], size: u64, title: &str) -> String {
             .enumerate()
             .max_by_key(|(k, v)| (**v, std::cmp::Reverse(*k)))
             .expect("five classes");
-        let (x, y) = (10 + (i as u64 % COLUMNS) * CELL, 30 + (i as u64 / COLUMNS) * CELL);
+        let (x, y) = (
+            10 + (i as u64 % COLUMNS) * CELL,
+            30 + (i as u64 / COLUMNS) * CELL,
+        );
         let _ = writeln!(
             s,
             r#"<rect x="{x}" y="{y}" width="{w}" height="{w}" fill="{}"><title>{}</title></rect>"#,
@@ -108,5 +118,7 @@ pub fn render(entries: &[MapEntry], size: u64, title: &str) -> String {
 }
 
 fn escape(t: &str) -> String {
-    t.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
