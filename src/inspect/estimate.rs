@@ -243,7 +243,6 @@ struct SizeState<'a> {
     l2_tables: u64,
     last_l1: Option<u64>,
     stats: SampleStats,
-    zero: u64,
 }
 
 impl SizeState<'_> {
@@ -264,17 +263,16 @@ impl SizeState<'_> {
         }
         // The compression outcome of this content (computed once).
         let outcome: Option<Option<u32>> = if let Some(c) = &self.compressor {
-            let o = match self.memo.get(&hash) {
-                Some(o) => *o,
-                None => {
-                    let o = match hint {
-                        Stream::Some(s) => Some(s.len() as u32),
-                        Stream::NotWorth => None,
-                        Stream::NotTried => c(data).map(|s| s.len() as u32),
-                    };
-                    self.memo.insert(hash, o);
-                    o
-                }
+            let o = if let Some(o) = self.memo.get(&hash) {
+                *o
+            } else {
+                let o = match hint {
+                    Stream::Some(s) => Some(s.len() as u32),
+                    Stream::NotWorth => None,
+                    Stream::NotTried => c(data).map(|s| s.len() as u32),
+                };
+                self.memo.insert(hash, o);
+                o
             };
             Some(o)
         } else {
@@ -358,11 +356,7 @@ impl SampledSource<'_> {
     fn units_sampled(&self) -> u64 {
         let n = self.units();
         let full = n / self.stratum;
-        let last = if n % self.stratum != 0 && self.chosen(full) < n {
-            1
-        } else {
-            0
-        };
+        let last = u64::from(n % self.stratum != 0 && self.chosen(full) < n);
         full + last
     }
 }
@@ -433,7 +427,6 @@ fn from_sample(
     st: &SizeState<'_>,
     opts: &ConvertOptions,
     vsize: u64,
-    fraction: f64,
     sampled_clusters: u64,
 ) -> SizeEstimate {
     let cs = st.cs();
@@ -525,7 +518,6 @@ fn from_sample(
     let half = 1.96 * sd * per;
     let lo = (est as f64 - half).max(0.0) as u64;
     let hi = (est as f64 + half) as u64;
-    let _ = fraction;
     let nonzero_u = nonzero.round() as u64;
     let distinct_u = (distinct.round() as u64).min(nonzero_u);
     row(
@@ -553,7 +545,8 @@ fn row(
     compressed: u64,
     ci: Option<[u64; 2]>,
 ) -> SizeEstimate {
-    let saved = qemu as i64 - est as i64;
+    // File sizes are far below 2^63.
+    let saved = i64::try_from(qemu).unwrap_or(i64::MAX) - i64::try_from(est).unwrap_or(i64::MAX);
     SizeEstimate {
         cluster_size: cs,
         estimated_size: est,
@@ -635,7 +628,6 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
             l2_tables: 0,
             last_l1: None,
             stats: SampleStats::default(),
-            zero: 0,
         });
     }
     let mut popts = copts.clone();
@@ -685,7 +677,6 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
             let d = dw.finish()?;
             let p = pw.finish()?;
             let nonzero = d.unique_clusters + d.duplicate_clusters;
-            st.zero = total - nonzero;
             let qemu = qemu_img_size(
                 st.cb,
                 copts.refcount_order,
@@ -699,7 +690,7 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
                 d.file_size,
                 qemu,
                 total,
-                st.zero,
+                total - nonzero,
                 d.unique_clusters,
                 d.duplicate_clusters,
                 d.compressed_clusters,
@@ -710,7 +701,7 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
             let units = s.units_sampled();
             let per_unit = 1u64 << (max_bits - st.cb);
             let sampled_clusters = (units * per_unit).min(total);
-            from_sample(&st, copts, vsize, 1.0 / s.stratum as f64, sampled_clusters)
+            from_sample(&st, copts, vsize, sampled_clusters)
         };
         table.push(r);
     }

@@ -162,17 +162,16 @@ impl<'a> RefcountReader<'a> {
             return Ok(0);
         }
         let mut cache = self.blocks.lock().expect("refblock cache lock");
-        let block = match cache.get(&rb) {
-            Some(b) => b.clone(),
-            None => {
-                let mut b = vec![0u8; 1usize << self.cluster_bits];
-                self.file.read_exact_at(&mut b, rb).map_err(|e| {
-                    Error::io(format!("cannot read the refcount block at {rb:#x}"), e)
-                })?;
-                let b: std::sync::Arc<[u8]> = b.into();
-                cache.insert(rb, b.clone());
-                b
-            }
+        let block = if let Some(b) = cache.get(&rb) {
+            b.clone()
+        } else {
+            let mut b = vec![0u8; 1usize << self.cluster_bits];
+            self.file
+                .read_exact_at(&mut b, rb)
+                .map_err(|e| Error::io(format!("cannot read the refcount block at {rb:#x}"), e))?;
+            let b: std::sync::Arc<[u8]> = b.into();
+            cache.insert(rb, b.clone());
+            b
         };
         Ok(refcount::get(&block, self.order, c % epb))
     }

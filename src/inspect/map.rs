@@ -8,6 +8,7 @@
 //! contiguous when there are offsets. With `shared`, each extent also carries the
 //! stored refcount of its host cluster, and extents are split where it changes.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
@@ -192,15 +193,16 @@ pub fn to_json(entries: &[MapEntry]) -> String {
         if i > 0 {
             s.push_str(",\n");
         }
-        s.push_str(&format!(
+        let _ = write!(
+            s,
             "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
             e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
-        ));
+        );
         if let Some(o) = e.offset {
-            s.push_str(&format!(", \"offset\": {o}"));
+            let _ = write!(s, ", \"offset\": {o}");
         }
         if let Some(r) = e.refcount {
-            s.push_str(&format!(", \"refcount\": {r}"));
+            let _ = write!(s, ", \"refcount\": {r}");
         }
         s.push('}');
     }
@@ -239,7 +241,7 @@ pub fn to_human(m: &ImageMap, shared: bool) -> String {
         s.push_str(&mapped);
         s.push_str(&m.files[e.depth as usize]);
         if let (true, Some(r)) = (shared, e.refcount) {
-            s.push_str(&format!("  {r}"));
+            let _ = write!(s, "  {r}");
         }
         s.push('\n');
     }
