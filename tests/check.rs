@@ -244,3 +244,471 @@ fn clean_images_of_every_geometry_are_clean_with_qemus_figures() {
         assert_eq!(r.refcount_bits, h.refcount_bits());
     }
 }
+
+#[test]
+fn snapshot_tables_are_counted_and_shared_clusters_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in ["compat=0.10", "compat=1.1,cluster_size=4096"] {
+        let p = populated(dir.path(), "snap.qcow2", opts);
+        qemu_img(&["snapshot", "-c", "one", p.to_str().unwrap()]);
+        qemu_io(&p, &["write -P 0x44 0 64k", "write -P 0x55 3M 64k"]);
+        qemu_img(&["snapshot", "-c", "two", p.to_str().unwrap()]);
+        qemu_io(&p, &["write -P 0x66 1M 4k"]);
+        let r = ours(&p);
+        assert!(r.is_clean(), "{opts}: {}", r.human());
+        assert_eq!(r.snapshots, 2);
+        assert_eq!(r.relaxed_copied, 0);
+        assert!(r.shared_clusters > 0, "snapshots share data clusters");
+        assert!(r.max_refcount >= 3, "a cluster in two snapshots and the active tree");
+        assert_eq!(r.bytes_saved_by_sharing % r.cluster_size, 0);
+        assert_same_figures(&p, &r);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn compressed_clusters_of_both_types_are_verified_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut data = semi_compressible(1 << 20, 7);
+    data.extend(vec![0x5a; 256 << 10]); // compresses to a few bytes
+    data.extend(semi_compressible(256 << 10, 9));
+    fs::write(&raw, &data).unwrap();
+    for (i, ty) in ["zlib", "zstd"].iter().enumerate() {
+        for cs in ["4096", "65536"] {
+            let p = dir.path().join(format!("c{i}-{cs}.qcow2"));
+            qemu_img(&[
+                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                &format!("compression_type={ty},cluster_size={cs}"),
+                raw.to_str().unwrap(), p.to_str().unwrap(),
+            ]);
+            let r = ours(&p);
+            assert!(r.is_clean(), "{ty}/{cs}: {}", r.human());
+            assert_eq!(r.compression_type, *ty);
+            assert!(r.compressed_clusters > 0);
+            assert_same_figures(&p, &r);
+        }
+    }
+}
+
+#[test]
+fn extended_l2_overlay_with_backing_file_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = populated(dir.path(), "base.qcow2", "compat=1.1");
+    let ov = dir.path().join("overlay.qcow2");
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", "-o",
+        "extended_l2=on,cluster_size=65536", ov.to_str().unwrap(),
+    ]);
+    qemu_io(
+        &ov,
+        &[
+            "write -P 0x77 4k 4k",
+            "write -P 0x78 130k 6k",
+            "write -z 1M 8k",
+            "write -z -u 2M 64k",
+            "write -P 0x79 3M 64k",
+        ],
+    );
+    let r = ours(&ov);
+    assert!(r.is_clean(), "{}", r.human());
+    assert!(r.extended_l2);
+    assert_eq!(r.backing_file.as_deref(), base.to_str());
+    assert_same_figures(&ov, &r);
+}
+
+#[test]
+fn persistent_bitmaps_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "bm.qcow2", "compat=1.1");
+    qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512k", p.to_str().unwrap(), "b1"]);
+    qemu_io(&p, &["write -P 0x12 0 1M", "write -P 0x13 3M 64k"]);
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    assert_same_figures(&p, &r);
+    // Dropping the bitmaps' autoclear bit makes QEMU (and us) ignore them: leaks.
+    let img = Img::open(&p);
+    img.put_u64(88, img.h.autoclear_features & !1);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 3, "{}", r.human());
+    assert_same_figures(&p, &r);
+}
+
+// ---------------------------------------------------------------- leaks
+
+#[test]
+fn raised_refcounts_are_leaks_like_qemus_and_repair_frees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in ["compat=1.1,refcount_bits=4", "compat=0.10,cluster_size=4096"] {
+        let p = populated(dir.path(), "leak.qcow2", opts);
+        let img = Img::open(&p);
+        // The header cluster and the refcount table cluster carry no COPIED flag.
+        img.set_refcount(0, 2);
+        let rt = img.h.refcount_table_offset / img.cs();
+        img.set_refcount(rt, 3);
+        let r = ours(&p);
+        assert_eq!(r.exit_code(), 3, "{}", r.human());
+        assert_eq!(r.leaks, 2);
+        assert!(has_finding(&r, FindingKind::LeakedCluster, 0));
+        assert!(r
+            .findings
+            .iter()
+            .all(|f| f.class == FindingClass::Leak));
+        assert_same_figures(&p, &r);
+
+        let fixed = ours_with(&p, false, Some(RepairMode::Leaks));
+        assert_eq!(fixed.leaks_fixed, 2, "{}", fixed.human());
+        assert_eq!(fixed.exit_code(), 0);
+        assert_eq!(fields(&p), (0, 0, 0), "qemu-img check is clean after the repair");
+        assert_eq!(img.refcount(0), 1);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn refcounts_stored_past_the_end_of_the_file_are_leaks_qemu_ignores() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "tail.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    let beyond = img.len().div_ceil(img.cs()) + 5;
+    img.set_refcount(beyond, 1);
+    assert_eq!(fields(&p), (0, 0, 0), "qemu-img does not look past the end");
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 3, "{}", r.human());
+    assert!(has_finding(&r, FindingKind::RefcountBeyondEof, beyond * img.cs()));
+    let fixed = ours_with(&p, false, Some(RepairMode::All));
+    assert_eq!(fixed.exit_code(), 0, "{}", fixed.human());
+    assert_eq!(img.refcount(beyond), 0);
+}
+
+// ---------------------------------------------------------------- COPIED
+
+#[test]
+fn copied_on_a_shared_cluster_is_a_corruption_at_the_l2_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "shared.qcow2", "compat=1.1");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 1); // guest 64k..128k: data shared with the snapshot
+    let raw = img.u64_at(e);
+    assert_eq!(raw & QCOW_OFLAG_COPIED, 0, "qemu clears COPIED on shared clusters");
+    assert_eq!(img.refcount((raw & L2E_OFFSET_MASK) / img.cs()), 2);
+    img.put_u64(e, raw | QCOW_OFLAG_COPIED);
+
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2, "{}", r.human());
+    assert_eq!(r.corruptions, 1);
+    assert!(has_finding(&r, FindingKind::CopiedFlag, e), "{:#?}", r.findings);
+    assert_same_figures(&p, &r);
+
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!(fixed.corruptions_fixed, 1, "{}", fixed.human());
+    assert_eq!(fixed.exit_code(), 0);
+    assert_eq!(img.u64_at(e), raw);
+    assert_eq!(fields(&p), (0, 0, 0));
+}
+
+#[test]
+fn refcount_one_without_copied_is_relaxed_unless_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "relaxed.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 2);
+    let raw = img.u64_at(e);
+    assert_ne!(raw & QCOW_OFLAG_COPIED, 0);
+    img.put_u64(e, raw & !QCOW_OFLAG_COPIED);
+    let l1e = img.l1_entry(0);
+    let l1raw = img.u64_at(l1e);
+    img.put_u64(l1e, l1raw & !QCOW_OFLAG_COPIED);
+    assert_eq!(fields(&p), (2, 2, 0), "qemu-img counts both as corruptions");
+
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 0, "{}", r.human());
+    assert_eq!(r.relaxed_copied, 2);
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.class == FindingClass::RelaxedCopied && f.offset == e));
+    assert!(has_finding(&r, FindingKind::RelaxedCopied, l1e));
+
+    let strict = ours_with(&p, true, None);
+    assert_eq!(strict.exit_code(), 2);
+    assert_eq!(strict.corruptions, 2);
+    assert_same_figures(&p, &strict);
+
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!(fixed.relaxed_copied_fixed, 2, "{}", fixed.human());
+    assert_eq!(fixed.relaxed_copied, 0);
+    assert_eq!(fields(&p), (0, 0, 0), "qemu-img agrees after the repair");
+    assert_eq!(img.u64_at(e), raw);
+    assert_eq!(img.u64_at(l1e), l1raw);
+}
+
+#[test]
+fn sharing_made_by_patching_l2_entries_is_clean_and_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "dedup.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let (a, b) = (img.l2_entry(0, 0), img.l2_entry(0, 2));
+    let (ra, rb) = (img.u64_at(a), img.u64_at(b));
+    let (ca, cb) = ((ra & L2E_OFFSET_MASK) / img.cs(), (rb & L2E_OFFSET_MASK) / img.cs());
+    // Both guest clusters hold 0x11 data: point b at a's cluster, as a dedup writer would.
+    img.put_u64(a, ra & !QCOW_OFLAG_COPIED);
+    img.put_u64(b, ra & !QCOW_OFLAG_COPIED);
+    img.set_refcount(ca, 2);
+    img.set_refcount(cb, 0);
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    assert_eq!(r.shared_clusters, 1);
+    assert_eq!(r.max_refcount, 2);
+    assert_eq!(r.bytes_saved_by_sharing, img.cs());
+    assert_same_figures(&p, &r);
+    // COPIED on one of the two references is a corruption (writes would go in place).
+    img.put_u64(b, ra | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::CopiedFlag, b));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn refcount_overflow_is_a_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "ovf.qcow2", "compat=1.1,refcount_bits=1");
+    let img = Img::open(&p);
+    let (a, b) = (img.l2_entry(0, 0), img.l2_entry(0, 2));
+    let (ra, rb) = (img.u64_at(a), img.u64_at(b));
+    // Two references to one cluster; the 1-bit refcount stays 1 (so COPIED matches it).
+    img.put_u64(b, ra);
+    img.set_refcount((rb & L2E_OFFSET_MASK) / img.cs(), 0);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert_eq!(r.corruptions, 1, "{}", r.human());
+    assert!(r.findings.iter().any(|f| f.kind == FindingKind::RefcountOverflow));
+    assert_same_figures(&p, &r);
+}
+
+// ---------------------------------------------------------------- corruptions
+
+#[test]
+fn refcount_below_the_references_is_a_corruption_and_blocks_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "low.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let raw = img.u64_at(img.l2_entry(0, 0));
+    let c = (raw & L2E_OFFSET_MASK) / img.cs();
+    img.set_refcount(c, 0);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2, "{}", r.human());
+    assert!(has_finding(&r, FindingKind::RefcountTooLow, c * img.cs()));
+    // COPIED with a stored refcount of 0 is wrong too, as qemu-img says.
+    assert!(has_finding(&r, FindingKind::CopiedFlag, img.l2_entry(0, 0)));
+    assert_same_figures(&p, &r);
+
+    let before = fs::read(&p).unwrap();
+    let refused = ours_with(&p, false, Some(RepairMode::All));
+    assert!(refused.repair_refused.is_some(), "{}", refused.human());
+    assert_eq!(refused.exit_code(), 2);
+    assert_eq!(fs::read(&p).unwrap(), before, "a refused repair writes nothing");
+}
+
+#[test]
+fn reserved_bits_in_l1_and_l2_entries_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "rsv.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    img.put_u64(l2e, img.u64_at(l2e) | 0x2);
+    let l1e = img.l1_entry(0);
+    img.put_u64(l1e, img.u64_at(l1e) | 0x0100_0000_0000_0000);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::ReservedBits, l2e));
+    assert!(has_finding(&r, FindingKind::ReservedBits, l1e));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn misaligned_tables_and_data_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    // An L2 table offset that is not cluster aligned.
+    let p = populated(dir.path(), "l2.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l1e = img.l1_entry(0);
+    img.put_u64(l1e, img.u64_at(l1e) + 512);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::Unaligned, l1e), "{:#?}", r.findings);
+    assert_eq!(fields(&p).0, 2);
+
+    // A data cluster offset that is not cluster aligned.
+    let p = populated(dir.path(), "data.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    img.put_u64(l2e, img.u64_at(l2e) + 512);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::Unaligned, l2e), "{:#?}", r.findings);
+    assert_same_figures(&p, &r);
+
+    // A snapshot whose L1 table offset is not cluster aligned.
+    let p = populated(dir.path(), "snap.qcow2", "compat=1.1");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    let img = Img::open(&p);
+    let sn = img.h.snapshots_offset;
+    img.put_u64(sn, img.u64_at(sn) + 512);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::Snapshot, sn), "{:#?}", r.findings);
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn references_past_the_end_of_the_file_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    // An L2 entry pointing far past the end of the file.
+    let p = populated(dir.path(), "l2eof.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    let far = (img.len().div_ceil(img.cs()) + 100) * img.cs();
+    img.put_u64(l2e, far | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::PastEof, l2e), "{:#?}", r.findings);
+    assert_same_figures(&p, &r);
+
+    // A refcount block past the end of the file.
+    let p = populated(dir.path(), "rbeof.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let rt = img.h.refcount_table_offset;
+    let far = (img.len().div_ceil(img.cs()) + 10) * img.cs();
+    img.put_u64(rt, far);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::RefcountBlock, rt), "{:#?}", r.findings);
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, semi_compressible(512 << 10, 3)).unwrap();
+    let p = dir.path().join("cc.qcow2");
+    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), p.to_str().unwrap()]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 3);
+    let v = img.u64_at(e);
+    assert_ne!(v & QCOW_OFLAG_COMPRESSED, 0);
+    img.put_u64(e, v | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::CopiedFlag, e));
+    assert_same_figures(&p, &r);
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!((fixed.exit_code(), fixed.corruptions_fixed), (0, 1), "{}", fixed.human());
+    assert_eq!(img.u64_at(e), v);
+}
+
+/// iotest 214: a compressed descriptor one sector too short. qemu-img check is
+/// clean, but reading the cluster fails; qdedup decompresses and reports it.
+#[test]
+fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, semi_compressible(1 << 20, 11)).unwrap();
+    for ty in ["zlib", "zstd"] {
+        let p = dir.path().join(format!("{ty}.qcow2"));
+        qemu_img(&[
+            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &format!("compression_type={ty}"),
+            raw.to_str().unwrap(), p.to_str().unwrap(),
+        ]);
+        let img = Img::open(&p);
+        let cb = img.h.cluster_bits;
+        // The entry with the longest stream whose shortened range still touches the
+        // same clusters (so the refcounts stay right and qemu-img stays silent).
+        let (i, e, d) = (0..16)
+            .map(|i| {
+                let e = img.l2_entry(0, i);
+                (i, e, CompressedDescriptor::decode(img.u64_at(e), cb))
+            })
+            .filter(|(_, _, d)| {
+                let end = d.host_offset + d.read_len();
+                d.extra_sectors > 0 && (end - 1) >> cb == (end - 513) >> cb
+            })
+            .max_by_key(|(_, _, d)| d.extra_sectors)
+            .expect("a multi-sector stream");
+        let short = CompressedDescriptor {
+            extra_sectors: d.extra_sectors - 1,
+            ..d
+        };
+        img.put_u64(e, short.encode(cb) | QCOW_OFLAG_COMPRESSED);
+        assert_eq!(fields(&p), (0, 0, 0), "{ty}: qemu-img check does not decompress");
+        let out = run(Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c"])
+            .arg(format!("read {} 64k", i * img.cs()))
+            .arg(&p));
+        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(said.contains("failed"), "{ty}: qemu cannot read the cluster: {said}");
+        let r = ours(&p);
+        assert_eq!(r.exit_code(), 2, "{ty}: {}", r.human());
+        assert_eq!(r.corruptions, 1);
+        assert!(has_finding(&r, FindingKind::CompressedStream, e), "{:#?}", r.findings);
+    }
+}
+
+#[test]
+fn the_zero_flag_in_a_v2_image_is_a_corruption_qemu_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "v2.qcow2", "compat=0.10");
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 1);
+    img.put_u64(e, img.u64_at(e) | 1);
+    assert_eq!(fields(&p), (0, 0, 0));
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::V2ZeroFlag, e));
+}
+
+#[test]
+fn conflicting_subcluster_bits_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ext.qcow2");
+    create(&p, "extended_l2=on", "4M");
+    qemu_io(&p, &["write -P 0x61 0 64k", "write -P 0x62 64k 4k"]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 0);
+    let bitmap = img.u64_at(e + 8);
+    assert_eq!(bitmap & 0xffff_ffff, 0xffff_ffff, "fully allocated cluster");
+    img.put_u64(e + 8, bitmap | 1 << 32);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::SubclusterBitmap, e));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn mutated_images_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "fuzz.qcow2", "compat=1.1,cluster_size=4096");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_io(&p, &["write -c -P 0x42 3584k 4k", "write -P 0x43 0 4k"]);
+    let orig = fs::read(&p).unwrap();
+    let meta_end = orig.len().min(64 << 10);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let opts = CheckOptions::default();
+    for round in 0..400 {
+        let mut b = orig.clone();
+        for _ in 0..1 + rnd() % 8 {
+            let at = (rnd() % meta_end as u64) as usize;
+            b[at] = if round % 3 == 0 { 0xff } else { rnd() as u8 };
+        }
+        if round % 50 == 0 {
+            b.truncate((rnd() % orig.len() as u64) as usize);
+        }
+        let _ = check_image(&MemFile::new(b), "fuzz", &opts);
+    }
+}

@@ -683,6 +683,10 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             let in_range_end = end.min(compare_len);
             let e = self.reftable.get(b as usize).copied().unwrap_or(0);
             let off = e & REFT_OFFSET_MASK;
+            if first >= compare_len && (off == 0 || off >= file_len) {
+                // Nothing to compare, and no stored refcounts to look at.
+                continue;
+            }
             if off == 0 {
                 block.fill(0);
             } else if off % cs != 0 {
