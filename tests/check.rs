@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qdedup::check::{
-    check_file, check_image, CheckOptions, CheckReport, FindingClass, FindingKind, RepairMode,
+    check_file, check_image, repair_image, CheckOptions, CheckReport, FindingClass, FindingKind,
+    RepairMode,
 };
 use qdedup::format::compressed::CompressedDescriptor;
 use qdedup::format::header::Header;
-use qdedup::format::l1l2::{L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED};
+use qdedup::format::l1l2::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+};
 use qdedup::format::refcount;
 use qdedup::io::MemFile;
 use serde_json::Value;
@@ -58,10 +61,14 @@ fn qemu_io(path: &Path, cmds: &[&str]) {
 
 /// `qemu-img check --output=json`: exit code and the JSON document.
 fn qemu_check(path: &Path) -> (i32, Value) {
+    qemu_check_args(&[path.to_str().unwrap()])
+}
+
+fn qemu_check_args(args: &[&str]) -> (i32, Value) {
     let out = run(Command::new("qemu-img")
         .arg("check")
         .arg("--output=json")
-        .arg(path));
+        .args(args));
     let code = out.status.code().expect("qemu-img exited normally");
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -100,10 +107,18 @@ const QEMU_FIELDS: [&str; 8] = [
 /// Our JSON has every figure qemu-img reports, with the same value, and omits the
 /// zero-valued ones it omits.
 fn assert_same_figures(path: &Path, r: &CheckReport) {
-    let (code, q) = qemu_check(path);
+    assert_same_as(qemu_check(path), path, r);
+}
+
+fn assert_same_as((code, q): (i32, Value), path: &Path, r: &CheckReport) {
     let o = serde_json::to_value(r).unwrap();
     for f in QEMU_FIELDS {
-        assert_eq!(o.get(f), q.get(f), "{f} differs for {}: ours {o:#}\nqemu {q:#}", path.display());
+        assert_eq!(
+            o.get(f),
+            q.get(f),
+            "{f} differs for {}: ours {o:#}\nqemu {q:#}",
+            path.display()
+        );
     }
     assert_eq!(r.exit_code(), code, "exit code differs: {}", r.human());
 }
@@ -163,7 +178,10 @@ impl Img {
         let off = rt & !0x1ff;
         assert_ne!(off, 0, "no refcount block for cluster {cluster}");
         let mut b = vec![0u8; self.cs() as usize];
-        fs::File::open(&self.path).unwrap().read_exact_at(&mut b, off).unwrap();
+        fs::File::open(&self.path)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
         (off, b)
     }
     fn refcount(&self, cluster: u64) -> u64 {
@@ -194,7 +212,9 @@ fn semi_compressible(len: usize, seed: u64) -> Vec<u8> {
 }
 
 fn has_finding(r: &CheckReport, kind: FindingKind, offset: u64) -> bool {
-    r.findings.iter().any(|f| f.kind == kind && f.offset == offset)
+    r.findings
+        .iter()
+        .any(|f| f.kind == kind && f.offset == offset)
 }
 
 /// A 4 MiB image with data, duplicates, zeroed and unmapped ranges.
@@ -259,7 +279,10 @@ fn snapshot_tables_are_counted_and_shared_clusters_reported() {
         assert_eq!(r.snapshots, 2);
         assert_eq!(r.relaxed_copied, 0);
         assert!(r.shared_clusters > 0, "snapshots share data clusters");
-        assert!(r.max_refcount >= 3, "a cluster in two snapshots and the active tree");
+        assert!(
+            r.max_refcount >= 3,
+            "a cluster in two snapshots and the active tree"
+        );
         assert_eq!(r.bytes_saved_by_sharing % r.cluster_size, 0);
         assert_same_figures(&p, &r);
         fs::remove_file(&p).unwrap();
@@ -278,9 +301,16 @@ fn compressed_clusters_of_both_types_are_verified_and_clean() {
         for cs in ["4096", "65536"] {
             let p = dir.path().join(format!("c{i}-{cs}.qcow2"));
             qemu_img(&[
-                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
                 &format!("compression_type={ty},cluster_size={cs}"),
-                raw.to_str().unwrap(), p.to_str().unwrap(),
+                raw.to_str().unwrap(),
+                p.to_str().unwrap(),
             ]);
             let r = ours(&p);
             assert!(r.is_clean(), "{ty}/{cs}: {}", r.human());
@@ -297,8 +327,17 @@ fn extended_l2_overlay_with_backing_file_is_clean() {
     let base = populated(dir.path(), "base.qcow2", "compat=1.1");
     let ov = dir.path().join("overlay.qcow2");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", "-o",
-        "extended_l2=on,cluster_size=65536", ov.to_str().unwrap(),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=65536",
+        ov.to_str().unwrap(),
     ]);
     qemu_io(
         &ov,
@@ -340,7 +379,10 @@ fn persistent_bitmaps_are_counted() {
 #[test]
 fn raised_refcounts_are_leaks_like_qemus_and_repair_frees_them() {
     let dir = tempfile::tempdir().unwrap();
-    for opts in ["compat=1.1,refcount_bits=4", "compat=0.10,cluster_size=4096"] {
+    for opts in [
+        "compat=1.1,refcount_bits=4",
+        "compat=0.10,cluster_size=4096",
+    ] {
         let p = populated(dir.path(), "leak.qcow2", opts);
         let img = Img::open(&p);
         // The header cluster and the refcount table cluster carry no COPIED flag.
@@ -351,16 +393,17 @@ fn raised_refcounts_are_leaks_like_qemus_and_repair_frees_them() {
         assert_eq!(r.exit_code(), 3, "{}", r.human());
         assert_eq!(r.leaks, 2);
         assert!(has_finding(&r, FindingKind::LeakedCluster, 0));
-        assert!(r
-            .findings
-            .iter()
-            .all(|f| f.class == FindingClass::Leak));
+        assert!(r.findings.iter().all(|f| f.class == FindingClass::Leak));
         assert_same_figures(&p, &r);
 
         let fixed = ours_with(&p, false, Some(RepairMode::Leaks));
         assert_eq!(fixed.leaks_fixed, 2, "{}", fixed.human());
         assert_eq!(fixed.exit_code(), 0);
-        assert_eq!(fields(&p), (0, 0, 0), "qemu-img check is clean after the repair");
+        assert_eq!(
+            fields(&p),
+            (0, 0, 0),
+            "qemu-img check is clean after the repair"
+        );
         assert_eq!(img.refcount(0), 1);
         fs::remove_file(&p).unwrap();
     }
@@ -376,7 +419,11 @@ fn refcounts_stored_past_the_end_of_the_file_are_leaks_qemu_ignores() {
     assert_eq!(fields(&p), (0, 0, 0), "qemu-img does not look past the end");
     let r = ours(&p);
     assert_eq!(r.exit_code(), 3, "{}", r.human());
-    assert!(has_finding(&r, FindingKind::RefcountBeyondEof, beyond * img.cs()));
+    assert!(has_finding(
+        &r,
+        FindingKind::RefcountBeyondEof,
+        beyond * img.cs()
+    ));
     let fixed = ours_with(&p, false, Some(RepairMode::All));
     assert_eq!(fixed.exit_code(), 0, "{}", fixed.human());
     assert_eq!(img.refcount(beyond), 0);
@@ -392,14 +439,22 @@ fn copied_on_a_shared_cluster_is_a_corruption_at_the_l2_entry() {
     let img = Img::open(&p);
     let e = img.l2_entry(0, 1); // guest 64k..128k: data shared with the snapshot
     let raw = img.u64_at(e);
-    assert_eq!(raw & QCOW_OFLAG_COPIED, 0, "qemu clears COPIED on shared clusters");
+    assert_eq!(
+        raw & QCOW_OFLAG_COPIED,
+        0,
+        "qemu clears COPIED on shared clusters"
+    );
     assert_eq!(img.refcount((raw & L2E_OFFSET_MASK) / img.cs()), 2);
     img.put_u64(e, raw | QCOW_OFLAG_COPIED);
 
     let r = ours(&p);
     assert_eq!(r.exit_code(), 2, "{}", r.human());
     assert_eq!(r.corruptions, 1);
-    assert!(has_finding(&r, FindingKind::CopiedFlag, e), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::CopiedFlag, e),
+        "{:#?}",
+        r.findings
+    );
     assert_same_figures(&p, &r);
 
     let fixed = ours_with(&p, false, Some(RepairMode::Copied));
@@ -452,7 +507,10 @@ fn sharing_made_by_patching_l2_entries_is_clean_and_measured() {
     let img = Img::open(&p);
     let (a, b) = (img.l2_entry(0, 0), img.l2_entry(0, 2));
     let (ra, rb) = (img.u64_at(a), img.u64_at(b));
-    let (ca, cb) = ((ra & L2E_OFFSET_MASK) / img.cs(), (rb & L2E_OFFSET_MASK) / img.cs());
+    let (ca, cb) = (
+        (ra & L2E_OFFSET_MASK) / img.cs(),
+        (rb & L2E_OFFSET_MASK) / img.cs(),
+    );
     // Both guest clusters hold 0x11 data: point b at a's cluster, as a dedup writer would.
     img.put_u64(a, ra & !QCOW_OFLAG_COPIED);
     img.put_u64(b, ra & !QCOW_OFLAG_COPIED);
@@ -485,7 +543,10 @@ fn refcount_overflow_is_a_corruption() {
     let r = ours(&p);
     assert_eq!(r.exit_code(), 2);
     assert_eq!(r.corruptions, 1, "{}", r.human());
-    assert!(r.findings.iter().any(|f| f.kind == FindingKind::RefcountOverflow));
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.kind == FindingKind::RefcountOverflow));
     assert_same_figures(&p, &r);
 }
 
@@ -510,7 +571,11 @@ fn refcount_below_the_references_is_a_corruption_and_blocks_repair() {
     let refused = ours_with(&p, false, Some(RepairMode::All));
     assert!(refused.repair_refused.is_some(), "{}", refused.human());
     assert_eq!(refused.exit_code(), 2);
-    assert_eq!(fs::read(&p).unwrap(), before, "a refused repair writes nothing");
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        before,
+        "a refused repair writes nothing"
+    );
 }
 
 #[test]
@@ -539,7 +604,11 @@ fn misaligned_tables_and_data_are_corruptions() {
     img.put_u64(l1e, img.u64_at(l1e) + 512);
     let r = ours(&p);
     assert_eq!(r.exit_code(), 2);
-    assert!(has_finding(&r, FindingKind::Unaligned, l1e), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::Unaligned, l1e),
+        "{:#?}",
+        r.findings
+    );
     assert_eq!(fields(&p).0, 2);
 
     // A data cluster offset that is not cluster aligned.
@@ -548,7 +617,11 @@ fn misaligned_tables_and_data_are_corruptions() {
     let l2e = img.l2_entry(0, 1);
     img.put_u64(l2e, img.u64_at(l2e) + 512);
     let r = ours(&p);
-    assert!(has_finding(&r, FindingKind::Unaligned, l2e), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::Unaligned, l2e),
+        "{:#?}",
+        r.findings
+    );
     assert_same_figures(&p, &r);
 
     // A snapshot whose L1 table offset is not cluster aligned.
@@ -558,7 +631,11 @@ fn misaligned_tables_and_data_are_corruptions() {
     let sn = img.h.snapshots_offset;
     img.put_u64(sn, img.u64_at(sn) + 512);
     let r = ours(&p);
-    assert!(has_finding(&r, FindingKind::Snapshot, sn), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::Snapshot, sn),
+        "{:#?}",
+        r.findings
+    );
     assert_same_figures(&p, &r);
 }
 
@@ -573,7 +650,11 @@ fn references_past_the_end_of_the_file_are_corruptions() {
     img.put_u64(l2e, far | QCOW_OFLAG_COPIED);
     let r = ours(&p);
     assert_eq!(r.exit_code(), 2);
-    assert!(has_finding(&r, FindingKind::PastEof, l2e), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::PastEof, l2e),
+        "{:#?}",
+        r.findings
+    );
     assert_same_figures(&p, &r);
 
     // A refcount block past the end of the file.
@@ -584,7 +665,11 @@ fn references_past_the_end_of_the_file_are_corruptions() {
     img.put_u64(rt, far);
     let r = ours(&p);
     assert_eq!(r.exit_code(), 2);
-    assert!(has_finding(&r, FindingKind::RefcountBlock, rt), "{:#?}", r.findings);
+    assert!(
+        has_finding(&r, FindingKind::RefcountBlock, rt),
+        "{:#?}",
+        r.findings
+    );
     assert_same_figures(&p, &r);
 }
 
@@ -594,7 +679,16 @@ fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
     let raw = dir.path().join("src.raw");
     fs::write(&raw, semi_compressible(512 << 10, 3)).unwrap();
     let p = dir.path().join("cc.qcow2");
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", raw.to_str().unwrap(), p.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
     let img = Img::open(&p);
     let e = img.l2_entry(0, 3);
     let v = img.u64_at(e);
@@ -604,7 +698,12 @@ fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
     assert!(has_finding(&r, FindingKind::CopiedFlag, e));
     assert_same_figures(&p, &r);
     let fixed = ours_with(&p, false, Some(RepairMode::Copied));
-    assert_eq!((fixed.exit_code(), fixed.corruptions_fixed), (0, 1), "{}", fixed.human());
+    assert_eq!(
+        (fixed.exit_code(), fixed.corruptions_fixed),
+        (0, 1),
+        "{}",
+        fixed.human()
+    );
     assert_eq!(img.u64_at(e), v);
 }
 
@@ -618,14 +717,22 @@ fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
     for ty in ["zlib", "zstd"] {
         let p = dir.path().join(format!("{ty}.qcow2"));
         qemu_img(&[
-            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &format!("compression_type={ty}"),
-            raw.to_str().unwrap(), p.to_str().unwrap(),
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ty}"),
+            raw.to_str().unwrap(),
+            p.to_str().unwrap(),
         ]);
         let img = Img::open(&p);
         let cb = img.h.cluster_bits;
         // The entry with the longest stream whose shortened range still touches the
         // same clusters (so the refcounts stay right and qemu-img stays silent).
-        let (i, e, d) = (0..16)
+        let (index, entry, desc) = (0..16)
             .map(|i| {
                 let e = img.l2_entry(0, i);
                 (i, e, CompressedDescriptor::decode(img.u64_at(e), cb))
@@ -637,21 +744,33 @@ fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
             .max_by_key(|(_, _, d)| d.extra_sectors)
             .expect("a multi-sector stream");
         let short = CompressedDescriptor {
-            extra_sectors: d.extra_sectors - 1,
-            ..d
+            extra_sectors: desc.extra_sectors - 1,
+            ..desc
         };
-        img.put_u64(e, short.encode(cb) | QCOW_OFLAG_COMPRESSED);
-        assert_eq!(fields(&p), (0, 0, 0), "{ty}: qemu-img check does not decompress");
+        img.put_u64(entry, short.encode(cb) | QCOW_OFLAG_COMPRESSED);
+        assert_eq!(
+            fields(&p),
+            (0, 0, 0),
+            "{ty}: qemu-img check does not decompress"
+        );
         let out = run(Command::new("qemu-io")
             .args(["-r", "-f", "qcow2", "-c"])
-            .arg(format!("read {} 64k", i * img.cs()))
+            .arg(format!("read {} 64k", index * img.cs()))
             .arg(&p));
-        let said = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(said.contains("failed"), "{ty}: qemu cannot read the cluster: {said}");
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("failed"),
+            "{ty}: qemu cannot read the cluster: {said}"
+        );
         let r = ours(&p);
         assert_eq!(r.exit_code(), 2, "{ty}: {}", r.human());
         assert_eq!(r.corruptions, 1);
-        assert!(has_finding(&r, FindingKind::CompressedStream, e), "{:#?}", r.findings);
+        assert!(
+            has_finding(&r, FindingKind::CompressedStream, entry),
+            "{:#?}",
+            r.findings
+        );
     }
 }
 
@@ -702,7 +821,7 @@ fn mutated_images_never_panic() {
     let opts = CheckOptions::default();
     for round in 0..400 {
         let mut b = orig.clone();
-        for _ in 0..1 + rnd() % 8 {
+        for _ in 0..=rnd() % 8 {
             let at = (rnd() % meta_end as u64) as usize;
             b[at] = if round % 3 == 0 { 0xff } else { rnd() as u8 };
         }
@@ -711,4 +830,135 @@ fn mutated_images_never_panic() {
         }
         let _ = check_image(&MemFile::new(b), "fuzz", &opts);
     }
+}
+
+#[test]
+fn luks_header_area_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("luks.qcow2");
+    let secret = "secret,id=sec0,data=123456";
+    let image_opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p.display()
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    let out = run(Command::new("qemu-io")
+        .args([
+            "--object",
+            secret,
+            "--image-opts",
+            "-c",
+            "write -P 0x11 0 128k",
+        ])
+        .arg(&image_opts));
+    assert!(out.status.success());
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    let q = qemu_check_args(&["--object", secret, "--image-opts", &image_opts]);
+    assert_same_as(q, &p, &r);
+}
+
+#[test]
+fn json_report_uses_qemus_names_and_ours_in_kebab_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "json.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    img.set_refcount(0, 2);
+    let e = img.l2_entry(0, 0);
+    img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    let j = serde_json::to_value(&r).unwrap();
+    assert_eq!(j["filename"], p.to_str().unwrap());
+    assert_eq!(j["format"], "qcow2");
+    assert_eq!(j["check-errors"], 0);
+    assert_eq!(j["leaks"], 1);
+    assert!(
+        j.get("corruptions").is_none(),
+        "zero qemu fields are omitted: {j:#}"
+    );
+    assert_eq!(j["relaxed-copied"], 1);
+    for k in [
+        "shared-clusters",
+        "max-refcount",
+        "bytes-saved-by-sharing",
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+    ] {
+        assert!(j[k].is_u64(), "{k} in {j:#}");
+    }
+    let f = &j["findings"];
+    assert_eq!(f[0]["class"], "leak");
+    assert_eq!(f[0]["kind"], "leaked-cluster");
+    assert_eq!(f[0]["structure"], "cluster");
+    assert_eq!(f[0]["offset"], 0);
+    assert!(f[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("refcount=2 reference=1"));
+    assert_eq!(f[1]["class"], "relaxed-copied");
+    assert_eq!(f[1]["offset"], e);
+    assert_eq!(r.exit_code(), 3);
+    let human = r.human();
+    assert!(
+        human.contains("1 leaked clusters were found on the image."),
+        "{human}"
+    );
+    assert!(human.contains("Image end offset: "), "{human}");
+    assert!(
+        human.contains("1 entries have refcount 1 without QCOW_OFLAG_COPIED"),
+        "{human}"
+    );
+}
+
+/// Interrupting a repair after any number of writes never leaves corruptions.
+#[test]
+fn an_interrupted_repair_leaves_a_sound_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "crash.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    img.set_refcount(0, 3);
+    let last = img.len() / img.cs() - 1;
+    img.set_refcount(last + 3, 1);
+    for i in [0, 1, 2, 16] {
+        let e = img.l2_entry(0, i);
+        img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    }
+    let damaged = fs::read(&p).unwrap();
+    let opts = CheckOptions {
+        repair: Some(RepairMode::All),
+        ..CheckOptions::default()
+    };
+    let plain = CheckOptions::default();
+    let mut completed = false;
+    for fail_after in 0..10 {
+        let mut f = MemFile::new(damaged.clone());
+        f.fail_after_writes = Some(fail_after);
+        let res = repair_image(&f, "crash", &opts);
+        let after = check_image(&MemFile::new(f.contents()), "after", &plain).unwrap();
+        assert_eq!(
+            after.corruptions,
+            0,
+            "after {fail_after} writes: {}",
+            after.human()
+        );
+        if let Ok(r) = res {
+            assert!(r.is_clean(), "{}", r.human());
+            assert_eq!((r.leaks_fixed, r.relaxed_copied_fixed), (2, 4));
+            completed = true;
+            break;
+        }
+    }
+    assert!(completed, "the repair finishes with enough writes");
 }

@@ -45,7 +45,9 @@ const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
 
 fn be(b: &[u8], at: usize, n: usize) -> u64 {
     // Callers pass slices of at least at + n bytes.
-    b[at..at + n].iter().fold(0u64, |v, x| (v << 8) | u64::from(*x))
+    b[at..at + n]
+        .iter()
+        .fold(0u64, |v, x| (v << 8) | u64::from(*x))
 }
 
 /// One parsed directory entry.
@@ -196,8 +198,9 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
                 return Err((at, "broken bitmap directory: entry crosses its end".into()));
             }
             let name_start = pos + DIR_ENTRY_FIXED + extra as usize;
-            let name = String::from_utf8_lossy(&dir[name_start..name_start + usize::from(name_size)])
-                .into_owned();
+            let name =
+                String::from_utf8_lossy(&dir[name_start..name_start + usize::from(name_size)])
+                    .into_owned();
             if extra != 0 {
                 return Err((at, format!("bitmap '{name}': extra data is not supported")));
             }

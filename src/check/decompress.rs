@@ -10,7 +10,9 @@
 use flate2::{Decompress, FlushDecompress, Status};
 use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
 
+use crate::error::{IoContext, Result};
 use crate::format::header::CompressionType;
+use crate::io::ReadAt;
 
 /// A reusable decompressor with a cluster-sized output buffer.
 pub(crate) struct Inflater {
@@ -68,9 +70,8 @@ impl Inflater {
 
     fn verify_zstd(&mut self, input: &[u8]) -> Result<(), String> {
         if self.zstd.is_none() {
-            self.zstd = Some(
-                DCtx::try_create().ok_or_else(|| "cannot create a zstd context".to_string())?,
-            );
+            self.zstd =
+                Some(DCtx::try_create().ok_or_else(|| "cannot create a zstd context".to_string())?);
         }
         let d = self.zstd.as_mut().expect("created above");
         d.reset(ResetDirective::SessionOnly)
@@ -101,6 +102,69 @@ impl Inflater {
     }
 }
 
+/// Reads and decompresses each `(entry offset, host offset, length)` stream; returns
+/// the indices of those that fail, with the reason, in order. Uses up to
+/// `available_parallelism` threads for large batches.
+pub(crate) fn verify_streams<R: ReadAt + ?Sized>(
+    img: &R,
+    inflater: &mut Inflater,
+    kind: CompressionType,
+    cluster_size: u64,
+    streams: &[(u64, u64, u64)],
+) -> Result<Vec<(usize, String)>> {
+    const PER_THREAD_MIN: usize = 64;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(streams.len() / PER_THREAD_MIN)
+        .clamp(1, 16);
+    if threads == 1 {
+        return verify_range(img, inflater, streams, 0);
+    }
+    let chunk = streams.len().div_ceil(threads);
+    let results: Vec<Result<Vec<(usize, String)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = streams
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, part)| {
+                s.spawn(move || {
+                    // cluster_size ≤ 2 MiB (validated header).
+                    let mut inf = Inflater::new(kind, cluster_size as usize);
+                    verify_range(img, &mut inf, part, n * chunk)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut out = Vec::new();
+    for r in results {
+        out.extend(r?);
+    }
+    Ok(out)
+}
+
+fn verify_range<R: ReadAt + ?Sized>(
+    img: &R,
+    inflater: &mut Inflater,
+    streams: &[(u64, u64, u64)],
+    base: usize,
+) -> Result<Vec<(usize, String)>> {
+    let mut input = Vec::new();
+    let mut failures = Vec::new();
+    for (i, &(_, coffset, csize)) in streams.iter().enumerate() {
+        // csize ≤ 2^13 · 512 = 4 MiB (the count field is cluster_bits − 8 bits wide).
+        input.resize(csize as usize, 0);
+        img.read_at_zero_fill(&mut input, coffset)
+            .ctx(|| format!("reading the compressed cluster at {coffset:#x}"))?;
+        if let Err(why) = inflater.verify(&input) {
+            failures.push((base + i, why));
+        }
+    }
+    Ok(failures)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,7 +179,9 @@ mod tests {
     }
 
     fn sample(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 % 251) as u8 ^ (i / 97) as u8).collect()
+        (0..len)
+            .map(|i| (i * 7 % 251) as u8 ^ (i / 97) as u8)
+            .collect()
     }
 
     #[test]

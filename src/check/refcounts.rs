@@ -24,7 +24,7 @@
 
 use std::collections::HashSet;
 
-use super::decompress::Inflater;
+use super::decompress::{verify_streams, Inflater};
 use super::image::Image;
 use super::report::{FindingKind as K, Tally};
 use crate::error::{Error, IoContext, Result};
@@ -50,6 +50,9 @@ const MAX_L1_ENTRIES: u32 = 4 << 20;
 /// Largest snapshot table entry: fixed part, 1024 bytes of extra data, two names of
 /// up to 65535 bytes, padding.
 const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
+
+/// Compressed streams collected before they are decompressed (in parallel).
+const STREAM_BATCH: usize = 4096;
 
 /// A planned change of `QCOW_OFLAG_COPIED` in one table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -118,7 +121,6 @@ pub(crate) struct Checker<'a, R: ReadAt + ?Sized> {
     verify_compressed: bool,
     inflater: Inflater,
     l2_buf: Vec<u8>,
-    in_buf: Vec<u8>,
     pending_streams: Vec<(u64, u64, u64)>,
 }
 
@@ -148,7 +150,8 @@ fn set_bit(set: &mut [u64], i: u64) {
 }
 
 fn to_usize(v: u64, what: &str) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::LimitExceeded(format!("{what}: {v} does not fit in memory")))
+    usize::try_from(v)
+        .map_err(|_| Error::LimitExceeded(format!("{what}: {v} does not fit in memory")))
 }
 
 impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
@@ -183,7 +186,6 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             verify_compressed,
             inflater,
             l2_buf: vec![0; cs as usize],
-            in_buf: Vec::new(),
             pending_streams: Vec::new(),
             im,
         })
@@ -200,6 +202,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         self.inc(0, cs, ROLE_META, "header", ("header", 0));
         self.walk_l1(h.l1_table_offset, h.l1_size, true, ("header", 40))?;
         self.walk_snapshots()?;
+        self.verify_pending_streams()?;
         let rt_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
         self.inc(
             h.refcount_table_offset,
@@ -314,13 +317,17 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                     for (i, s) in self.snapshots.iter().enumerate() {
                         if s.extra_data_size < V3_MIN_EXTRA {
                             let extra = s.extra_data_size;
-                            self.tally
-                                .note(K::Snapshot, "snapshot table", s.entry_offset + 36, || {
+                            self.tally.note(
+                                K::Snapshot,
+                                "snapshot table",
+                                s.entry_offset + 36,
+                                || {
                                     format!(
                                         "snapshot table entry {i} is incomplete: {extra} bytes \
                                          of extra data, v3 needs 16"
                                     )
-                                });
+                                },
+                            );
                         }
                     }
                 }
@@ -408,7 +415,11 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         if l1_size == 0 {
             return Ok(());
         }
-        let structure = if active { "L1 table" } else { "snapshot L1 table" };
+        let structure = if active {
+            "L1 table"
+        } else {
+            "snapshot L1 table"
+        };
         let bytes = u64::from(l1_size) * 8;
         self.inc(l1_off, bytes, ROLE_META, structure, by);
         let raw = self.read_in_file(l1_off, bytes, structure)?;
@@ -569,11 +580,17 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             } else if bitmap & 0xffff_ffff != 0 {
                 // UNALLOCATED with allocation bits.
                 self.tally.note(K::SubclusterBitmap, "L2 table", at, || {
-                    format!("L2 entry {i}: unallocated cluster has subcluster allocation bits {:#x}", bitmap & 0xffff_ffff)
+                    format!(
+                        "L2 entry {i}: unallocated cluster has subcluster allocation bits {:#x}",
+                        bitmap & 0xffff_ffff
+                    )
                 });
             }
         }
-        self.verify_pending_streams()
+        if self.pending_streams.len() >= STREAM_BATCH {
+            self.verify_pending_streams()?;
+        }
+        Ok(())
     }
 
     fn note_v2_zero(&mut self, i: u64, at: u64) {
@@ -582,31 +599,30 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         });
     }
 
+    /// Decompresses the streams collected so far, on several threads if there are
+    /// many; failures are reported in the order the streams were found.
     fn verify_pending_streams(&mut self) -> Result<()> {
+        let (file_len, cs) = (self.im.file_len, self.im.cluster_size);
+        // Ranges one cluster or more past the end were reported as such already.
+        self.pending_streams.retain(|&(_, coffset, csize)| {
+            coffset.saturating_add(csize).saturating_sub(file_len) < cs
+        });
         let streams = std::mem::take(&mut self.pending_streams);
-        for &(at, coffset, csize) in &streams {
-            if coffset >= self.im.file_len {
-                // Already counted as a reference past the end of the file, or the
-                // stream starts in the zero tail QEMU reads past the end.
-                if coffset.saturating_add(csize).saturating_sub(self.im.file_len)
-                    >= self.im.cluster_size
-                {
-                    continue;
-                }
-            }
-            // csize ≤ 2^13 · 512 = 4 MiB (the count field is cluster_bits − 8 wide).
-            self.in_buf.resize(csize as usize, 0);
-            self.img
-                .read_at_zero_fill(&mut self.in_buf, coffset)
-                .ctx(|| format!("reading the compressed cluster at {coffset:#x}"))?;
-            if let Err(why) = self.inflater.verify(&self.in_buf) {
-                self.tally.note(K::CompressedStream, "L2 table", at, || {
-                    format!(
-                        "compressed cluster at {coffset:#x} ({csize} bytes) does not decompress \
-                         to a full cluster: {why}"
-                    )
-                });
-            }
+        let failures = verify_streams(
+            self.img,
+            &mut self.inflater,
+            self.im.compression,
+            cs,
+            &streams,
+        )?;
+        for (i, why) in failures {
+            let (at, coffset, csize) = streams[i];
+            self.tally.note(K::CompressedStream, "L2 table", at, || {
+                format!(
+                    "compressed cluster at {coffset:#x} ({csize} bytes) does not decompress \
+                     to a full cluster: {why}"
+                )
+            });
         }
         self.pending_streams = streams;
         self.pending_streams.clear();
@@ -742,9 +758,10 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 for c in first.max(compare_len)..end {
                     let s = refcount::get(&block, order, c - first);
                     if s != 0 {
-                        self.tally.note(K::RefcountBeyondEof, "cluster", c * cs, || {
-                            format!("cluster {c} past the end of the file has refcount {s}")
-                        });
+                        self.tally
+                            .note(K::RefcountBeyondEof, "cluster", c * cs, || {
+                                format!("cluster {c} past the end of the file has refcount {s}")
+                            });
                     }
                 }
             }
@@ -758,7 +775,10 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
     pub(crate) fn stored_refcount(&self, cluster: u64) -> Result<Option<u64>> {
         let bb = self.entries_per_block_bits();
         let b = cluster >> bb;
-        let Some(&e) = self.reftable.get(to_usize(b, "refcount table index").unwrap_or(usize::MAX)) else {
+        let Some(&e) = self
+            .reftable
+            .get(to_usize(b, "refcount table index").unwrap_or(usize::MAX))
+        else {
             return Ok(Some(0));
         };
         let off = e & REFT_OFFSET_MASK;
@@ -816,7 +836,14 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             }
             let at = l1_off + 8 * i as u64;
             if let Some(one) = self.stored_is_one(l2_off >> cb)? {
-                self.copied_rule(one, e & QCOW_OFLAG_COPIED != 0, l2_off >> cb, "L1 table", at, (l1_off, l1_len))?;
+                self.copied_rule(
+                    one,
+                    e & QCOW_OFLAG_COPIED != 0,
+                    l2_off >> cb,
+                    "L1 table",
+                    at,
+                    (l1_off, l1_len),
+                )?;
             }
             if l2_off % cs != 0 {
                 continue;
@@ -840,7 +867,14 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                     self.stored_is_one(offset >> cb)?
                 };
                 if let Some(one) = one {
-                    self.copied_rule(one, copied, offset >> cb, "L2 table", l2_off + j * esize, (l2_off, cs))?;
+                    self.copied_rule(
+                        one,
+                        copied,
+                        offset >> cb,
+                        "L2 table",
+                        l2_off + j * esize,
+                        (l2_off, cs),
+                    )?;
                 }
             }
         }
@@ -859,7 +893,11 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         if one == copied {
             return Ok(());
         }
-        let what = if structure == "L1 table" { "L2 table" } else { "data cluster" };
+        let what = if structure == "L1 table" {
+            "L2 table"
+        } else {
+            "data cluster"
+        };
         if one {
             self.tally.note(K::RelaxedCopied, structure, at, || {
                 format!("{what} {cluster} has refcount 1 but the entry lacks COPIED")

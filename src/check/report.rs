@@ -115,7 +115,10 @@ impl RepairMode {
     }
 }
 
-#[allow(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if passes a reference"
+)]
 fn is_zero(v: &u64) -> bool {
     *v == 0
 }
@@ -449,7 +452,12 @@ impl Tally {
                 .findings
                 .iter()
                 .find(|f| f.class == FindingClass::Corruption && !f.kind.is_copied_related())
-                .map(|f| format!(" (first: {} at {:#x}: {})", f.structure, f.offset, f.message))
+                .map(|f| {
+                    format!(
+                        " (first: {} at {:#x}: {})",
+                        f.structure, f.offset, f.message
+                    )
+                })
                 .unwrap_or_default();
             return Some(format!(
                 "{} corruptions other than COPIED flags exist{first}",
