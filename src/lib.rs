@@ -9,3 +9,7 @@ pub mod io;
 pub mod source;
 
 pub use error::{Error, Result};
+pub mod compress;
+pub mod convert;
+pub mod dedup;
+pub mod sample;

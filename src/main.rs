@@ -1,1 +1,279 @@
-fn main() {}
+//! The `qdedup` command line: parses arguments, calls the library, prints.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use qdedup::convert::{self, ConvertOptions};
+use qdedup::format::header::CompressionType;
+use qdedup::source::Source;
+
+#[derive(Parser)]
+#[command(
+    name = "qdedup",
+    version,
+    about = "Deduplicating qcow2 converter and verifier"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum InputFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum BackingChain {
+    Full,
+    None,
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Input format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    format: Option<InputFormat>,
+    /// Read through the backing chain (full, default) or the top layer alone (none).
+    #[arg(long, value_enum, default_value = "full")]
+    backing_chain: BackingChain,
+    /// Convert this snapshot's view (ID or name) instead of the active layer.
+    #[arg(short = 'l', long = "snapshot", value_name = "ID|NAME")]
+    snapshot: Option<String>,
+    /// Output format; only qcow2 (accepted for qemu-img compatibility).
+    #[arg(short = 'O', value_parser = ["qcow2"], default_value = "qcow2")]
+    out_format: String,
+    /// Compress clusters (codec from -o compression_type, default zlib).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Compression level (zlib 0-9, zstd 1-22).
+    #[arg(long)]
+    compression_level: Option<i32>,
+    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Store every cluster, even when its content was already written.
+    #[arg(long)]
+    no_dedup: bool,
+    /// Hash/compress worker threads (default: available cores; 0 = sequential).
+    #[arg(short = 'm', long = "workers")]
+    workers: Option<usize>,
+    /// Guest bytes in flight in the pipeline, e.g. 64M.
+    #[arg(long, default_value = "64M")]
+    max_in_flight: String,
+    /// Do not fsync the output (like qemu-img convert's default cache=unsafe).
+    #[arg(long)]
+    no_sync: bool,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "human")]
+    output: OutputFormat,
+    /// Input image.
+    input: PathBuf,
+    /// Output qcow2 image.
+    output_image: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert an image to a deduplicated qcow2 v3 image.
+    Convert(ConvertArgs),
+    /// Generate a sample disk image, convert it and verify the result with qemu-img.
+    Demo {
+        /// Size of the sample image, e.g. 256M.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Keep the sample and output in this directory instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}
+
+fn open_source(a: &ConvertArgs) -> Result<Box<dyn Source>> {
+    let opts = qdedup::source::OpenOptions {
+        format: a.format.map(|f| match f {
+            InputFormat::Raw => qdedup::source::Format::Raw,
+            InputFormat::Qcow2 => qdedup::source::Format::Qcow2,
+        }),
+        backing_chain: a.backing_chain == BackingChain::Full,
+        snapshot: a.snapshot.clone(),
+    };
+    qdedup::source::open(&a.input, &opts)
+        .with_context(|| format!("cannot open input {}", a.input.display()))
+}
+
+fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new(0);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template"),
+    );
+    Some(pb)
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM set the returned flag: the conversion stops at the
+/// next batch and removes its temporary file. A second Ctrl-C exits at once.
+/// SIGXFSZ is caught too, so that a file size limit makes writes fail with EFBIG
+/// (reported, temporary file removed) instead of killing the process.
+fn install_signal_handlers() -> Arc<AtomicBool> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    let _ = signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)));
+    flag
+}
+
+fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
+    let mut opts = ConvertOptions::default();
+    for o in &a.options {
+        opts.apply_o(o)?;
+    }
+    if a.compress && opts.compression.is_none() {
+        opts.compression = Some(CompressionType::Zlib);
+    }
+    if !a.compress && opts.compression.is_some() {
+        // compression_type alone only selects the codec, as in qemu-img.
+        if opts.compression == Some(CompressionType::Zlib) {
+            opts.compression = None;
+        } else {
+            anyhow::bail!(
+                "-o compression_type=zstd needs -c (this image would have no compressed clusters)"
+            );
+        }
+    }
+    opts.compression_level = a.compression_level;
+    opts.dedup = !a.no_dedup;
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    opts.max_in_flight = usize::try_from(convert::options::parse_size(&a.max_in_flight)?)?;
+    opts.sync = !a.no_sync;
+    opts.force = a.force;
+    let pb = progress_bar(a.quiet);
+    if let Some(pb) = &pb {
+        let pb = pb.clone();
+        opts.progress = Some(Arc::new(move |done, total| {
+            pb.set_length(total);
+            pb.set_position(done);
+        }));
+    }
+    opts.cancel = Some(install_signal_handlers());
+    let src = open_source(a)?;
+    let report = convert::convert(&a.input, &a.output_image, src.as_ref(), &opts);
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let report = match report {
+        Err(qdedup::Error::Interrupted) => {
+            eprintln!("qdedup: interrupted; no output written");
+            return Ok(ExitCode::from(130));
+        }
+        r => r.with_context(|| format!("cannot convert {}", a.input.display()))?,
+    };
+    match a.output {
+        OutputFormat::Human => println!("{report}"),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_qemu(args: &[&std::ffi::OsStr]) -> Option<(bool, String)> {
+    let out = Command::new("qemu-img").args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Some((out.status.success(), text))
+}
+
+fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
+    let size = convert::options::parse_size(size)?;
+    let tmp;
+    let dir = if let Some(k) = keep {
+        std::fs::create_dir_all(k)?;
+        k.to_path_buf()
+    } else {
+        tmp = tempfile::tempdir()?;
+        tmp.path().to_path_buf()
+    };
+    let input = dir.join("sample.raw");
+    let output = dir.join("sample.qcow2");
+    println!(
+        "generating a {} MiB sample disk (zeros, repeated blocks, text, random) ...",
+        size >> 20
+    );
+    qdedup::sample::generate(&input, size, 42, qdedup::sample::Mix::MIXED)?;
+    let src = qdedup::source::raw::RawSource::open(&input)?;
+    let opts = ConvertOptions {
+        force: true,
+        ..ConvertOptions::default()
+    };
+    let report = convert::convert(&input, &output, &src, &opts)?;
+    println!("{report}");
+    let (i, o) = (input.as_os_str(), output.as_os_str());
+    match run_qemu(&["check".as_ref(), o]) {
+        Some((ok, text)) => println!(
+            "\nqemu-img check: {}\n{text}",
+            if ok { "clean" } else { "FAILED" }
+        ),
+        None => println!("\nqemu-img not found: install qemu-utils to verify the output with QEMU"),
+    }
+    if let Some((ok, text)) = run_qemu(&[
+        "compare".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        "-F".as_ref(),
+        "qcow2".as_ref(),
+        i,
+        o,
+    ]) {
+        println!(
+            "qemu-img compare: {} ({text})",
+            if ok { "identical" } else { "DIFFERENT" }
+        );
+        if !ok {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    if keep.is_some() {
+        println!("files kept in {}", dir.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Convert(a) => run_convert(a),
+        Cmd::Demo { size, keep } => run_demo(size, keep.as_deref()),
+    };
+    match r {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("qdedup: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -153,11 +153,11 @@ mod tests {
 
     #[test]
     fn magics_match_the_spec() {
-        assert_eq!(QCOW2_EXT_MAGIC_BACKING_FORMAT, 0xE2792ACA);
-        assert_eq!(QCOW2_EXT_MAGIC_FEATURE_TABLE, 0x6803f857);
-        assert_eq!(QCOW2_EXT_MAGIC_BITMAPS, 0x23852875);
-        assert_eq!(QCOW2_EXT_MAGIC_CRYPTO_HEADER, 0x0537be77);
-        assert_eq!(QCOW2_EXT_MAGIC_DATA_FILE, 0x44415441);
+        assert_eq!(QCOW2_EXT_MAGIC_BACKING_FORMAT, 0xE279_2ACA);
+        assert_eq!(QCOW2_EXT_MAGIC_FEATURE_TABLE, 0x6803_f857);
+        assert_eq!(QCOW2_EXT_MAGIC_BITMAPS, 0x2385_2875);
+        assert_eq!(QCOW2_EXT_MAGIC_CRYPTO_HEADER, 0x0537_be77);
+        assert_eq!(QCOW2_EXT_MAGIC_DATA_FILE, 0x4441_5441);
     }
 
     #[test]

@@ -587,7 +587,7 @@ mod tests {
         let mut h = Header::new_v3(16, 4, 1 << 20);
         h.l1_size = u32::MAX;
         h.l1_table_offset = 65536;
-        h.refcount_table_offset = 131072;
+        h.refcount_table_offset = 131_072;
         h.refcount_table_clusters = 1;
         assert!(matches!(h.validate(1 << 30), Err(Error::LimitExceeded(_))));
     }

@@ -106,7 +106,7 @@ mod tests {
             // Later writes to the same slot win; check the last value per slot.
             for (i, v) in vals.iter().enumerate() {
                 let slot = i as u64 % n;
-                let last = vals.iter().enumerate().filter(|(j, _)| *j as u64 % n == slot).last().unwrap().1;
+                let last = vals.iter().enumerate().rfind(|(j, _)| *j as u64 % n == slot).unwrap().1;
                 let _ = v;
                 prop_assert_eq!(get(&block, order, slot), *last);
             }

@@ -61,6 +61,26 @@ impl RawSource {
     }
 }
 
+impl RawSource {
+    fn check_not_shrunk(&self, offset: u64) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .ctx(|| "cannot stat the input".to_string())?
+            .len();
+        if now < self.file_len && self.seek_data {
+            return Err(Error::io(
+                format!(
+                    "input ended early at offset {offset:#x}: it shrank from {} to {now} bytes while converting",
+                    self.file_len
+                ),
+                std::io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Source for RawSource {
     fn virtual_size(&self) -> u64 {
         self.virtual_size
@@ -81,8 +101,12 @@ impl Source for RawSource {
                 Ok(hole) if hole > offset => Ok((BlockStatus::Data, hole.min(end) - offset)),
                 _ => Ok((BlockStatus::Data, end - offset)),
             },
-            // ENXIO: no data at or after offset.
-            Err(rustix::io::Errno::NXIO) => Ok((BlockStatus::Zero, end - offset)),
+            // ENXIO: no data at or after offset, or offset is past the end of a
+            // file that shrank since it was opened (that is an error, not zeros).
+            Err(rustix::io::Errno::NXIO) => {
+                self.check_not_shrunk(offset)?;
+                Ok((BlockStatus::Zero, end - offset))
+            }
             // The file system does not support SEEK_DATA: everything may be data.
             Err(_) => Ok((BlockStatus::Data, end - offset)),
         }

@@ -1,0 +1,349 @@
+//! `convert`: an input image to a deduplicated qcow2 v3 image.
+//!
+//! The output appears only when complete: it is written to a temporary file
+//! beside `OUT` (named `.OUT.XXXXXX.qdedup-tmp`), synced, and renamed into place;
+//! on any error or interruption the temporary file is removed. The input is only
+//! ever opened read-only.
+
+pub mod options;
+pub mod pipeline;
+pub mod writer;
+
+use std::fs::File;
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+pub use options::ConvertOptions;
+use pipeline::CompressFn;
+use writer::{Writer, WriterStats};
+
+use crate::error::{Error, IoContext, Result};
+use crate::io::WriteAt;
+use crate::source::Source;
+
+/// What a conversion did, for humans (`Display`) and JSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ConvertReport {
+    /// Input path.
+    pub input: String,
+    /// Output path.
+    pub output: String,
+    /// Input format ("raw" or "qcow2").
+    pub input_format: String,
+    /// Virtual disk size in bytes.
+    pub virtual_size: u64,
+    /// Output cluster size.
+    pub cluster_size: u64,
+    /// Output refcount width.
+    pub refcount_bits: u32,
+    /// Guest clusters in the disk.
+    pub clusters_total: u64,
+    /// Guest clusters that read as zeros (not stored).
+    pub clusters_zero: u64,
+    /// Guest clusters stored as a new host copy (first occurrence of a content).
+    pub clusters_unique: u64,
+    /// Guest clusters that share an existing host copy.
+    pub clusters_duplicate: u64,
+    /// Extra copies written because a host copy reached the maximum refcount.
+    pub saturation_copies: u64,
+    /// Guest clusters stored compressed.
+    pub clusters_compressed: u64,
+    /// Bytes of compressed streams.
+    pub compressed_bytes: u64,
+    /// Guest bytes those streams hold (compressed clusters × cluster size).
+    pub compressed_input_bytes: u64,
+    /// `compressed_input_bytes / compressed_bytes` (0 when nothing was compressed).
+    pub compression_ratio: f64,
+    /// Host clusters holding guest data.
+    pub host_data_clusters: u64,
+    /// Largest refcount of a data cluster.
+    pub max_refcount: u64,
+    /// Guest bytes read from the input (zero runs are skipped, not read).
+    pub bytes_read: u64,
+    /// Size of the output file.
+    pub bytes_written: u64,
+    /// Bytes not written thanks to sharing (duplicate clusters × cluster size).
+    pub saved_bytes: u64,
+    /// `saved_bytes` as a percentage of the non-zero guest data.
+    pub saved_percent: f64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Virtual size processed per second, in MB/s (10^6 bytes).
+    pub mb_per_s: f64,
+    /// Worker threads (0 = sequential reference converter).
+    pub workers: usize,
+    /// Whether dedup was on.
+    pub dedup: bool,
+    /// Compression codec, if any.
+    pub compression: Option<String>,
+    /// Heap bytes of the dedup index at the end.
+    pub index_bytes: u64,
+    /// Remarks (e.g. sharing impossible with refcount_bits=1).
+    pub notes: Vec<String>,
+}
+
+impl std::fmt::Display for ConvertReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        writeln!(
+            f,
+            "{} ({}) -> {} (qcow2 v3)",
+            self.input, self.input_format, self.output
+        )?;
+        writeln!(
+            f,
+            "virtual size:      {:.1} MiB ({} bytes), cluster size {}, refcount bits {}",
+            mib(self.virtual_size),
+            self.virtual_size,
+            self.cluster_size,
+            self.refcount_bits
+        )?;
+        writeln!(
+            f,
+            "clusters:          {} total, {} zero, {} unique, {} duplicate{}",
+            self.clusters_total,
+            self.clusters_zero,
+            self.clusters_unique,
+            self.clusters_duplicate,
+            if self.saturation_copies > 0 {
+                format!(" ({} saturation copies)", self.saturation_copies)
+            } else {
+                String::new()
+            }
+        )?;
+        if let Some(c) = &self.compression {
+            writeln!(
+                f,
+                "compressed:        {} clusters ({}): {:.1} MiB into {:.1} MiB, ratio {:.2}",
+                self.clusters_compressed,
+                c,
+                mib(self.compressed_input_bytes),
+                mib(self.compressed_bytes),
+                self.compression_ratio
+            )?;
+        }
+        writeln!(
+            f,
+            "read:              {:.1} MiB   written: {:.1} MiB",
+            mib(self.bytes_read),
+            mib(self.bytes_written)
+        )?;
+        writeln!(
+            f,
+            "saved by sharing:  {:.1} MiB ({:.1}% of the non-zero data), max refcount {}",
+            mib(self.saved_bytes),
+            self.saved_percent,
+            self.max_refcount
+        )?;
+        write!(
+            f,
+            "time:              {:.2} s, {:.0} MB/s",
+            self.seconds, self.mb_per_s
+        )?;
+        for n in &self.notes {
+            write!(f, "\nnote: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes the compressor the options ask for (None when not compressing).
+fn compressor(opts: &ConvertOptions) -> Option<Box<CompressFn>> {
+    let c = opts.compression?;
+    let cs = opts.cluster_size() as usize;
+    let level = opts.compression_level;
+    Some(Box::new(move |data: &[u8]| {
+        crate::compress::compress(c, level, data, cs)
+    }))
+}
+
+/// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
+/// This is the core used by [`convert`]; tests call it with in-memory files.
+pub fn convert_to(
+    src: &dyn Source,
+    out: &dyn WriteAt,
+    opts: &ConvertOptions,
+) -> Result<(WriterStats, u64, u64)> {
+    let vsize = src.virtual_size();
+    let inline = compressor(opts);
+    let mut w = Writer::new(
+        out,
+        vsize,
+        opts.cluster_bits,
+        opts.refcount_order,
+        opts.dedup,
+        opts.compression,
+        compressor(opts).map(|f| f as Box<writer::InlineCompressor>),
+    )?;
+    let bytes_read = if opts.workers == 0 {
+        pipeline::run_sequential(src, &mut w, opts, inline.as_deref())?
+    } else {
+        pipeline::run_pipelined(src, &mut w, opts, inline.as_deref())?
+    };
+    let index_bytes = w.index_heap_bytes() as u64;
+    let stats = w.finish()?;
+    Ok((stats, bytes_read, index_bytes))
+}
+
+/// Refuses an output that is the input (same file, whatever the path).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Removes temporary files of earlier runs for the same output name that were
+/// killed (no process holds their lock any more). Returns what was removed.
+fn remove_stale_temporaries(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!(".{name}.");
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let fname = e.file_name();
+        let f = fname.to_string_lossy();
+        if !(f.starts_with(&prefix) && f.ends_with(".qdedup-tmp")) {
+            continue;
+        }
+        let path = e.path();
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+            && std::fs::remove_file(&path).is_ok()
+        {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
+/// Converts the image at `input` into a deduplicated qcow2 image at `output`.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    src: &dyn Source,
+    opts: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let start = Instant::now();
+    if same_file(input, output) {
+        return Err(Error::InvalidArgument(format!(
+            "output {} is the input file",
+            output.display()
+        )));
+    }
+    match std::fs::symlink_metadata(output) {
+        Ok(m) if m.is_dir() => {
+            return Err(Error::InvalidArgument(format!(
+                "output {} is a directory",
+                output.display()
+            )))
+        }
+        Ok(_) if !opts.force => {
+            return Err(Error::InvalidArgument(format!(
+                "output {} exists (use --force to replace it)",
+                output.display()
+            )))
+        }
+        _ => {}
+    }
+    let dir = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = output
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("bad output path {}", output.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .prefix(&format!(".{name}."))
+        .suffix(".qdedup-tmp")
+        .tempfile_in(dir)
+        .ctx(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let file: &File = tmp.as_file();
+    // Held until the file is closed: tells later runs this temporary file is live.
+    let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
+    let (stats, bytes_read, index_bytes) = convert_to(src, file, opts)?;
+    if opts.sync {
+        file.sync_all()
+            .ctx(|| "cannot sync the output".to_string())?;
+    }
+    if opts.force {
+        tmp.persist(output)
+            .map_err(|e| Error::io(format!("cannot rename into {}", output.display()), e.error))?;
+    } else {
+        tmp.persist_noclobber(output)
+            .map_err(|e| Error::io(format!("cannot rename into {}", output.display()), e.error))?;
+    }
+    if opts.sync {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    let mut notes = Vec::new();
+    for stale in remove_stale_temporaries(dir, &name) {
+        notes.push(format!(
+            "removed {} left by an interrupted run",
+            stale.display()
+        ));
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let cs = opts.cluster_size();
+    let vsize = src.virtual_size();
+    let data_clusters = stats.unique_clusters + stats.duplicate_clusters;
+    if opts.dedup && opts.refcount_order == 0 {
+        notes.push(
+            "refcount_bits=1 allows no sharing: duplicate clusters were stored as copies".into(),
+        );
+    }
+    Ok(ConvertReport {
+        input: input.display().to_string(),
+        output: output.display().to_string(),
+        input_format: src.format_name().to_string(),
+        virtual_size: vsize,
+        cluster_size: cs,
+        refcount_bits: 1 << opts.refcount_order,
+        clusters_total: vsize.div_ceil(cs),
+        clusters_zero: vsize.div_ceil(cs) - data_clusters,
+        clusters_unique: stats.unique_clusters,
+        clusters_duplicate: stats.duplicate_clusters,
+        saturation_copies: stats.saturation_copies,
+        clusters_compressed: stats.compressed_clusters,
+        compressed_bytes: stats.compressed_bytes,
+        compressed_input_bytes: stats.compressed_clusters * cs,
+        compression_ratio: if stats.compressed_bytes == 0 {
+            0.0
+        } else {
+            (stats.compressed_clusters * cs) as f64 / stats.compressed_bytes as f64
+        },
+        host_data_clusters: stats.host_data_clusters,
+        max_refcount: stats.max_refcount,
+        bytes_read,
+        bytes_written: stats.file_size,
+        saved_bytes: stats.duplicate_clusters * cs,
+        saved_percent: if data_clusters == 0 {
+            0.0
+        } else {
+            100.0 * stats.duplicate_clusters as f64 / data_clusters as f64
+        },
+        seconds,
+        mb_per_s: if seconds > 0.0 {
+            vsize as f64 / seconds / 1e6
+        } else {
+            0.0
+        },
+        workers: opts.workers,
+        dedup: opts.dedup,
+        compression: opts.compression.map(|c| c.name().to_string()),
+        index_bytes,
+        notes,
+    })
+}

@@ -1,0 +1,173 @@
+//! Options of `convert`, and qemu-img's `-o key=value,...` syntax.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::header::{CompressionType, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+
+/// Called with (guest bytes done, guest bytes total).
+pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
+
+/// Options of a conversion.
+#[derive(Clone)]
+pub struct ConvertOptions {
+    /// log2 of the output cluster size (9..=21); default 16 (64 KiB).
+    pub cluster_bits: u32,
+    /// log2 of the refcount width (0..=6); default 4 (16 bits).
+    pub refcount_order: u32,
+    /// Share identical clusters (default true).
+    pub dedup: bool,
+    /// Compress clusters with this codec.
+    pub compression: Option<CompressionType>,
+    /// Compression level (codec default if `None`).
+    pub compression_level: Option<i32>,
+    /// Hash/compress worker threads; 0 = the sequential reference converter.
+    pub workers: usize,
+    /// Bytes of guest data in flight in the pipeline (default 64 MiB).
+    pub max_in_flight: usize,
+    /// fsync the output before renaming it into place (default true).
+    pub sync: bool,
+    /// Replace an existing output file.
+    pub force: bool,
+    /// Progress callback.
+    pub progress: Option<Arc<ProgressFn>>,
+    /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion.
+    pub cancel: Option<Arc<AtomicBool>>,
+}
+
+impl std::fmt::Debug for ConvertOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConvertOptions")
+            .field("cluster_bits", &self.cluster_bits)
+            .field("refcount_order", &self.refcount_order)
+            .field("dedup", &self.dedup)
+            .field("compression", &self.compression)
+            .field("workers", &self.workers)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("sync", &self.sync)
+            .field("force", &self.force)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for ConvertOptions {
+    fn default() -> Self {
+        ConvertOptions {
+            cluster_bits: 16,
+            refcount_order: 4,
+            dedup: true,
+            compression: None,
+            compression_level: None,
+            workers: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            max_in_flight: 64 << 20,
+            sync: true,
+            force: false,
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+/// Parses a size like `65536`, `64k`, `64K`, `2M`, `2m`, `1G`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_lowercase() {
+                'b' => 1u64,
+                'k' => 1 << 10,
+                'm' => 1 << 20,
+                'g' => 1 << 30,
+                't' => 1 << 40,
+                _ => return Err(Error::InvalidArgument(format!("bad size suffix in '{s}'"))),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::InvalidArgument(format!("bad size '{s}'")))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::InvalidArgument(format!("size '{s}' too large")))
+}
+
+impl ConvertOptions {
+    /// Applies qemu-img style `-o` options: `cluster_size=64k,refcount_bits=16,
+    /// compression_type=zstd`. Several `-o` may be given.
+    pub fn apply_o(&mut self, spec: &str) -> Result<()> {
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = item.split_once('=').ok_or_else(|| {
+                Error::InvalidArgument(format!("option '{item}' is not key=value"))
+            })?;
+            match k.trim() {
+                "cluster_size" => {
+                    let cs = parse_size(v)?;
+                    if !cs.is_power_of_two()
+                        || !(1u64 << MIN_CLUSTER_BITS..=1u64 << MAX_CLUSTER_BITS).contains(&cs)
+                    {
+                        return Err(Error::InvalidArgument(format!(
+                            "cluster_size must be a power of two between 512 and 2M, not {v}"
+                        )));
+                    }
+                    self.cluster_bits = cs.trailing_zeros();
+                }
+                "refcount_bits" => {
+                    let b: u32 = v
+                        .parse()
+                        .map_err(|_| Error::InvalidArgument(format!("bad refcount_bits '{v}'")))?;
+                    if !b.is_power_of_two() || b > 64 {
+                        return Err(Error::InvalidArgument(format!(
+                            "refcount_bits must be a power of two between 1 and 64, not {v}"
+                        )));
+                    }
+                    self.refcount_order = b.trailing_zeros();
+                }
+                "compression_type" => {
+                    self.compression = Some(match v {
+                        "zlib" => CompressionType::Zlib,
+                        "zstd" => CompressionType::Zstd,
+                        _ => {
+                            return Err(Error::InvalidArgument(format!(
+                                "compression_type must be zlib or zstd, not {v}"
+                            )))
+                        }
+                    });
+                }
+                other => {
+                    return Err(Error::InvalidArgument(format!(
+                        "unknown option '{other}' (known: cluster_size, refcount_bits, compression_type)"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_style_options_parse() {
+        let mut o = ConvertOptions::default();
+        o.apply_o("cluster_size=4k,refcount_bits=2").unwrap();
+        assert_eq!((o.cluster_bits, o.refcount_order), (12, 1));
+        o.apply_o("cluster_size=2M").unwrap();
+        assert_eq!(o.cluster_bits, 21);
+        assert!(o.apply_o("cluster_size=3000").is_err());
+        assert!(o.apply_o("cluster_size=4M").is_err());
+        assert!(o.apply_o("refcount_bits=3").is_err());
+        assert!(o.apply_o("refcount_bits=128").is_err());
+        assert!(o.apply_o("bogus=1").is_err());
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64K").unwrap(), 65536);
+    }
+}

@@ -1,0 +1,393 @@
+//! The conversion pipeline.
+//!
+//! ```text
+//! reader ──work (bounded)──▶ N workers ──done (bounded)──▶ writer (this thread)
+//!    ▲                                                        │
+//!    └──────────────── buffer pool (fixed number of buffers) ◀┘
+//! ```
+//!
+//! The reader walks the guest disk, skips runs the source reports as zero without
+//! reading them, and reads the rest in batches of consecutive clusters into
+//! buffers taken from a fixed pool: the pool is the memory bound (at most
+//! `max_in_flight` bytes of guest data anywhere in the pipeline). Workers are pure:
+//! zero detection, BLAKE3, compression. The writer reorders batches by sequence
+//! number and hands them to [`Writer`] in guest order, then returns the buffer to
+//! the pool. A closed channel means shutdown; the first error is the one reported;
+//! no thread outlives the call (scoped threads).
+//!
+//! [`run_sequential`] is the reference: the same reader, worker function and
+//! writer in one thread. Both produce the same bytes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use super::options::ConvertOptions;
+use super::writer::{ClusterIn, Writer};
+use crate::dedup::{hash_cluster, is_zero, Hash};
+use crate::error::{Error, Result};
+use crate::source::{BlockStatus, Source};
+
+/// Target size of one batch.
+pub const BATCH_BYTES: usize = 2 << 20;
+
+/// Per-cluster result of the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Reads as zeros.
+    Zero,
+    /// Not yet looked at by a worker.
+    Unprocessed,
+    /// Data with its hash and what compression made of it.
+    Data {
+        /// BLAKE3 of the cluster.
+        hash: Hash,
+        /// Compression outcome; a stream is a range in `Batch::streams`.
+        stream: Stream<(u32, u32)>,
+    },
+}
+
+/// What a worker's compression attempt gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream<T> {
+    /// Not compressed (compression off, or another worker claimed this content).
+    NotTried,
+    /// Compressed, but the stream would not save space.
+    NotWorth,
+    /// A stream worth storing.
+    Some(T),
+}
+
+/// Contents (by 64-bit hash prefix) some worker has already compressed.
+pub type Claims = dashmap::DashSet<u64>;
+
+/// A run of consecutive guest clusters travelling through the pipeline.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Order of the batch (the writer consumes them by `seq`).
+    pub seq: u64,
+    /// Guest cluster index of the first cluster.
+    pub first_cluster: u64,
+    /// The clusters' bytes (`kinds.len()` clusters).
+    pub data: Vec<u8>,
+    /// Per-cluster state.
+    pub kinds: Vec<Kind>,
+    /// Compressed streams, concatenated.
+    pub streams: Vec<u8>,
+}
+
+/// Compresses one cluster; `None` if that saves no space.
+pub type CompressFn = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
+
+/// The worker's job: detect zeros, hash, and compress the first occurrence of each
+/// content (the first worker to claim its hash prefix in `claims`; every cluster
+/// when `claims` is `None`).
+pub fn process(
+    batch: &mut Batch,
+    cs: usize,
+    compress: Option<&CompressFn>,
+    claims: Option<&Claims>,
+) {
+    batch.streams.clear();
+    for (i, k) in batch.kinds.iter_mut().enumerate() {
+        if *k != Kind::Unprocessed {
+            continue;
+        }
+        let c = &batch.data[i * cs..(i + 1) * cs];
+        if is_zero(c) {
+            *k = Kind::Zero;
+            continue;
+        }
+        let hash = hash_cluster(c);
+        let prefix = u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"));
+        let stream = match compress {
+            Some(f) if claims.is_none_or(|cl| cl.insert(prefix)) => match f(c) {
+                Some(s) => {
+                    let start = batch.streams.len() as u32;
+                    batch.streams.extend_from_slice(&s);
+                    Stream::Some((start, s.len() as u32))
+                }
+                None => Stream::NotWorth,
+            },
+            _ => Stream::NotTried,
+        };
+        *k = Kind::Data { hash, stream };
+    }
+}
+
+/// Hands a processed batch to the writer.
+fn deliver(writer: &mut Writer<'_>, b: &Batch, cs: usize) -> Result<()> {
+    let clusters: Vec<ClusterIn<'_>> = b
+        .kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| match *k {
+            Kind::Zero | Kind::Unprocessed => ClusterIn::Zero,
+            Kind::Data { hash, stream } => ClusterIn::Data {
+                hash,
+                data: &b.data[i * cs..(i + 1) * cs],
+                stream: match stream {
+                    Stream::Some((s, l)) => Stream::Some(&b.streams[s as usize..(s + l) as usize]),
+                    Stream::NotWorth => Stream::NotWorth,
+                    Stream::NotTried => Stream::NotTried,
+                },
+            },
+        })
+        .collect();
+    writer.accept(b.first_cluster, &b.data, &clusters)
+}
+
+/// Walks the guest disk and fills batches.
+pub struct BatchReader<'a> {
+    src: &'a dyn Source,
+    cs: u64,
+    batch_clusters: u64,
+    total_clusters: u64,
+    next_cluster: u64,
+    seq: u64,
+    /// Guest bytes actually read.
+    pub bytes_read: u64,
+}
+
+impl<'a> BatchReader<'a> {
+    /// A reader over `src` in clusters of `cs` bytes.
+    pub fn new(src: &'a dyn Source, cs: u64) -> Self {
+        let batch_clusters = (BATCH_BYTES as u64 / cs).max(1);
+        BatchReader {
+            src,
+            cs,
+            batch_clusters,
+            total_clusters: src.virtual_size().div_ceil(cs),
+            next_cluster: 0,
+            seq: 0,
+            bytes_read: 0,
+        }
+    }
+
+    /// Size of the buffers batches need.
+    pub fn buffer_bytes(&self) -> usize {
+        (self.batch_clusters * self.cs) as usize
+    }
+
+    /// Guest bytes covered so far.
+    pub fn position(&self) -> u64 {
+        (self.next_cluster * self.cs).min(self.src.virtual_size())
+    }
+
+    /// Fills `batch` (reusing its buffers) with the next run of clusters that may
+    /// hold data; `Ok(false)` at the end.
+    pub fn next_batch(&mut self, batch: &mut Batch) -> Result<bool> {
+        let size = self.src.virtual_size();
+        let cs = self.cs;
+        // Skip clusters that are entirely zero according to the source.
+        while self.next_cluster < self.total_clusters {
+            let off = self.next_cluster * cs;
+            let (st, len) = self.src.block_status(off, size - off)?;
+            if st == BlockStatus::Zero {
+                let end = (off + len.max(1)).min(size);
+                let whole = if end == size {
+                    self.total_clusters
+                } else {
+                    end / cs
+                };
+                if whole > self.next_cluster {
+                    self.next_cluster = whole;
+                    continue;
+                }
+            }
+            break;
+        }
+        if self.next_cluster >= self.total_clusters {
+            return Ok(false);
+        }
+        let first = self.next_cluster;
+        let n = self.batch_clusters.min(self.total_clusters - first);
+        self.next_cluster += n;
+        batch.seq = self.seq;
+        self.seq += 1;
+        batch.first_cluster = first;
+        batch.kinds.clear();
+        batch.kinds.resize(n as usize, Kind::Unprocessed);
+        batch.data.resize((n * cs) as usize, 0);
+        batch.streams.clear();
+        // Read the data runs; mark zero runs without reading them.
+        let start = first * cs;
+        let end = ((first + n) * cs).min(size);
+        let mut off = start;
+        while off < end {
+            let (st, len) = self.src.block_status(off, end - off)?;
+            let len = len.clamp(1, end - off);
+            let buf = &mut batch.data[(off - start) as usize..(off - start + len) as usize];
+            match st {
+                BlockStatus::Data => {
+                    self.src.read_at(buf, off)?;
+                    self.bytes_read += len;
+                }
+                BlockStatus::Zero => buf.fill(0),
+            }
+            // Clusters wholly inside a zero run need no worker.
+            if st == BlockStatus::Zero {
+                let c0 = (off - start).div_ceil(cs);
+                let c1 = if off + len == size {
+                    n
+                } else {
+                    (off - start + len) / cs
+                };
+                for k in c0..c1.min(n) {
+                    batch.kinds[k as usize] = Kind::Zero;
+                }
+            }
+            off += len;
+        }
+        // The tail of a last partial cluster reads as zeros.
+        let filled = (end - start) as usize;
+        batch.data[filled..].fill(0);
+        Ok(true)
+    }
+}
+
+fn cancelled(opts: &ConvertOptions) -> bool {
+    opts.cancel
+        .as_ref()
+        .is_some_and(|c| c.load(Ordering::Relaxed))
+}
+
+/// The sequential reference converter.
+pub fn run_sequential(
+    src: &dyn Source,
+    writer: &mut Writer<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+) -> Result<u64> {
+    let cs = opts.cluster_size();
+    let total = src.virtual_size();
+    let mut reader = BatchReader::new(src, cs);
+    let mut batch = Batch::default();
+    let claims = opts.dedup.then(Claims::new);
+    while reader.next_batch(&mut batch)? {
+        if cancelled(opts) {
+            return Err(Error::Interrupted);
+        }
+        process(&mut batch, cs as usize, compress, claims.as_ref());
+        deliver(writer, &batch, cs as usize)?;
+        if let Some(p) = &opts.progress {
+            p(reader.position(), total);
+        }
+    }
+    Ok(reader.bytes_read)
+}
+
+/// The pipelined converter with `opts.workers` worker threads.
+pub fn run_pipelined(
+    src: &dyn Source,
+    writer: &mut Writer<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+) -> Result<u64> {
+    let cs = opts.cluster_size();
+    let total = src.virtual_size();
+    let workers = opts.workers.max(1);
+    let mut reader = BatchReader::new(src, cs);
+    let buffers = (opts.max_in_flight / reader.buffer_bytes()).max(workers + 1);
+    let (pool_tx, pool_rx): (Sender<Batch>, Receiver<Batch>) = bounded(buffers);
+    for _ in 0..buffers {
+        pool_tx.send(Batch::default()).expect("pool has room");
+    }
+    let (work_tx, work_rx) = bounded::<Batch>(buffers);
+    let (done_tx, done_rx) = bounded::<Batch>(buffers);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let fail = |e: Error| {
+        let mut slot = first_error.lock().expect("not poisoned");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        stop.store(true, Ordering::SeqCst);
+    };
+    let mut bytes_read = 0;
+    let claims = opts.dedup.then(Claims::new);
+    let claims = claims.as_ref();
+
+    std::thread::scope(|s| {
+        // Reader.
+        let reader_ref = &mut reader;
+        let (fail_r, stop_r) = (&fail, &stop);
+        let reader_handle = s.spawn(move || {
+            while let Ok(mut b) = pool_rx.recv() {
+                if stop_r.load(Ordering::Relaxed) {
+                    break;
+                }
+                if cancelled(opts) {
+                    fail_r(Error::Interrupted);
+                    break;
+                }
+                match reader_ref.next_batch(&mut b) {
+                    Ok(true) => {
+                        if work_tx.send(b).is_err() {
+                            break;
+                        }
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        fail_r(e);
+                        break;
+                    }
+                }
+            }
+            // Dropping work_tx ends the workers once the queue is drained.
+            reader_ref.bytes_read
+        });
+        // Workers.
+        for _ in 0..workers {
+            let work_rx = work_rx.clone();
+            let done_tx = done_tx.clone();
+            let stop_w = &stop;
+            s.spawn(move || {
+                while let Ok(mut b) = work_rx.recv() {
+                    if !stop_w.load(Ordering::Relaxed) {
+                        process(&mut b, cs as usize, compress, claims);
+                    }
+                    if done_tx.send(b).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        drop(work_rx);
+        // Writer: this thread, in guest order.
+        let mut pending: BTreeMap<u64, Batch> = BTreeMap::new();
+        let mut next_seq = 0u64;
+        'recv: while let Ok(b) = done_rx.recv() {
+            pending.insert(b.seq, b);
+            while let Some(b) = pending.remove(&next_seq) {
+                if stop.load(Ordering::Relaxed) {
+                    break 'recv;
+                }
+                if let Err(e) = deliver(writer, &b, cs as usize) {
+                    fail(e);
+                    break 'recv;
+                }
+                next_seq += 1;
+                if let Some(p) = &opts.progress {
+                    p(
+                        ((b.first_cluster + b.kinds.len() as u64) * cs).min(total),
+                        total,
+                    );
+                }
+                // The reader may be gone (it finished): then the buffer is just dropped.
+                let _ = pool_tx.send(b);
+            }
+        }
+        // Unblock the reader if we stopped early, then collect it.
+        drop(pool_tx);
+        drop(done_rx);
+        bytes_read = reader_handle.join().expect("reader thread does not panic");
+    });
+    if let Some(e) = first_error.into_inner().expect("not poisoned") {
+        return Err(e);
+    }
+    Ok(bytes_read)
+}

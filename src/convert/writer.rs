@@ -1,0 +1,514 @@
+//! The output side of a conversion: host cluster allocation, the dedup index,
+//! refcounts, and the final metadata layout.
+//!
+//! One writer owns the output. It takes clusters in guest order and appends every
+//! new host cluster (or compressed stream) after the previous one, so host offsets
+//! follow guest order and the output is the same whatever the number of workers.
+//! When all data is written, [`Writer::finish`] lays out the metadata after the
+//! data and writes the header last:
+//!
+//! ```text
+//! cluster 0        header, feature-name table extension
+//! 1 ..             data clusters and compressed streams, in guest order
+//! then             L2 tables (only those with allocated entries), in L1 order
+//! then             L1 table
+//! then             refcount blocks
+//! then             refcount table
+//! ```
+//!
+//! Refcounts are exact (the number of L2 entries referencing each host cluster,
+//! +1 per touched cluster per compressed reference) and `QCOW_OFLAG_COPIED` is set
+//! iff the refcount is 1, so `qemu-img check` finds the output clean.
+
+use std::collections::BTreeMap;
+
+use super::pipeline::Stream;
+use crate::dedup::{DedupIndex, Hash, Target};
+use crate::error::{Error, IoContext, Result};
+use crate::format::compressed::CompressedDescriptor;
+use crate::format::extensions::{self, QCOW2_EXT_MAGIC_FEATURE_TABLE};
+use crate::format::header::{
+    CompressionType, Header, MAX_HOST_OFFSET, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
+    QCOW2_INCOMPAT_COMPRESSION,
+};
+use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
+use crate::format::refcount;
+use crate::io::WriteAt;
+
+/// Write requests smaller than this are gathered into one buffer.
+const WRITE_BUFFER: usize = 4 << 20;
+/// Runs of at least this many bytes are written straight from the batch buffer.
+const DIRECT_WRITE: usize = 256 << 10;
+
+/// What the writer gets for one guest cluster.
+#[derive(Debug, Clone, Copy)]
+pub enum ClusterIn<'a> {
+    /// Reads as zeros: left unallocated.
+    Zero,
+    /// Data to store (or share), with its hash and, when compression is on and
+    /// a worker compressed it, the compressed stream.
+    Data {
+        /// BLAKE3 hash of `data`.
+        hash: Hash,
+        /// The cluster's bytes (cluster size).
+        data: &'a [u8],
+        /// What compression made of it.
+        stream: Stream<&'a [u8]>,
+    },
+}
+
+/// Counters the writer keeps for the report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Guest clusters left unallocated because they read as zeros.
+    pub zero_clusters: u64,
+    /// Guest clusters stored as a new host copy (first occurrence of a content).
+    pub unique_clusters: u64,
+    /// Guest clusters that share an existing host copy.
+    pub duplicate_clusters: u64,
+    /// New copies written because the existing copy's refcount was at its maximum.
+    pub saturation_copies: u64,
+    /// Guest clusters stored compressed (new streams, not shared references).
+    pub compressed_clusters: u64,
+    /// Bytes of the compressed streams written.
+    pub compressed_bytes: u64,
+    /// Host data clusters in the output (plain and those holding streams).
+    pub host_data_clusters: u64,
+    /// Metadata clusters (header, L1, L2, refcount structures).
+    pub metadata_clusters: u64,
+    /// Length of the output file.
+    pub file_size: u64,
+    /// Largest refcount of any data cluster.
+    pub max_refcount: u64,
+}
+
+/// Compresses a cluster inside the writer, for the rare cases where no worker did
+/// (a saturated compressed copy, or a content whose first occurrence was claimed
+/// by another batch). Returns `None` when compressing does not save space.
+pub type InlineCompressor = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
+
+/// The output writer.
+pub struct Writer<'a> {
+    out: &'a dyn WriteAt,
+    cluster_bits: u32,
+    refcount_order: u32,
+    virtual_size: u64,
+    compression: Option<CompressionType>,
+    compressor: Option<Box<InlineCompressor>>,
+    dedup: bool,
+    max_ref: u64,
+    index: DedupIndex,
+    /// Refcount of each host cluster; index 0 is the header.
+    refcounts: Vec<u32>,
+    /// L2 tables by L1 index (raw entries, COPIED not yet set).
+    l2: BTreeMap<u64, Box<[u64]>>,
+    l2_entries: u64,
+    l1_size: u64,
+    next_cluster: u64,
+    /// Where the next compressed stream may start, inside the last allocated cluster.
+    ctail: Option<u64>,
+    wbuf: Vec<u8>,
+    wbuf_off: u64,
+    run: Option<(u64, std::ops::Range<usize>)>,
+    stats: WriterStats,
+}
+
+impl<'a> Writer<'a> {
+    /// A writer for a fresh image of `virtual_size` bytes.
+    pub fn new(
+        out: &'a dyn WriteAt,
+        virtual_size: u64,
+        cluster_bits: u32,
+        refcount_order: u32,
+        dedup: bool,
+        compression: Option<CompressionType>,
+        compressor: Option<Box<InlineCompressor>>,
+    ) -> Result<Self> {
+        let cs = 1u64 << cluster_bits;
+        let l2_entries = cs / 8;
+        let l1_size = virtual_size.div_ceil(cs).div_ceil(l2_entries);
+        if l1_size * 8 > MAX_L1_BYTES {
+            return Err(Error::LimitExceeded(format!(
+                "virtual size {virtual_size} needs an L1 table of {l1_size} entries, more than QEMU's 32 MiB limit; use a larger cluster_size"
+            )));
+        }
+        Ok(Writer {
+            out,
+            cluster_bits,
+            refcount_order,
+            virtual_size,
+            compression,
+            compressor,
+            dedup,
+            max_ref: refcount::max_refcount(refcount_order).min(u64::from(u32::MAX)),
+            index: DedupIndex::new(),
+            refcounts: vec![1],
+            l2: BTreeMap::new(),
+            l2_entries,
+            l1_size,
+            next_cluster: 1,
+            ctail: None,
+            wbuf: Vec::new(),
+            wbuf_off: 0,
+            run: None,
+            stats: WriterStats::default(),
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> WriterStats {
+        self.stats
+    }
+
+    /// Bytes of heap the dedup index holds.
+    pub fn index_heap_bytes(&self) -> usize {
+        self.index.heap_bytes()
+    }
+
+    /// Takes a batch of consecutive guest clusters starting at `first_cluster`.
+    /// `data` holds the batch's bytes (the clusters' `data` slices point into it).
+    pub fn accept(
+        &mut self,
+        first_cluster: u64,
+        data: &[u8],
+        clusters: &[ClusterIn<'_>],
+    ) -> Result<()> {
+        for (i, c) in clusters.iter().enumerate() {
+            let guest = first_cluster + i as u64;
+            match *c {
+                ClusterIn::Zero => self.stats.zero_clusters += 1,
+                ClusterIn::Data {
+                    hash,
+                    data: cdata,
+                    stream,
+                } => {
+                    let entry = self.place(hash, cdata, stream, data, i)?;
+                    self.set_l2(guest, entry);
+                }
+            }
+        }
+        self.flush_run(data)?;
+        Ok(())
+    }
+
+    /// Finds or makes the host copy of one cluster and returns its L2 entry.
+    fn place(
+        &mut self,
+        hash: Hash,
+        cdata: &[u8],
+        stream: Stream<&[u8]>,
+        batch: &[u8],
+        i: usize,
+    ) -> Result<u64> {
+        if self.dedup {
+            match self.index.lookup(&hash) {
+                Some(Target::Cluster(h)) => {
+                    let rc = &mut self.refcounts[h as usize];
+                    if u64::from(*rc) < self.max_ref {
+                        *rc += 1;
+                        self.stats.duplicate_clusters += 1;
+                        return Ok(h << self.cluster_bits);
+                    }
+                    self.stats.saturation_copies += 1;
+                }
+                Some(Target::Compressed { offset, len }) => {
+                    let desc =
+                        CompressedDescriptor::for_stream(offset, u64::from(len), self.cluster_bits)
+                            .expect("descriptor was valid when the stream was placed");
+                    let (a, b) = desc.clusters(self.cluster_bits);
+                    if (a..=b).all(|c| u64::from(self.refcounts[c as usize]) < self.max_ref) {
+                        for c in a..=b {
+                            self.refcounts[c as usize] += 1;
+                        }
+                        self.stats.duplicate_clusters += 1;
+                        return Ok(L2Entry::Compressed {
+                            desc,
+                            copied: false,
+                        }
+                        .encode(self.cluster_bits));
+                    }
+                    self.stats.saturation_copies += 1;
+                }
+                None => {}
+            }
+        }
+        self.stats.unique_clusters += 1;
+        // A new copy: compressed if a stream that saves space exists.
+        let owned;
+        let stream = match (stream, &self.compressor) {
+            (Stream::Some(s), _) => Some(s),
+            // No worker compressed this content (another batch claimed it first,
+            // or this is a new copy after saturation): compress here.
+            (Stream::NotTried, Some(f)) => {
+                owned = f(cdata);
+                owned.as_deref()
+            }
+            _ => None,
+        };
+        if let Some(s) = stream {
+            let (entry, target) = self.place_stream(s, batch)?;
+            if self.dedup {
+                self.index.insert(hash, target);
+            }
+            return Ok(entry);
+        }
+        let h = self.alloc_clusters(1)?;
+        self.refcounts[h as usize] = 1;
+        self.push_run(h, i, batch)?;
+        if self.dedup {
+            self.index.insert(hash, Target::Cluster(h));
+        }
+        Ok(h << self.cluster_bits)
+    }
+
+    fn alloc_clusters(&mut self, n: u64) -> Result<u64> {
+        let h = self.next_cluster;
+        self.next_cluster += n;
+        if self.next_cluster << self.cluster_bits > MAX_HOST_OFFSET {
+            return Err(Error::LimitExceeded(
+                "output image larger than 2^56 bytes".into(),
+            ));
+        }
+        self.refcounts.resize(self.next_cluster as usize, 0);
+        self.stats.host_data_clusters += n;
+        Ok(h)
+    }
+
+    /// Byte-packs a compressed stream like QEMU's `qcow2_alloc_bytes`: after the
+    /// previous stream if it fits in that cluster, or spilling into the next
+    /// cluster when that is the end of the file; else at a fresh cluster.
+    fn place_stream(&mut self, s: &[u8], batch: &[u8]) -> Result<(u64, Target)> {
+        let cs = self.cs();
+        let len = s.len() as u64;
+        // The cluster holding the tail may already be at the maximum refcount
+        // through references to earlier streams: then start a fresh cluster.
+        if let Some(t) = self.ctail {
+            if u64::from(self.refcounts[(t >> self.cluster_bits) as usize]) >= self.max_ref {
+                self.ctail = None;
+            }
+        }
+        let off = match self.ctail {
+            Some(t) if t + len <= (t | (cs - 1)) + 1 => t,
+            Some(t) if (t >> self.cluster_bits) + 1 == self.next_cluster => {
+                let end = t + len;
+                let need = end.div_ceil(cs) - self.next_cluster;
+                self.alloc_clusters(need)?;
+                t
+            }
+            _ => {
+                let n = len.div_ceil(cs);
+                self.alloc_clusters(n)? << self.cluster_bits
+            }
+        };
+        let end = off + len;
+        self.ctail = (end % cs != 0).then_some(end);
+        let desc =
+            CompressedDescriptor::for_stream(off, len, self.cluster_bits).ok_or_else(|| {
+                Error::LimitExceeded(
+                    "compressed stream offset beyond the descriptor's range".into(),
+                )
+            })?;
+        let (a, b) = desc.clusters(self.cluster_bits);
+        for c in a..=b {
+            self.refcounts[c as usize] += 1;
+        }
+        self.stats.compressed_clusters += 1;
+        self.stats.compressed_bytes += len;
+        self.flush_run(batch)?;
+        self.push_bytes(s, off)?;
+        Ok((
+            L2Entry::Compressed {
+                desc,
+                copied: false,
+            }
+            .encode(self.cluster_bits),
+            Target::Compressed {
+                offset: off,
+                len: s.len() as u32,
+            },
+        ))
+    }
+
+    /// Extends the pending run of plain clusters written straight from the batch.
+    fn push_run(&mut self, host: u64, i: usize, batch: &[u8]) -> Result<()> {
+        let cs = self.cs() as usize;
+        if let Some((h0, r)) = &mut self.run {
+            if r.end == i * cs && *h0 + (r.len() / cs) as u64 == host {
+                r.end += cs;
+                return Ok(());
+            }
+        }
+        self.flush_run(batch)?;
+        self.run = Some((host, i * cs..(i + 1) * cs));
+        Ok(())
+    }
+
+    fn flush_run(&mut self, batch: &[u8]) -> Result<()> {
+        if let Some((h, r)) = self.run.take() {
+            self.push_bytes(&batch[r], h << self.cluster_bits)?;
+        }
+        Ok(())
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        if !self.wbuf.is_empty() && self.wbuf_off + self.wbuf.len() as u64 != off {
+            self.flush_wbuf()?;
+        }
+        if bytes.len() >= DIRECT_WRITE {
+            self.flush_wbuf()?;
+            return self.write(bytes, off);
+        }
+        if self.wbuf.is_empty() {
+            self.wbuf_off = off;
+        }
+        self.wbuf.extend_from_slice(bytes);
+        if self.wbuf.len() >= WRITE_BUFFER {
+            self.flush_wbuf()?;
+        }
+        Ok(())
+    }
+
+    fn flush_wbuf(&mut self) -> Result<()> {
+        if !self.wbuf.is_empty() {
+            let buf = std::mem::take(&mut self.wbuf);
+            self.write(&buf, self.wbuf_off)?;
+            self.wbuf = buf;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    fn write(&self, bytes: &[u8], off: u64) -> Result<()> {
+        self.out
+            .write_all_at(bytes, off)
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+    }
+
+    fn set_l2(&mut self, guest_cluster: u64, entry: u64) {
+        let l1i = guest_cluster / self.l2_entries;
+        let l2i = (guest_cluster % self.l2_entries) as usize;
+        let n = self.l2_entries as usize;
+        self.l2
+            .entry(l1i)
+            .or_insert_with(|| vec![0u64; n].into_boxed_slice())[l2i] = entry;
+    }
+
+    /// Writes the metadata and the header; returns the final counters.
+    pub fn finish(mut self) -> Result<WriterStats> {
+        self.flush_wbuf()?;
+        let cs = self.cs();
+        let cb = self.cluster_bits;
+        let data_end = self.next_cluster;
+        let n_l2 = self.l2.len() as u64;
+        let l1_clusters = (self.l1_size * 8).div_ceil(cs);
+        let epb = refcount::entries_per_block(cb, self.refcount_order);
+        // Fixpoint: the refcount structures count themselves.
+        let (mut rb, mut rt) = (0u64, 0u64);
+        loop {
+            let total = data_end + n_l2 + l1_clusters + rb + rt;
+            let nrb = total.div_ceil(epb);
+            let nrt = (nrb * 8).div_ceil(cs).max(1);
+            if (nrb, nrt) == (rb, rt) {
+                break;
+            }
+            (rb, rt) = (nrb, nrt);
+        }
+        if rt * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::LimitExceeded(
+                "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
+            ));
+        }
+        let l2_start = data_end;
+        let l1_start = l2_start + n_l2;
+        let rb_start = l1_start + l1_clusters;
+        let rt_start = rb_start + rb;
+        let total = rt_start + rt;
+        if total << cb > MAX_HOST_OFFSET {
+            return Err(Error::LimitExceeded(
+                "output image larger than 2^56 bytes".into(),
+            ));
+        }
+        self.refcounts.resize(total as usize, 1);
+        self.stats.max_refcount = self.refcounts[1..data_end as usize]
+            .iter()
+            .copied()
+            .max()
+            .map_or(0, u64::from);
+
+        // L2 tables and the L1 table.
+        let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
+        let mut table = vec![0u8; cs as usize];
+        for (k, (&l1i, entries)) in self.l2.iter().enumerate() {
+            for (slot, &e) in table.chunks_exact_mut(8).zip(entries.iter()) {
+                let mut e = e;
+                if let L2Entry::Normal { offset, .. } = L2Entry::decode(e, cb, false) {
+                    if self.refcounts[(offset >> cb) as usize] == 1 {
+                        e |= QCOW_OFLAG_COPIED;
+                    }
+                }
+                slot.copy_from_slice(&e.to_be_bytes());
+            }
+            let off = (l2_start + k as u64) << cb;
+            self.write(&table, off)?;
+            let l1e = L1Entry {
+                l2_offset: off,
+                copied: true,
+            }
+            .encode();
+            l1[(l1i * 8) as usize..(l1i * 8 + 8) as usize].copy_from_slice(&l1e.to_be_bytes());
+        }
+        if l1_clusters > 0 {
+            self.write(&l1, l1_start << cb)?;
+        }
+
+        // Refcount blocks and table.
+        let mut blocks = vec![0u8; (rb * cs) as usize];
+        for (c, &r) in self.refcounts.iter().enumerate() {
+            let c = c as u64;
+            let b = &mut blocks[((c / epb) * cs) as usize..((c / epb + 1) * cs) as usize];
+            refcount::set(b, self.refcount_order, c % epb, u64::from(r));
+        }
+        self.write(&blocks, rb_start << cb)?;
+        let mut reftable = vec![0u8; (rt * cs) as usize];
+        for i in 0..rb {
+            let off = (rb_start + i) << cb;
+            reftable[(i * 8) as usize..(i * 8 + 8) as usize].copy_from_slice(&off.to_be_bytes());
+        }
+        self.write(&reftable, rt_start << cb)?;
+
+        // Header last.
+        let mut h = Header::new_v3(cb, self.refcount_order, self.virtual_size);
+        h.l1_size = self.l1_size as u32;
+        h.l1_table_offset = if l1_clusters > 0 { l1_start << cb } else { 0 };
+        h.refcount_table_offset = rt_start << cb;
+        h.refcount_table_clusters = rt as u32;
+        if let Some(CompressionType::Zstd) = self.compression {
+            h.compression_type = CompressionType::Zstd.to_raw();
+            h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION;
+        }
+        let mut cluster0 = vec![0u8; Header::ENCODED_LEN];
+        h.encode(&mut cluster0);
+        let mut exts = Vec::new();
+        extensions::encode(
+            QCOW2_EXT_MAGIC_FEATURE_TABLE,
+            &extensions::encode_feature_names(&extensions::qemu_feature_names()),
+            &mut exts,
+        );
+        if cluster0.len() + exts.len() + 8 <= cs as usize {
+            cluster0.extend_from_slice(&exts);
+        }
+        cluster0.resize(cs as usize, 0); // the end-of-extensions marker is the zeros
+        self.write(&cluster0, 0)?;
+        self.out
+            .set_len(total << cb)
+            .ctx(|| "cannot set the output length".to_string())?;
+
+        self.stats.metadata_clusters = 1 + n_l2 + l1_clusters + rb + rt;
+        self.stats.file_size = total << cb;
+        Ok(self.stats)
+    }
+}

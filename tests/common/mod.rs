@@ -1,0 +1,235 @@
+//! Shared helpers for the CLI tests: running the binary and qemu-img, generating
+//! inputs, and reading qcow2 metadata independently of the writer.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use qdedup::format::header::Header;
+use qdedup::format::l1l2::{L1Entry, L2Entry};
+use qdedup::format::refcount;
+use qdedup::sample::Rng;
+
+/// Path of the qdedup binary under test.
+pub fn qdedup_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qdedup"))
+}
+
+/// Runs qdedup with `args`.
+pub fn qdedup<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(qdedup_bin())
+        .args(args)
+        .output()
+        .expect("qdedup runs")
+}
+
+/// Runs a qemu tool; a missing tool fails the test (it must not silently skip).
+pub fn qemu<I, S>(tool: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
+    })
+}
+
+/// Asserts `qemu-img check` finds `img` clean.
+pub fn assert_qemu_check_clean(img: &Path) {
+    let o = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+    assert!(
+        o.status.success(),
+        "qemu-img check {} failed:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Asserts `qemu-img compare` finds the guest contents identical.
+pub fn assert_qemu_compare_same(a: &Path, a_fmt: &str, b: &Path) {
+    let o = qemu(
+        "qemu-img",
+        [
+            "compare".as_ref(),
+            "-f".as_ref(),
+            a_fmt.as_ref(),
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            a.as_os_str(),
+            b.as_os_str(),
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "qemu-img compare {} {} failed:\n{}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Writes a raw input of `n_clusters` clusters of `cs` bytes plus `tail` bytes:
+/// a deterministic mix of zero clusters, repeats of a few templates, and unique
+/// random clusters. Returns the number of distinct non-zero cluster contents
+/// (the tail counted as a zero-padded cluster).
+pub fn make_input(path: &Path, cs: usize, n_clusters: usize, tail: usize, seed: u64) -> usize {
+    let mut rng = Rng::new(seed);
+    let templates: Vec<Vec<u8>> = (0..5)
+        .map(|_| {
+            let mut t = vec![0u8; cs];
+            rng.fill(&mut t);
+            t
+        })
+        .collect();
+    let mut data = Vec::with_capacity(n_clusters * cs + tail);
+    for _ in 0..n_clusters {
+        match rng.below(10) {
+            0..=2 => data.extend(std::iter::repeat_n(0u8, cs)),
+            3..=6 => data.extend_from_slice(&templates[rng.below(5) as usize]),
+            _ => {
+                let mut c = vec![0u8; cs];
+                rng.fill(&mut c);
+                // Sometimes only one byte is non-zero: still data.
+                if rng.below(4) == 0 {
+                    c.fill(0);
+                    c[rng.below(cs as u64) as usize] = 1 + rng.below(255) as u8;
+                }
+                data.extend_from_slice(&c);
+            }
+        }
+    }
+    let mut t = vec![0u8; tail];
+    rng.fill(&mut t);
+    data.extend_from_slice(&t);
+    std::fs::write(path, &data).unwrap();
+    distinct_nonzero(&data, cs)
+}
+
+/// Distinct non-zero cluster contents of `data` (last cluster zero-padded).
+pub fn distinct_nonzero(data: &[u8], cs: usize) -> usize {
+    let mut set = std::collections::HashSet::new();
+    for c in data.chunks(cs) {
+        let mut v = c.to_vec();
+        v.resize(cs, 0);
+        if v.iter().any(|b| *b != 0) {
+            set.insert(v);
+        }
+    }
+    set.len()
+}
+
+/// What a qcow2 image's metadata says, read with the format modules only.
+#[derive(Debug)]
+pub struct Layout {
+    pub header: Header,
+    /// Host data offsets referenced by normal L2 entries → number of references.
+    pub data_refs: HashMap<u64, u64>,
+    /// Normal L2 entries with COPIED set, by host offset.
+    pub copied: Vec<(u64, bool)>,
+    /// Compressed L2 entries.
+    pub compressed: u64,
+    /// Compressed L2 entries with COPIED set (never allowed).
+    pub compressed_copied: u64,
+    /// Host clusters touched by compressed streams → references through streams.
+    pub stream_refs: HashMap<u64, u64>,
+    /// Distinct compressed streams (by descriptor).
+    pub streams: std::collections::HashSet<u64>,
+    /// Stored refcount of a host cluster index.
+    pub refcounts: HashMap<u64, u64>,
+}
+
+fn read(f: &File, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, off).unwrap();
+    b
+}
+
+/// Reads the active L1/L2 tree and the refcounts of every referenced cluster.
+pub fn read_layout(path: &Path) -> Layout {
+    let f = File::open(path).unwrap();
+    let header = Header::decode(&read(&f, 0, 112)).unwrap();
+    header.validate(f.metadata().unwrap().len()).unwrap();
+    let cb = header.cluster_bits;
+    let cs = header.cluster_size() as usize;
+    let l1 = read(&f, header.l1_table_offset, header.l1_size as usize * 8);
+    let mut data_refs = HashMap::new();
+    let mut copied = Vec::new();
+    let mut compressed = 0;
+    let mut compressed_copied = 0;
+    let mut stream_refs: HashMap<u64, u64> = HashMap::new();
+    let mut streams = std::collections::HashSet::new();
+    for e in l1.chunks_exact(8) {
+        let l1e = L1Entry::decode(u64::from_be_bytes(e.try_into().unwrap()));
+        if l1e.l2_offset == 0 {
+            continue;
+        }
+        let l2 = read(&f, l1e.l2_offset, cs);
+        for e in l2.chunks_exact(8) {
+            match L2Entry::decode(u64::from_be_bytes(e.try_into().unwrap()), cb, false) {
+                L2Entry::Normal { offset, copied: c } => {
+                    *data_refs.entry(offset).or_insert(0) += 1;
+                    copied.push((offset, c));
+                }
+                L2Entry::Compressed { desc, copied: c } => {
+                    compressed += 1;
+                    compressed_copied += u64::from(c);
+                    streams.insert(desc.encode(cb));
+                    let (a, b) = desc.clusters(cb);
+                    for h in a..=b {
+                        *stream_refs.entry(h).or_insert(0) += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let rt = read(
+        &f,
+        header.refcount_table_offset,
+        (header.refcount_table_clusters as usize) << cb,
+    );
+    let epb = refcount::entries_per_block(cb, header.refcount_order);
+    let mut refcounts = HashMap::new();
+    for c in data_refs
+        .keys()
+        .map(|o| o >> cb)
+        .chain(stream_refs.keys().copied())
+    {
+        let rb = u64::from_be_bytes(
+            rt[(c / epb) as usize * 8..(c / epb) as usize * 8 + 8]
+                .try_into()
+                .unwrap(),
+        );
+        let block = read(&f, rb, cs);
+        refcounts.insert(c, refcount::get(&block, header.refcount_order, c % epb));
+    }
+    Layout {
+        header,
+        data_refs,
+        copied,
+        compressed,
+        compressed_copied,
+        stream_refs,
+        streams,
+        refcounts,
+    }
+}
+
+/// Lists the entries of `dir`, sorted.
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -1,0 +1,205 @@
+//! `qdedup convert -c`: compressed clusters, checked by qemu-img.
+
+mod common;
+
+use common::*;
+
+fn convert_json(
+    args: &[&str],
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> serde_json::Value {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "convert".into(),
+        "-q".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    a.extend(args.iter().map(Into::into));
+    a.push(input.into());
+    a.push(output.into());
+    let o = qdedup(&a);
+    assert!(
+        o.status.success(),
+        "qdedup convert failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
+/// Clusters of text (compressible), some repeated, some random, some zero.
+fn make_compressible(path: &std::path::Path, cs: usize, n: usize, seed: u64) {
+    let mut rng = qdedup::sample::Rng::new(seed);
+    let mut texts = vec![vec![0u8; cs]; 4];
+    for t in &mut texts {
+        qdedup::sample::fill_text(&mut rng, t);
+    }
+    let mut data = Vec::new();
+    for _ in 0..n {
+        let mut c = vec![0u8; cs];
+        match rng.below(8) {
+            0 => {}
+            1..=3 => c.copy_from_slice(&texts[rng.below(4) as usize]),
+            4..=6 => qdedup::sample::fill_text(&mut rng, &mut c),
+            _ => rng.fill(&mut c),
+        }
+        data.extend_from_slice(&c);
+    }
+    data.extend_from_slice(b"tail that is not a whole cluster");
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn zlib_and_zstd_at_every_cluster_size_are_clean_and_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cs, n) in [(512usize, 900usize), (4096, 300), (65536, 40), (2 << 20, 6)] {
+        let input = dir.path().join(format!("in-{cs}.raw"));
+        make_compressible(&input, cs, n, cs as u64);
+        for codec in ["zlib", "zstd"] {
+            let out = dir.path().join(format!("out-{cs}-{codec}.qcow2"));
+            let r = convert_json(
+                &[
+                    "-c",
+                    "-o",
+                    &format!("cluster_size={cs},compression_type={codec}"),
+                ],
+                &input,
+                &out,
+            );
+            assert_qemu_check_clean(&out);
+            assert_qemu_compare_same(&input, "raw", &out);
+            let info = qemu(
+                "qemu-img",
+                ["info".as_ref(), "--output=json".as_ref(), out.as_os_str()],
+            );
+            let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+            assert_eq!(info["format-specific"]["data"]["compression-type"], codec);
+            let layout = read_layout(&out);
+            assert!(
+                layout.compressed > 0,
+                "{codec} {cs}: some clusters compressed"
+            );
+            assert_eq!(
+                layout.compressed_copied, 0,
+                "compressed entries never carry COPIED"
+            );
+            assert_eq!(
+                r["clusters-compressed"].as_u64().unwrap(),
+                layout.streams.len() as u64,
+                "each content compressed once"
+            );
+            assert!(r["compression-ratio"].as_f64().unwrap() > 1.5);
+            // Stored refcount of every stream cluster = references through streams + plain refs.
+            for (h, refs) in &layout.stream_refs {
+                let plain = layout
+                    .data_refs
+                    .get(&(h << layout.header.cluster_bits))
+                    .copied()
+                    .unwrap_or(0);
+                assert_eq!(layout.refcounts[h], refs + plain, "cluster {h}");
+            }
+        }
+    }
+}
+
+#[test]
+fn refcount_bits_2_with_many_shared_streams_per_cluster_stays_at_most_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    // 20 small contents (a few hundred bytes compressed), each repeated 7 times.
+    let cs = 4096;
+    let mut rng = qdedup::sample::Rng::new(99);
+    let contents: Vec<Vec<u8>> = (0..20)
+        .map(|i| {
+            let mut c = vec![b' '; cs];
+            qdedup::sample::fill_text(&mut rng, &mut c[..200 + i * 10]);
+            c
+        })
+        .collect();
+    let mut data = Vec::new();
+    for round in 0..7 {
+        for (i, c) in contents.iter().enumerate() {
+            if (i + round) % 3 != 0 || round < 5 {
+                data.extend_from_slice(c);
+            }
+        }
+    }
+    std::fs::write(&input, &data).unwrap();
+    let out = dir.path().join("out.qcow2");
+    let r = convert_json(
+        &["-c", "-o", "cluster_size=4k,refcount_bits=2"],
+        &input,
+        &out,
+    );
+    assert_qemu_check_clean(&out);
+    assert_qemu_compare_same(&input, "raw", &out);
+    let layout = read_layout(&out);
+    assert!(
+        layout.refcounts.values().all(|r| *r <= 3),
+        "{:?}",
+        layout.refcounts
+    );
+    assert!(
+        layout.stream_refs.values().any(|r| *r >= 2),
+        "streams share host clusters"
+    );
+    assert!(r["saturation-copies"].as_u64().unwrap() > 0);
+    for zstd in [false, true] {
+        let out = dir.path().join(format!("out-{zstd}.qcow2"));
+        let o = if zstd {
+            "cluster_size=4k,refcount_bits=2,compression_type=zstd"
+        } else {
+            "cluster_size=4k,refcount_bits=2"
+        };
+        convert_json(&["-c", "-o", o, "-m", "2"], &input, &out);
+        assert_qemu_check_clean(&out);
+        assert_qemu_compare_same(&input, "raw", &out);
+    }
+}
+
+#[test]
+fn compressed_output_is_identical_for_any_number_of_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_compressible(&input, 4096, 3000, 5);
+    let reference = dir.path().join("seq.qcow2");
+    convert_json(
+        &["-c", "-m", "0", "-o", "cluster_size=4k"],
+        &input,
+        &reference,
+    );
+    let want = std::fs::read(&reference).unwrap();
+    for m in ["1", "2", "8"] {
+        let out = dir.path().join(format!("m{m}.qcow2"));
+        convert_json(
+            &[
+                "-c",
+                "-m",
+                m,
+                "-o",
+                "cluster_size=4k",
+                "--max-in-flight",
+                "2M",
+            ],
+            &input,
+            &out,
+        );
+        assert!(std::fs::read(&out).unwrap() == want, "{m} workers differ");
+    }
+    assert_qemu_check_clean(&reference);
+}
+
+#[test]
+fn incompressible_data_is_stored_plain() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    let mut rng = qdedup::sample::Rng::new(1);
+    let mut data = vec![0u8; 65536 * 8];
+    rng.fill(&mut data);
+    std::fs::write(&input, &data).unwrap();
+    let out = dir.path().join("out.qcow2");
+    let r = convert_json(&["-c"], &input, &out);
+    assert_eq!(r["clusters-compressed"], 0);
+    assert_eq!(read_layout(&out).data_refs.len(), 8);
+    assert_qemu_compare_same(&input, "raw", &out);
+}

@@ -1,0 +1,358 @@
+//! `qdedup convert` from the command line, with qemu-img as the oracle.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+
+fn convert_ok(
+    args: &[&str],
+    input: &std::path::Path,
+    output: &std::path::Path,
+) -> serde_json::Value {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "convert".into(),
+        "-q".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    a.extend(args.iter().map(Into::into));
+    a.push(input.into());
+    a.push(output.into());
+    let o = qdedup(&a);
+    assert!(
+        o.status.success(),
+        "qdedup convert failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
+#[test]
+fn every_cluster_size_and_refcount_width_gives_a_clean_identical_image() {
+    let dir = tempfile::tempdir().unwrap();
+    for (cs, n) in [(512usize, 700usize), (4096, 300), (65536, 60), (2 << 20, 9)] {
+        let input = dir.path().join(format!("in-{cs}.raw"));
+        // A tail that is not a multiple of the cluster size (nor of 512).
+        let distinct = make_input(&input, cs, n, 777, cs as u64);
+        for bits in [2u32, 16, 64] {
+            let out = dir.path().join(format!("out-{cs}-{bits}.qcow2"));
+            let r = convert_ok(
+                &["-o", &format!("cluster_size={cs},refcount_bits={bits}")],
+                &input,
+                &out,
+            );
+            assert_qemu_check_clean(&out);
+            assert_qemu_compare_same(&input, "raw", &out);
+            let layout = read_layout(&out);
+            assert_eq!(layout.header.cluster_size(), cs as u64);
+            assert_eq!(layout.header.refcount_bits(), bits);
+            // One host cluster per distinct content, plus saturation copies.
+            let sat = r["saturation-copies"].as_u64().unwrap() as usize;
+            assert_eq!(
+                layout.data_refs.len(),
+                distinct + sat,
+                "cs={cs} bits={bits}"
+            );
+            assert_eq!(
+                r["host-data-clusters"].as_u64().unwrap() as usize,
+                distinct + sat
+            );
+            // Refcount = number of references; COPIED iff refcount 1.
+            for (off, refs) in &layout.data_refs {
+                assert_eq!(
+                    layout.refcounts[&(off >> layout.header.cluster_bits)],
+                    *refs
+                );
+            }
+            for (off, copied) in &layout.copied {
+                assert_eq!(*copied, layout.data_refs[off] == 1, "COPIED iff refcount 1");
+            }
+            if bits == 16 {
+                assert_eq!(sat, 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn refcount_bits_2_saturates_at_3_references_per_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    let cs = 4096;
+    let mut rng = qdedup::sample::Rng::new(7);
+    let mut c = vec![0u8; cs];
+    rng.fill(&mut c);
+    std::fs::write(&input, c.repeat(10)).unwrap();
+    let out = dir.path().join("out.qcow2");
+    let r = convert_ok(&["-o", "cluster_size=4k,refcount_bits=2"], &input, &out);
+    assert_qemu_check_clean(&out);
+    assert_qemu_compare_same(&input, "raw", &out);
+    let layout = read_layout(&out);
+    assert_eq!(layout.data_refs.len(), 4, "ceil(10/3) host copies");
+    assert!(layout.refcounts.values().all(|r| *r <= 3));
+    assert_eq!(layout.data_refs.values().sum::<u64>(), 10);
+    assert_eq!(r["saturation-copies"], 3);
+}
+
+#[test]
+fn refcount_bits_1_stores_copies_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    std::fs::write(&input, vec![0x5au8; 65536 * 4]).unwrap();
+    let out = dir.path().join("out.qcow2");
+    let r = convert_ok(&["-o", "refcount_bits=1"], &input, &out);
+    assert_qemu_check_clean(&out);
+    assert_qemu_compare_same(&input, "raw", &out);
+    assert_eq!(read_layout(&out).data_refs.len(), 4);
+    assert!(r["notes"][0].as_str().unwrap().contains("no sharing"));
+}
+
+#[test]
+fn no_dedup_stores_every_non_zero_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_input(&input, 65536, 40, 0, 3);
+    let data = std::fs::read(&input).unwrap();
+    let nonzero = data
+        .chunks(65536)
+        .filter(|c| c.iter().any(|b| *b != 0))
+        .count();
+    let out = dir.path().join("out.qcow2");
+    let r = convert_ok(&["--no-dedup"], &input, &out);
+    assert_qemu_check_clean(&out);
+    assert_qemu_compare_same(&input, "raw", &out);
+    assert_eq!(read_layout(&out).data_refs.len(), nonzero);
+    assert_eq!(r["clusters-duplicate"], 0);
+}
+
+#[test]
+fn output_is_identical_for_any_number_of_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    // Several batches, so that workers finish out of order.
+    make_input(&input, 4096, 6000, 100, 11);
+    let reference = dir.path().join("seq.qcow2");
+    convert_ok(&["-m", "0", "-o", "cluster_size=4k"], &input, &reference);
+    let want = std::fs::read(&reference).unwrap();
+    for m in ["1", "2", "8"] {
+        let out = dir.path().join(format!("m{m}.qcow2"));
+        convert_ok(
+            &["-m", m, "-o", "cluster_size=4k", "--max-in-flight", "4M"],
+            &input,
+            &out,
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == want,
+            "{m} workers differ from the sequential converter"
+        );
+    }
+    assert_qemu_check_clean(&reference);
+    assert_qemu_compare_same(&input, "raw", &reference);
+}
+
+#[test]
+fn empty_and_tiny_inputs_convert() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes) in [
+        ("empty", vec![]),
+        ("one", vec![1u8]),
+        ("zeros", vec![0u8; 70000]),
+    ] {
+        let input = dir.path().join(format!("{name}.raw"));
+        std::fs::write(&input, &bytes).unwrap();
+        let out = dir.path().join(format!("{name}.qcow2"));
+        let r = convert_ok(&[], &input, &out);
+        assert_eq!(
+            r["virtual-size"].as_u64().unwrap(),
+            (bytes.len() as u64).div_ceil(512) * 512
+        );
+        assert_qemu_check_clean(&out);
+        assert_qemu_compare_same(&input, "raw", &out);
+    }
+}
+
+#[test]
+fn sparse_terabyte_converts_about_as_fast_as_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let dense = dir.path().join("dense.raw");
+    let sparse = dir.path().join("sparse.raw");
+    let mut rng = qdedup::sample::Rng::new(5);
+    let mut chunk = vec![0u8; 1 << 20];
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(1 << 40).unwrap();
+    let mut all = Vec::new();
+    for i in 0..64u64 {
+        rng.fill(&mut chunk);
+        std::os::unix::fs::FileExt::write_all_at(&f, &chunk, i * (16 << 30) + (i << 20)).unwrap();
+        all.extend_from_slice(&chunk);
+    }
+    drop(f);
+    std::fs::write(&dense, &all).unwrap();
+    let t = Instant::now();
+    convert_ok(&["--no-sync"], &dense, &dir.path().join("dense.qcow2"));
+    let dense_time = t.elapsed();
+    let t = Instant::now();
+    let out = dir.path().join("sparse.qcow2");
+    let r = convert_ok(&["--no-sync"], &sparse, &out);
+    let sparse_time = t.elapsed();
+    assert_eq!(
+        r["bytes-read"].as_u64().unwrap(),
+        64 << 20,
+        "holes are not read"
+    );
+    assert!(
+        sparse_time < dense_time * 10 + std::time::Duration::from_secs(2),
+        "sparse {sparse_time:?} vs dense {dense_time:?}"
+    );
+    assert_qemu_check_clean(&out);
+}
+
+fn assert_fails_cleanly(
+    args: &[&std::ffi::OsStr],
+    dir: &std::path::Path,
+    before: &[String],
+) -> String {
+    let o = qdedup(args);
+    assert!(!o.status.success());
+    assert_ne!(o.status.code(), Some(101), "no panic");
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.trim().lines().count(), 1, "one-line error, got: {err}");
+    assert_eq!(dir_entries(dir), before, "no file left behind");
+    err
+}
+
+#[test]
+fn bad_paths_give_one_line_errors_and_leave_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.raw");
+    std::fs::write(&input, vec![1u8; 4096]).unwrap();
+    let existing = d.join("existing.qcow2");
+    std::fs::write(&existing, b"keep me").unwrap();
+    let before = dir_entries(d);
+    let c = |s: &str| std::ffi::OsString::from(s);
+
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            d.join("missing.raw").as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("missing.raw"), "{e}");
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            d.as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("directory"), "{e}");
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            existing.as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("exists"), "{e}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            input.as_os_str(),
+            c("--force").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("is the input"), "{e}");
+    // The same file under another name is still the input.
+    let other = d.join(".").join("in.raw");
+    assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            other.as_os_str(),
+            c("--force").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert_eq!(
+        std::fs::read(&input).unwrap(),
+        vec![1u8; 4096],
+        "input untouched"
+    );
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            input.as_os_str(),
+            d.join("no/such/dir/o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("no/such/dir"), "{e}");
+    let e = assert_fails_cleanly(
+        &[
+            c("convert").as_os_str(),
+            c("-o").as_os_str(),
+            c("cluster_size=1000").as_os_str(),
+            input.as_os_str(),
+            d.join("o.qcow2").as_os_str(),
+        ],
+        d,
+        &before,
+    );
+    assert!(e.contains("cluster_size"), "{e}");
+}
+
+#[test]
+fn force_replaces_an_existing_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_input(&input, 65536, 20, 0, 9);
+    let out = dir.path().join("out.qcow2");
+    std::fs::write(&out, b"old").unwrap();
+    convert_ok(&["--force"], &input, &out);
+    assert_qemu_check_clean(&out);
+    assert_qemu_compare_same(&input, "raw", &out);
+    assert_eq!(dir_entries(dir.path()), vec!["in.raw", "out.qcow2"]);
+}
+
+#[test]
+fn human_report_names_the_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_input(&input, 65536, 20, 0, 2);
+    let out = dir.path().join("out.qcow2");
+    let o = qdedup([
+        std::ffi::OsStr::new("convert"),
+        input.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success());
+    let s = String::from_utf8_lossy(&o.stdout);
+    for w in [
+        "virtual size",
+        "zero",
+        "unique",
+        "duplicate",
+        "read",
+        "written",
+        "saved",
+        "MB/s",
+    ] {
+        assert!(s.contains(w), "missing {w} in {s}");
+    }
+}

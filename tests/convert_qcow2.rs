@@ -1,0 +1,470 @@
+//! `qdedup convert` of qcow2 inputs made by qemu-img/qemu-io: the output must pass
+//! `qemu-img check` and `qemu-img compare` against the input as QEMU sees it.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use common::*;
+
+fn img(args: &[&str]) {
+    let o = qemu("qemu-img", args);
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+fn io(path: &Path, fmt: &str, cmds: &[&str]) {
+    let mut a: Vec<&OsStr> = vec!["-f".as_ref(), fmt.as_ref()];
+    for c in cmds {
+        a.push("-c".as_ref());
+        a.push(c.as_ref());
+    }
+    a.push(path.as_os_str());
+    let o = qemu("qemu-io", a);
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("error") && !String::from_utf8_lossy(&o.stdout).contains("error"),
+        "{err}"
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Converts with qdedup (extra args first), then checks and compares with qemu-img.
+fn convert_and_verify(input: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut a: Vec<&OsStr> = vec![
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+    ];
+    a.extend(extra.iter().map(|e| OsStr::new(*e)));
+    a.push(input.as_os_str());
+    a.push(out.as_os_str());
+    let o = qdedup(&a);
+    assert!(
+        o.status.success(),
+        "qdedup convert {}: {}",
+        input.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_qemu_check_clean(out);
+    assert_qemu_compare_same(input, "qcow2", out);
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["input-format"], "qcow2");
+    r
+}
+
+/// Writes data with duplicates, unique clusters and text into a qcow2 image.
+fn fill(path: &Path, cs: u64) {
+    let c = cs.max(4096);
+    let cmds = [
+        format!("write -P 0xab 0 {}", 3 * c),
+        format!("write -P 0xab {} {}", 8 * c, 2 * c),
+        format!("write -P 0x11 {} {}", 5 * c, c),
+        format!("write -P 0xcd {} 1000", 12 * c + 100),
+        format!("write -P 0x11 {} {}", 20 * c, c),
+    ];
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    io(path, "qcow2", &cmds);
+}
+
+struct Dir(tempfile::TempDir);
+impl Dir {
+    fn new() -> Self {
+        Dir(tempfile::tempdir().unwrap())
+    }
+    fn p(&self, name: &str) -> PathBuf {
+        self.0.path().join(name)
+    }
+}
+
+#[test]
+fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
+    let d = Dir::new();
+    let v2 = d.p("v2.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        s(&v2),
+        "4M",
+    ]);
+    fill(&v2, 65536);
+    let r = convert_and_verify(&v2, &d.p("v2.out"), &[]);
+    assert!(
+        r["clusters-duplicate"].as_u64().unwrap() > 0,
+        "duplicates shared: {r}"
+    );
+    for cs in ["512", "4096", "65536", "2M"] {
+        let p = d.p(&format!("v3-{cs}.qcow2"));
+        img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("cluster_size={cs}"),
+            s(&p),
+            "64M",
+        ]);
+        fill(&p, 65536);
+        convert_and_verify(&p, &d.p(&format!("v3-{cs}.out")), &[]);
+    }
+}
+
+#[test]
+fn compressed_inputs_in_zlib_and_zstd_convert_clean() {
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    make_input(&raw, 65536, 40, 0, 1);
+    for codec in ["zlib", "zstd"] {
+        let c = d.p(&format!("{codec}.qcow2"));
+        img(&[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={codec}"),
+            s(&raw),
+            s(&c),
+        ]);
+        convert_and_verify(&c, &d.p(&format!("{codec}.out")), &[]);
+        convert_and_verify(&c, &d.p(&format!("{codec}.c.out")), &["-c"]);
+    }
+}
+
+#[test]
+fn zero_clusters_with_and_without_unmap_read_as_zero() {
+    let d = Dir::new();
+    let base = d.p("base.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
+    io(&base, "qcow2", &["write -P 0x55 0 4M"]);
+    let top = d.p("top.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    io(
+        &top,
+        "qcow2",
+        &[
+            "write -P 0x66 0 1M",
+            "write -z 64k 128k",
+            "write -z -u 512k 256k",
+            "write -z 2M 64k",
+            "write -z -u 3M 64k",
+        ],
+    );
+    let r = convert_and_verify(&top, &d.p("top.out"), &[]);
+    assert!(r["clusters-zero"].as_u64().unwrap() >= 8, "{r}");
+}
+
+#[test]
+fn extended_l2_partial_subcluster_writes_over_a_backing_file() {
+    let d = Dir::new();
+    let base = d.p("base.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    io(&base, "qcow2", &["write -P 0x77 0 8M"]);
+    let top = d.p("top.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        "-b",
+        s(&base),
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    io(
+        &top,
+        "qcow2",
+        &[
+            "write -P 0x88 2k 2k",
+            "write -P 0x99 70k 5k",
+            "write -z 200k 4k",
+            "write -P 0x88 1M 64k",
+        ],
+    );
+    convert_and_verify(&top, &d.p("top.out"), &[]);
+}
+
+#[test]
+fn backing_chains_raw_three_levels_and_shorter_backing_are_flattened() {
+    let d = Dir::new();
+    // Raw backing.
+    let raw = d.p("base.raw");
+    make_input(&raw, 65536, 32, 0, 4);
+    let top = d.p("over-raw.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&raw),
+        "-F",
+        "raw",
+        s(&top),
+    ]);
+    io(&top, "qcow2", &["write -P 0x12 64k 64k"]);
+    convert_and_verify(&top, &d.p("over-raw.out"), &[]);
+    // Three qcow2 levels, relative backing names.
+    let l1 = d.p("l1.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&l1), "8M"]);
+    io(&l1, "qcow2", &["write -P 0x01 0 8M"]);
+    let l2 = d.p("l2.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "l1.qcow2",
+        "-F",
+        "qcow2",
+        s(&l2),
+    ]);
+    io(&l2, "qcow2", &["write -P 0x02 1M 1M"]);
+    let l3 = d.p("l3.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "l2.qcow2",
+        "-F",
+        "qcow2",
+        s(&l3),
+    ]);
+    io(
+        &l3,
+        "qcow2",
+        &["write -P 0x03 1536k 1M", "write -P 0x01 6M 64k"],
+    );
+    let r = convert_and_verify(&l3, &d.p("l3.out"), &[]);
+    assert!(
+        r["clusters-duplicate"].as_u64().unwrap() > 100,
+        "the chain's repeated pattern is shared: {r}"
+    );
+    // The top layer alone equals QEMU's view with "backing": null.
+    let alone = d.p("l3-alone.out");
+    let o = qdedup([
+        "convert".as_ref(),
+        "--backing-chain".as_ref(),
+        "none".as_ref(),
+        l3.as_os_str(),
+        alone.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let view = d.p("alone.raw");
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        s(&l3)
+    );
+    img(&["convert", "-O", "raw", &spec, s(&view)]);
+    assert_qemu_compare_same(&view, "raw", &alone);
+    assert_qemu_check_clean(&alone);
+    // A backing file shorter than the overlay reads as zeros past its end.
+    let short = d.p("short.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&short), "1M"]);
+    io(&short, "qcow2", &["write -P 0x44 0 1M"]);
+    let long = d.p("long.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        s(&short),
+        "-F",
+        "qcow2",
+        s(&long),
+        "4M",
+    ]);
+    io(&long, "qcow2", &["write -P 0x45 3M 64k"]);
+    convert_and_verify(&long, &d.p("long.out"), &[]);
+}
+
+#[test]
+fn snapshots_convert_the_active_layer_or_a_named_view() {
+    let d = Dir::new();
+    let p = d.p("snap.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&p), "4M"]);
+    io(&p, "qcow2", &["write -P 0x21 0 2M"]);
+    img(&["snapshot", "-c", "first", s(&p)]);
+    io(&p, "qcow2", &["write -P 0x22 1M 2M"]);
+    convert_and_verify(&p, &d.p("active.out"), &[]);
+    for sel in ["first", "1"] {
+        let out = d.p(&format!("snap-{sel}.out"));
+        let o = qdedup([
+            "convert".as_ref(),
+            "-l".as_ref(),
+            sel.as_ref(),
+            p.as_os_str(),
+            out.as_os_str(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let view = d.p(&format!("view-{sel}.raw"));
+        img(&[
+            "convert",
+            "-l",
+            "snapshot.name=first",
+            "-O",
+            "raw",
+            s(&p),
+            s(&view),
+        ]);
+        assert_qemu_compare_same(&view, "raw", &out);
+        assert_qemu_check_clean(&out);
+    }
+    let o = qdedup([
+        "convert".as_ref(),
+        "-l".as_ref(),
+        "nope".as_ref(),
+        p.as_os_str(),
+        d.p("x.out").as_os_str(),
+    ]);
+    assert!(!o.status.success());
+    assert!(!d.p("x.out").exists());
+}
+
+#[test]
+fn converting_a_qdedup_output_again_keeps_content_and_host_clusters() {
+    let d = Dir::new();
+    let raw = d.p("in.raw");
+    make_input(&raw, 4096, 500, 0, 8);
+    let once = d.p("once.qcow2");
+    let r1 = convert_and_verify_raw(&raw, &once);
+    let twice = d.p("twice.qcow2");
+    let r2 = convert_and_verify(&once, &twice, &["-o", "cluster_size=4k"]);
+    assert_qemu_compare_same(&raw, "raw", &twice);
+    assert!(r2["host-data-clusters"].as_u64() <= r1["host-data-clusters"].as_u64());
+    assert_eq!(
+        read_layout(&once).data_refs.len(),
+        read_layout(&twice).data_refs.len()
+    );
+}
+
+fn convert_and_verify_raw(raw: &Path, out: &Path) -> serde_json::Value {
+    let o = qdedup([
+        "convert".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        "-o".as_ref(),
+        "cluster_size=4k".as_ref(),
+        raw.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success());
+    assert_qemu_check_clean(out);
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn a_mostly_empty_terabyte_qcow2_converts_in_seconds() {
+    let d = Dir::new();
+    let p = d.p("big.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&p), "1T"]);
+    io(
+        &p,
+        "qcow2",
+        &[
+            "write -P 0x31 0 1M",
+            "write -P 0x32 500G 1M",
+            "write -P 0x31 1023G 1M",
+        ],
+    );
+    let t = std::time::Instant::now();
+    let r = convert_and_verify(&p, &d.p("big.out"), &["--no-sync"]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        r["bytes-read"].as_u64().unwrap(),
+        3 << 20,
+        "only allocated clusters are read"
+    );
+}
+
+fn assert_refused(input: &Path, d: &Dir, what: &str) {
+    let out = d.p("refused.out");
+    let o = qdedup(["convert".as_ref(), input.as_os_str(), out.as_os_str()]);
+    assert!(!o.status.success());
+    assert_ne!(o.status.code(), Some(101), "no panic");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.to_lowercase().contains(what),
+        "expected {what:?} in {err}"
+    );
+    assert!(!out.exists());
+    assert!(!dir_entries(d.0.path())
+        .iter()
+        .any(|n| n.ends_with(".qdedup-tmp")));
+}
+
+#[test]
+fn encrypted_unknown_feature_and_truncated_images_are_refused_by_name() {
+    let d = Dir::new();
+    let enc = d.p("enc.qcow2");
+    img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=sec0,data=abc",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        s(&enc),
+        "1M",
+    ]);
+    assert_refused(&enc, &d, "encrypt");
+    let unk = d.p("unknown.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&unk), "1M"]);
+    let mut b = std::fs::read(&unk).unwrap();
+    b[72 + 7] |= 0x80; // incompatible feature bit 7
+    std::fs::write(&unk, &b).unwrap();
+    assert_refused(&unk, &d, "incompatible feature");
+    let tr = d.p("truncated.qcow2");
+    img(&["create", "-q", "-f", "qcow2", s(&tr), "4M"]);
+    io(&tr, "qcow2", &["write -P 0x5a 0 4M"]);
+    let len = std::fs::metadata(&tr).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tr)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_refused(&tr, &d, "corrupt");
+}

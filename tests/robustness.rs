@@ -1,0 +1,294 @@
+//! Interrupts, kills, full disks and failing inputs: OUT never exists half-written,
+//! temporary files don't survive, nothing panics.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use qdedup::convert::{self, ConvertOptions};
+use qdedup::source::{BlockStatus, Source};
+
+/// Writes `mib` MiB of unique (non-repeating, non-zero) 4 KiB blocks, quickly.
+fn big_unique_input(path: &Path, mib: usize) {
+    let mut rng = qdedup::sample::Rng::new(3);
+    let mut chunk = vec![0u8; 1 << 20];
+    rng.fill(&mut chunk);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for i in 0..mib {
+        for (j, block) in chunk.chunks_mut(4096).enumerate() {
+            block[..8].copy_from_slice(&((i * 256 + j) as u64).to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+}
+
+fn temporaries(dir: &Path) -> Vec<String> {
+    dir_entries(dir)
+        .into_iter()
+        .filter(|n| n.ends_with(".qdedup-tmp"))
+        .collect()
+}
+
+fn spawn_convert(args: &[&std::ffi::OsStr]) -> Child {
+    Command::new(qdedup_bin())
+        .arg("convert")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_temp(dir: &Path, child: &mut Child) {
+    let t = Instant::now();
+    while temporaries(dir).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "conversion ended before it could be interrupted"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no temporary file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let s = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(s.success());
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    input: PathBuf,
+    out: PathBuf,
+}
+
+fn setup(mib: usize) -> Setup {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().to_path_buf();
+    let input = dir.join("in.raw");
+    big_unique_input(&input, mib);
+    Setup {
+        out: dir.join("out.qcow2"),
+        _dir: d,
+        dir,
+        input,
+    }
+}
+
+#[test]
+fn ctrl_c_stops_promptly_removes_the_temp_file_and_exits_130() {
+    let s = setup(1024);
+    let mut child = spawn_convert(&[
+        "-m".as_ref(),
+        "1".as_ref(),
+        s.input.as_os_str(),
+        s.out.as_os_str(),
+    ]);
+    wait_for_temp(&s.dir, &mut child);
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    signal(&child, "INT");
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "stopped in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert_eq!(
+        dir_entries(&s.dir),
+        vec!["in.raw"],
+        "no output, no temporary file"
+    );
+}
+
+#[test]
+fn sigkill_never_leaves_a_half_written_output_and_a_later_run_cleans_up() {
+    let s = setup(512);
+    std::fs::write(&s.out, b"previous output").unwrap();
+    for delay_ms in [0u64, 30, 150, 400, 900] {
+        let mut child =
+            spawn_convert(&["--force".as_ref(), s.input.as_os_str(), s.out.as_os_str()]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let now = std::fs::read(&s.out).unwrap();
+        if status.success() {
+            // It finished before the kill: then OUT is complete and sound.
+            assert_qemu_check_clean(&s.out);
+            std::fs::write(&s.out, b"previous output").unwrap();
+        } else {
+            assert_eq!(
+                now, b"previous output",
+                "OUT untouched after a kill at {delay_ms} ms"
+            );
+        }
+        // Leftovers, if any, are clearly named after OUT.
+        for t in temporaries(&s.dir) {
+            assert!(t.starts_with(".out.qcow2."), "{t}");
+        }
+    }
+    // A later successful run removes the stale temporary files and says so.
+    let small = s.dir.join("small.raw");
+    std::fs::write(&small, vec![7u8; 100_000]).unwrap();
+    let had_stale = !temporaries(&s.dir).is_empty();
+    let o = qdedup([
+        "convert".as_ref(),
+        "--force".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        small.as_os_str(),
+        s.out.as_os_str(),
+    ]);
+    assert!(o.status.success());
+    assert!(temporaries(&s.dir).is_empty(), "stale temporaries removed");
+    if had_stale {
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(r["notes"].to_string().contains("interrupted run"), "{r}");
+    }
+    assert_qemu_compare_same(&small, "raw", &s.out);
+}
+
+#[test]
+fn a_full_disk_gives_a_clear_error_and_removes_the_temp_file() {
+    let s = setup(64);
+    let o = Command::new("prlimit")
+        .arg("--fsize=8388608")
+        .arg("--")
+        .arg(qdedup_bin())
+        .arg("convert")
+        .arg(&s.input)
+        .arg(&s.out)
+        .output()
+        .expect("prlimit (util-linux) is required");
+    assert!(!o.status.success());
+    assert_ne!(o.status.code(), Some(101));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("cannot write the output"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(dir_entries(&s.dir), vec!["in.raw"]);
+}
+
+#[test]
+fn an_input_truncated_while_converting_is_a_read_error() {
+    let s = setup(1024);
+    let mut child = spawn_convert(&[
+        "-m".as_ref(),
+        "1".as_ref(),
+        s.input.as_os_str(),
+        s.out.as_os_str(),
+    ]);
+    wait_for_temp(&s.dir, &mut child);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&s.input)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert_ne!(out.status.code(), Some(101));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("input ended early"), "{err}");
+    assert_eq!(dir_entries(&s.dir), vec!["in.raw"]);
+}
+
+/// A source whose reads fail after `ok_reads` calls.
+struct FailingSource {
+    size: u64,
+    ok_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Source for FailingSource {
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn block_status(&self, offset: u64, max_len: u64) -> qdedup::Result<(BlockStatus, u64)> {
+        Ok((BlockStatus::Data, max_len.min(self.size - offset)))
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> qdedup::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self
+            .ok_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(qdedup::Error::io(
+                "injected read failure",
+                std::io::ErrorKind::Other.into(),
+            ));
+        }
+        buf.fill((offset >> 16) as u8 | 1);
+        Ok(())
+    }
+    fn format_name(&self) -> &'static str {
+        "test"
+    }
+}
+
+#[test]
+fn a_failing_read_at_any_point_fails_the_conversion_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.qcow2");
+    for ok_reads in [0usize, 1, 3, 7] {
+        for workers in [0usize, 1, 2] {
+            let src = FailingSource {
+                size: 32 << 20,
+                ok_reads: ok_reads.into(),
+            };
+            let opts = ConvertOptions {
+                workers,
+                max_in_flight: 4 << 20,
+                ..ConvertOptions::default()
+            };
+            let e = convert::convert(Path::new("in"), &out, &src, &opts).unwrap_err();
+            assert!(e.to_string().contains("injected read failure"), "{e}");
+            assert!(
+                dir_entries(dir.path()).is_empty(),
+                "nothing left after failing at read {ok_reads}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_failing_write_at_any_point_is_an_error_not_a_panic() {
+    let src = FailingSource {
+        size: 8 << 20,
+        ok_reads: usize::MAX.into(),
+    };
+    let opts = ConvertOptions {
+        workers: 2,
+        max_in_flight: 1 << 20,
+        ..ConvertOptions::default()
+    };
+    let mut n = 0;
+    loop {
+        let mut mem = qdedup::io::MemFile::new(Vec::new());
+        mem.fail_after_writes = Some(n);
+        match convert::convert_to(&src, &mem, &opts) {
+            Err(e) => assert!(e.to_string().contains("injected write failure"), "{e}"),
+            Ok(_) => break,
+        }
+        n += 1;
+    }
+    // Every write (data, L2, L1, refcount blocks, table, header) was made to fail once.
+    assert!(n >= 6, "only {n} writes");
+}
