@@ -875,19 +875,19 @@ fn json_report_uses_qemus_names_and_ours_in_kebab_case() {
     let p = populated(dir.path(), "json.qcow2", "compat=1.1");
     let img = Img::open(&p);
     img.set_refcount(0, 2);
-    let e = img.l2_entry(0, 0);
-    img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    let entry = img.l2_entry(0, 0);
+    img.put_u64(entry, img.u64_at(entry) & !QCOW_OFLAG_COPIED);
     let r = ours(&p);
-    let j = serde_json::to_value(&r).unwrap();
-    assert_eq!(j["filename"], p.to_str().unwrap());
-    assert_eq!(j["format"], "qcow2");
-    assert_eq!(j["check-errors"], 0);
-    assert_eq!(j["leaks"], 1);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["filename"], p.to_str().unwrap());
+    assert_eq!(json["format"], "qcow2");
+    assert_eq!(json["check-errors"], 0);
+    assert_eq!(json["leaks"], 1);
     assert!(
-        j.get("corruptions").is_none(),
-        "zero qemu fields are omitted: {j:#}"
+        json.get("corruptions").is_none(),
+        "zero qemu fields are omitted: {json:#}"
     );
-    assert_eq!(j["relaxed-copied"], 1);
+    assert_eq!(json["relaxed-copied"], 1);
     for k in [
         "shared-clusters",
         "max-refcount",
@@ -896,19 +896,19 @@ fn json_report_uses_qemus_names_and_ours_in_kebab_case() {
         "total-clusters",
         "allocated-clusters",
     ] {
-        assert!(j[k].is_u64(), "{k} in {j:#}");
+        assert!(json[k].is_u64(), "{k} in {json:#}");
     }
-    let f = &j["findings"];
-    assert_eq!(f[0]["class"], "leak");
-    assert_eq!(f[0]["kind"], "leaked-cluster");
-    assert_eq!(f[0]["structure"], "cluster");
-    assert_eq!(f[0]["offset"], 0);
-    assert!(f[0]["message"]
+    let findings = &json["findings"];
+    assert_eq!(findings[0]["class"], "leak");
+    assert_eq!(findings[0]["kind"], "leaked-cluster");
+    assert_eq!(findings[0]["structure"], "cluster");
+    assert_eq!(findings[0]["offset"], 0);
+    assert!(findings[0]["message"]
         .as_str()
         .unwrap()
         .contains("refcount=2 reference=1"));
-    assert_eq!(f[1]["class"], "relaxed-copied");
-    assert_eq!(f[1]["offset"], e);
+    assert_eq!(findings[1]["class"], "relaxed-copied");
+    assert_eq!(findings[1]["offset"], entry);
     assert_eq!(r.exit_code(), 3);
     let human = r.human();
     assert!(
@@ -961,4 +961,97 @@ fn an_interrupted_repair_leaves_a_sound_image() {
         }
     }
     assert!(completed, "the repair finishes with enough writes");
+}
+
+// ---------------------------------------------------------------- CLI
+
+fn qdedup(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_qdedup")).args(args));
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_check_prints_like_qemu_img_and_exits_with_its_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "cli.qcow2", "compat=1.1");
+    let a = |s: &'static str| std::ffi::OsStr::new(s);
+    let (code, out, _) = qdedup(&[a("check"), p.as_os_str()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("No errors were found on the image.\n"),
+        "{out}"
+    );
+
+    Img::open(&p).set_refcount(0, 2);
+    let (code, out, err) = qdedup(&[a("check"), p.as_os_str()]);
+    assert_eq!(code, 3);
+    assert!(out.contains("1 leaked clusters were found"), "{out}");
+    assert!(
+        err.contains("Leaked cluster at 0x0: cluster 0 refcount=2 reference=1"),
+        "{err}"
+    );
+
+    let (code, out, _) = qdedup(&[
+        a("check"),
+        a("--output"),
+        a("json"),
+        a("--repair"),
+        a("leaks"),
+        p.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["leaks-fixed"], 1);
+    assert_eq!(j["repair"], "leaks");
+
+    let e = Img::open(&p).l2_entry(0, 0);
+    let img = Img::open(&p);
+    img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    assert_eq!(qdedup(&[a("check"), p.as_os_str()]).0, 0);
+    assert_eq!(qdedup(&[a("check"), a("--strict"), p.as_os_str()]).0, 2);
+
+    let raw = dir.path().join("not.qcow2");
+    fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let (code, _, err) = qdedup(&[a("check"), raw.as_os_str()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+#[test]
+fn images_qdedup_converts_check_clean_with_their_sharing_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("dup.raw");
+    let block = semi_compressible(256 << 10, 5);
+    let mut data = block.clone();
+    data.extend(vec![0u8; 128 << 10]);
+    data.extend(&block);
+    data.extend(&block);
+    fs::write(&raw, &data).unwrap();
+    for compress in [false, true] {
+        let out = dir.path().join(format!("out-{compress}.qcow2"));
+        let mut args = vec!["convert", "-q", "--force"];
+        if compress {
+            args.push("-c");
+        }
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        args.push(raw.as_os_str());
+        args.push(out.as_os_str());
+        let (code, _, err) = qdedup(&args);
+        assert_eq!(code, 0, "{err}");
+        let r = ours(&out);
+        assert!(r.is_clean(), "{}", r.human());
+        assert_eq!(r.relaxed_copied, 0);
+        if compress {
+            assert_eq!(r.shared_compressed_streams, 4, "{}", r.human());
+        } else {
+            assert_eq!(r.shared_clusters, 4, "{}", r.human());
+            assert_eq!(r.bytes_saved_by_sharing, 8 * r.cluster_size);
+            assert_eq!(r.max_refcount, 3);
+        }
+        assert_same_figures(&out, &r);
+    }
 }

@@ -187,6 +187,7 @@ fn report_of<R: ReadAt + ?Sized>(
         relaxed_copied: t.relaxed_copied,
         relaxed_copied_fixed: 0,
         shared_clusters: ck.share.shared_clusters,
+        shared_compressed_streams: ck.share.shared_streams,
         max_refcount: ck.share.max_refcount,
         bytes_saved_by_sharing: ck.share.bytes_saved,
         strict: opts.strict,

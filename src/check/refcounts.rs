@@ -22,7 +22,7 @@
 //! cluster past the end of the file), plus the active L1 and refcount tables, which
 //! `Header::validate` has bounded by the file size.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::decompress::{verify_streams, Inflater};
 use super::image::Image;
@@ -79,6 +79,7 @@ pub(crate) struct FragInfo {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ShareInfo {
     pub shared_clusters: u64,
+    pub shared_streams: u64,
     pub max_refcount: u64,
     pub bytes_saved: u64,
 }
@@ -115,6 +116,9 @@ pub(crate) struct Checker<'a, R: ReadAt + ?Sized> {
     pub copied_fixes: Vec<CopiedFix>,
     pub frag: FragInfo,
     pub share: ShareInfo,
+    /// References per compressed stream (by host offset) and its length, for the
+    /// dedup figures: one entry per distinct stream.
+    streams: HashMap<u64, (u32, u64)>,
     pub snapshots: Vec<Snapshot>,
     snapshots_size: u64,
     pub image_end_offset: u64,
@@ -180,6 +184,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             copied_fixes: Vec::new(),
             frag: FragInfo::default(),
             share: ShareInfo::default(),
+            streams: HashMap::new(),
             snapshots: Vec::new(),
             snapshots_size: 0,
             image_end_offset: 0,
@@ -536,6 +541,8 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                     self.frag.compressed += 1;
                     self.frag.fragmented += 1;
                 }
+                let n = &mut self.streams.entry(d.host_offset).or_insert((0, csize)).0;
+                *n = n.saturating_add(1);
                 if first_visit && verify {
                     self.pending_streams.push((at, d.host_offset, csize));
                 }
@@ -767,6 +774,13 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             }
         }
         self.image_end_offset = (highest + 1) * cs;
+        for &(n, csize) in self.streams.values() {
+            if n > 1 {
+                self.share.shared_streams += 1;
+                self.share.bytes_saved += u64::from(n - 1) * csize;
+            }
+        }
+        self.streams = HashMap::new();
         Ok(())
     }
 

@@ -173,10 +173,13 @@ pub struct CheckReport {
     pub relaxed_copied_fixed: u64,
     /// Host data clusters referenced more than once (by L2 entries of any table).
     pub shared_clusters: u64,
+    /// Compressed streams referenced by more than one L2 entry.
+    pub shared_compressed_streams: u64,
     /// Highest number of references to any one host cluster.
     pub max_refcount: u64,
-    /// Bytes that sharing saves: Σ (references − 1) · cluster size over shared
-    /// data clusters.
+    /// Host bytes that sharing saves: Σ (references − 1) · cluster size over shared
+    /// data clusters, plus Σ (references − 1) · stream length (to the end of its
+    /// last sector) over shared compressed streams.
     pub bytes_saved_by_sharing: u64,
     /// Whether refcount-1 entries without COPIED were counted as corruptions.
     pub strict: bool,
@@ -320,8 +323,12 @@ impl CheckReport {
         }
         let _ = writeln!(
             s,
-            "Dedup: {} shared clusters, max refcount {}, {} bytes saved by sharing",
-            self.shared_clusters, self.max_refcount, self.bytes_saved_by_sharing
+            "Dedup: {} shared clusters, {} shared compressed streams, max refcount {}, \
+             {} bytes saved by sharing",
+            self.shared_clusters,
+            self.shared_compressed_streams,
+            self.max_refcount,
+            self.bytes_saved_by_sharing
         );
         if self.relaxed_copied > 0 {
             let _ = writeln!(
