@@ -624,6 +624,17 @@ fn misaligned_tables_and_data_are_corruptions() {
     );
     assert_same_figures(&p, &r);
 
+    // An unaligned refcount block: refcount lookups fail (check errors, exit 1).
+    let p = populated(dir.path(), "rb.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let rt = img.h.refcount_table_offset;
+    img.put_u64(rt, img.u64_at(rt) + 512);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 1, "{}", r.human());
+    assert!(has_finding(&r, FindingKind::Unaligned, rt));
+    assert!(r.findings.iter().any(|f| f.class == FindingClass::CheckError));
+    assert_same_figures(&p, &r);
+
     // A snapshot whose L1 table offset is not cluster aligned.
     let p = populated(dir.path(), "snap.qcow2", "compat=1.1");
     qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
@@ -819,6 +830,10 @@ fn mutated_images_never_panic() {
         x
     };
     let opts = CheckOptions::default();
+    let repair = CheckOptions {
+        repair: Some(RepairMode::All),
+        ..CheckOptions::default()
+    };
     for round in 0..400 {
         let mut b = orig.clone();
         for _ in 0..=rnd() % 8 {
@@ -828,7 +843,18 @@ fn mutated_images_never_panic() {
         if round % 50 == 0 {
             b.truncate((rnd() % orig.len() as u64) as usize);
         }
-        let _ = check_image(&MemFile::new(b), "fuzz", &opts);
+        let Ok(before) = check_image(&MemFile::new(b.clone()), "fuzz", &opts) else {
+            continue;
+        };
+        // The fuzz target's oracles: a repair never panics, leaves a clean image
+        // untouched and never adds corruptions.
+        let f = MemFile::new(b.clone());
+        if let Ok(after) = repair_image(&f, "fuzz", &repair) {
+            if before.is_clean() && before.relaxed_copied == 0 {
+                assert_eq!(f.contents(), b);
+            }
+            assert!(after.corruptions <= before.corruptions, "{}", after.human());
+        }
     }
 }
 

@@ -756,7 +756,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 self.share.max_refcount = self.share.max_refcount.max(comp);
                 if role == ROLE_DATA && comp > 1 {
                     self.share.shared_clusters += 1;
-                    self.share.bytes_saved += (comp - 1) * cs;
+                    self.share.bytes_saved = self.share.bytes_saved.saturating_add((comp - 1) * cs);
                 }
             }
             // Refcounts stored for clusters past the end of the file (QEMU does not
@@ -765,10 +765,12 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 for c in first.max(compare_len)..end {
                     let s = refcount::get(&block, order, c - first);
                     if s != 0 {
-                        self.tally
-                            .note(K::RefcountBeyondEof, "cluster", c * cs, || {
-                                format!("cluster {c} past the end of the file has refcount {s}")
-                            });
+                        self.tally.note(
+                            K::RefcountBeyondEof,
+                            "cluster",
+                            c.saturating_mul(cs),
+                            || format!("cluster {c} past the end of the file has refcount {s}"),
+                        );
                     }
                 }
             }
@@ -777,7 +779,10 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         for &(n, csize) in self.streams.values() {
             if n > 1 {
                 self.share.shared_streams += 1;
-                self.share.bytes_saved += u64::from(n - 1) * csize;
+                self.share.bytes_saved = self
+                    .share
+                    .bytes_saved
+                    .saturating_add(u64::from(n - 1) * csize);
             }
         }
         self.streams = HashMap::new();
