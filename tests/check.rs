@@ -632,7 +632,10 @@ fn misaligned_tables_and_data_are_corruptions() {
     let r = ours(&p);
     assert_eq!(r.exit_code(), 1, "{}", r.human());
     assert!(has_finding(&r, FindingKind::Unaligned, rt));
-    assert!(r.findings.iter().any(|f| f.class == FindingClass::CheckError));
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.class == FindingClass::CheckError));
     assert_same_figures(&p, &r);
 
     // A snapshot whose L1 table offset is not cluster aligned.
