@@ -11,9 +11,9 @@
 //! # Ok::<(), qdedup::Error>(())
 //! ```
 //!
-//! What is counted and how findings are classified is described in
-//! [`refcounts`](self) (module docs of the submodules) and in
-//! `docs/format.md`; in short:
+//! What is counted follows QEMU's `qcow2_check_refcounts` (every reference path
+//! counts: an L2 table under two L1 entries, and its data, count twice); findings
+//! are classified as follows:
 //!
 //! - **corruptions**: stored refcount below the number of references; reserved
 //!   bits; unaligned tables or data; references one cluster or more past the end of
