@@ -2,6 +2,8 @@
 //! patch one header or table field. `convert` and `check` must fail with one line
 //! naming the structure and offset, quickly, without a panic or a big allocation.
 
+#![allow(clippy::many_single_char_names, clippy::type_complexity)] // terse test fixtures
+
 mod common;
 
 use std::ffi::OsStr;
