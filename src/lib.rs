@@ -12,4 +12,5 @@ pub use error::{Error, Result};
 pub mod compress;
 pub mod convert;
 pub mod dedup;
+pub mod oracle;
 pub mod sample;
