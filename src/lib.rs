@@ -2,6 +2,7 @@
 //! identical clusters are stored once, and verifies such images.
 #![deny(missing_docs)]
 
+pub mod check;
 pub mod error;
 pub mod format;
 pub mod io;
@@ -12,4 +13,5 @@ pub mod compress;
 pub mod convert;
 pub mod dedup;
 pub mod inspect;
+pub mod oracle;
 pub mod sample;

@@ -73,6 +73,37 @@ pub fn decode_table(
     nb: u32,
     version: u32,
 ) -> Result<(Vec<Snapshot>, u64)> {
+    let (snapshots, len) = decode_table_lenient(table, table_offset, nb)?;
+    if version >= 3 {
+        if let Some((i, s)) = snapshots
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.extra_data_size < V3_MIN_EXTRA)
+        {
+            return Err(Error::corrupt(
+                "snapshot table",
+                s.entry_offset + 36,
+                format!(
+                    "entry {i} is incomplete: {} bytes of extra data, v3 needs 16",
+                    s.extra_data_size
+                ),
+            ));
+        }
+    }
+    Ok((snapshots, len))
+}
+
+/// Extra data a v3 entry must have (vm_state_size and disk_size).
+pub const V3_MIN_EXTRA: u32 = 16;
+
+/// Like [`decode_table`], but accepts v3 entries with less than 16 bytes of extra
+/// data (`qemu-img check` counts those as corruptions rather than refusing the
+/// table); callers look at [`Snapshot::extra_data_size`].
+pub fn decode_table_lenient(
+    table: &[u8],
+    table_offset: u64,
+    nb: u32,
+) -> Result<(Vec<Snapshot>, u64)> {
     let mut pos = 0usize;
     let mut out = Vec::with_capacity((nb as usize).min(table.len() / ENTRY_FIXED + 1));
     for i in 0..nb {
@@ -98,13 +129,6 @@ pub fn decode_table(
                 "snapshot table",
                 at + 36,
                 format!("entry {i}: extra data of {extra} bytes exceeds 1024"),
-            ));
-        }
-        if version >= 3 && extra < 16 {
-            return Err(Error::corrupt(
-                "snapshot table",
-                at + 36,
-                format!("entry {i} is incomplete: {extra} bytes of extra data, v3 needs 16"),
             ));
         }
         let extra = extra as usize;

@@ -88,6 +88,8 @@ pub(crate) struct Mapper {
     l1: Vec<u64>,
     l1_offset: u64,
     file_len: u64,
+    /// Metadata an L2 table must not overlap: `(start, end, name)`.
+    metadata: Vec<(u64, u64, &'static str)>,
     cache: Mutex<L2Cache>,
 }
 
@@ -110,6 +112,7 @@ impl Mapper {
             l1,
             l1_offset,
             file_len,
+            metadata: Vec::new(),
             cache: Mutex::new(L2Cache {
                 capacity,
                 tick: 0,
@@ -120,6 +123,13 @@ impl Mapper {
 
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Records metadata ranges (header, L1 and refcount tables) that no L2 table may
+    /// overlap: an L1 entry pointing there would make us read metadata as guest
+    /// data pointers (iotest 060's "L2 table at the L1 table / header" recipes).
+    pub(crate) fn set_metadata(&mut self, ranges: Vec<(u64, u64, &'static str)>) {
+        self.metadata = ranges;
     }
 
     /// 8-byte words per L2 entry.
@@ -158,6 +168,17 @@ impl Mapper {
                     "L1 entry {l1_index}: L2 table at {l2_off:#x} extends past the end of the file ({} bytes)",
                     self.file_len
                 ),
+            ));
+        }
+        if let Some((_, _, what)) = self
+            .metadata
+            .iter()
+            .find(|(start, end, _)| l2_off < *end && *start < l2_off + cs)
+        {
+            return Err(Error::corrupt(
+                "L1 table",
+                l1_entry,
+                format!("L1 entry {l1_index}: L2 table at {l2_off:#x} overlaps the {what}"),
             ));
         }
         // cs ≤ 2 MiB (validated cluster_bits).

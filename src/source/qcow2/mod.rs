@@ -91,7 +91,7 @@ impl Qcow2Source {
     pub fn from_reader(file: Box<dyn ReadAt>, snapshot: Option<&str>) -> Result<Self> {
         let m = meta::read_meta(file.as_ref(), snapshot)?;
         let compression = m.header.compression()?;
-        let mapper = Mapper::new(
+        let mut mapper = Mapper::new(
             m.header.cluster_bits,
             m.header.extended_l2(),
             m.header.version,
@@ -99,6 +99,23 @@ impl Qcow2Source {
             m.l1_offset,
             m.file_len,
         );
+        // Validated by Header::validate: these sums do not overflow.
+        let h = &m.header;
+        let cs = h.cluster_size();
+        let round = |n: u64| n.div_ceil(cs) * cs;
+        mapper.set_metadata(vec![
+            (0, cs, "header"),
+            (
+                h.l1_table_offset,
+                h.l1_table_offset + round(u64::from(h.l1_size) * 8),
+                "L1 table",
+            ),
+            (
+                h.refcount_table_offset,
+                h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits),
+                "refcount table",
+            ),
+        ]);
         Ok(Qcow2Source {
             file,
             compression,

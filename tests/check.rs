@@ -1,0 +1,1086 @@
+//! `qdedup::check` against images made by qemu-img/qemu-io, with `qemu-img check`
+//! as the oracle. Corruption cases patch a named field at an offset read from the
+//! image's own header and tables. A missing qemu-img fails these tests.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use qdedup::check::{
+    check_file, check_image, repair_image, CheckOptions, CheckReport, FindingClass, FindingKind,
+    RepairMode,
+};
+use qdedup::format::compressed::CompressedDescriptor;
+use qdedup::format::header::Header;
+use qdedup::format::l1l2::{
+    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
+};
+use qdedup::format::refcount;
+use qdedup::io::MemFile;
+use serde_json::Value;
+
+// ---------------------------------------------------------------- qemu tools
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is QEMU installed?): {e}"));
+    out
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = run(Command::new("qemu-img").args(args));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn create(path: &Path, opts: &str, size: &str) {
+    let p = path.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p, size]);
+}
+
+fn qemu_io(path: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.arg("-f").arg("qcow2");
+    for cmd in cmds {
+        c.arg("-c").arg(cmd);
+    }
+    c.arg(path);
+    let out = run(&mut c);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !stdout.contains("error") && !stdout.contains("failed"),
+        "qemu-io {cmds:?} failed: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `qemu-img check --output=json`: exit code and the JSON document.
+fn qemu_check(path: &Path) -> (i32, Value) {
+    qemu_check_args(&[path.to_str().unwrap()])
+}
+
+fn qemu_check_args(args: &[&str]) -> (i32, Value) {
+    let out = run(Command::new("qemu-img")
+        .arg("check")
+        .arg("--output=json")
+        .args(args));
+    let code = out.status.code().expect("qemu-img exited normally");
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check printed no JSON ({e}): {} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, json)
+}
+
+fn ours(path: &Path) -> CheckReport {
+    check_file(path, &CheckOptions::default()).expect("check runs")
+}
+
+fn ours_with(path: &Path, strict: bool, repair: Option<RepairMode>) -> CheckReport {
+    let opts = CheckOptions {
+        strict,
+        repair,
+        ..CheckOptions::default()
+    };
+    check_file(path, &opts).expect("check runs")
+}
+
+const QEMU_FIELDS: [&str; 8] = [
+    "check-errors",
+    "corruptions",
+    "leaks",
+    "image-end-offset",
+    "total-clusters",
+    "allocated-clusters",
+    "fragmented-clusters",
+    "compressed-clusters",
+];
+
+/// Our JSON has every figure qemu-img reports, with the same value, and omits the
+/// zero-valued ones it omits.
+fn assert_same_figures(path: &Path, r: &CheckReport) {
+    assert_same_as(qemu_check(path), path, r);
+}
+
+fn assert_same_as((code, q): (i32, Value), path: &Path, r: &CheckReport) {
+    let o = serde_json::to_value(r).unwrap();
+    for f in QEMU_FIELDS {
+        assert_eq!(
+            o.get(f),
+            q.get(f),
+            "{f} differs for {}: ours {o:#}\nqemu {q:#}",
+            path.display()
+        );
+    }
+    assert_eq!(r.exit_code(), code, "exit code differs: {}", r.human());
+}
+
+fn fields(path: &Path) -> (i32, u64, u64) {
+    let (code, q) = qemu_check(path);
+    let n = |k: &str| q.get(k).and_then(Value::as_u64).unwrap_or(0);
+    (code, n("corruptions"), n("leaks"))
+}
+
+// ---------------------------------------------------------------- raw patching
+
+struct Img {
+    path: PathBuf,
+    h: Header,
+}
+
+impl Img {
+    fn open(path: &Path) -> Img {
+        let b = fs::read(path).unwrap();
+        let h = Header::decode(&b).unwrap();
+        Img {
+            path: path.to_path_buf(),
+            h,
+        }
+    }
+    fn cs(&self) -> u64 {
+        self.h.cluster_size()
+    }
+    fn u64_at(&self, off: u64) -> u64 {
+        let f = fs::File::open(&self.path).unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).unwrap();
+        u64::from_be_bytes(b)
+    }
+    fn put_u64(&self, off: u64, v: u64) {
+        let f = OpenOptions::new().write(true).open(&self.path).unwrap();
+        f.write_all_at(&v.to_be_bytes(), off).unwrap();
+    }
+    fn len(&self) -> u64 {
+        fs::metadata(&self.path).unwrap().len()
+    }
+    /// File offset of active L1 entry `i`.
+    fn l1_entry(&self, i: u64) -> u64 {
+        self.h.l1_table_offset + 8 * i
+    }
+    /// File offset of L2 entry `i` of the L2 table under L1 entry `l1i`.
+    fn l2_entry(&self, l1i: u64, i: u64) -> u64 {
+        let l2 = self.u64_at(self.l1_entry(l1i)) & L1E_OFFSET_MASK;
+        assert_ne!(l2, 0, "no L2 table under L1 entry {l1i}");
+        l2 + i * self.h.l2_entry_size()
+    }
+    /// (file offset of the slot's refcount block, the block bytes) for `cluster`.
+    fn refblock_of(&self, cluster: u64) -> (u64, Vec<u8>) {
+        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
+        let rt = self.u64_at(self.h.refcount_table_offset + 8 * (cluster / epb));
+        let off = rt & !0x1ff;
+        assert_ne!(off, 0, "no refcount block for cluster {cluster}");
+        let mut b = vec![0u8; self.cs() as usize];
+        fs::File::open(&self.path)
+            .unwrap()
+            .read_exact_at(&mut b, off)
+            .unwrap();
+        (off, b)
+    }
+    fn refcount(&self, cluster: u64) -> u64 {
+        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
+        let (_, b) = self.refblock_of(cluster);
+        refcount::get(&b, self.h.refcount_order, cluster % epb)
+    }
+    fn set_refcount(&self, cluster: u64, v: u64) {
+        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
+        let (off, mut b) = self.refblock_of(cluster);
+        refcount::set(&mut b, self.h.refcount_order, cluster % epb, v);
+        let f = OpenOptions::new().write(true).open(&self.path).unwrap();
+        f.write_all_at(&b, off).unwrap();
+    }
+}
+
+/// Bytes that deflate to roughly a third of their size.
+fn semi_compressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b"abcdefgh"[(x % 8) as usize] ^ if x % 97 == 0 { (x >> 8) as u8 } else { 0 }
+        })
+        .collect()
+}
+
+fn has_finding(r: &CheckReport, kind: FindingKind, offset: u64) -> bool {
+    r.findings
+        .iter()
+        .any(|f| f.kind == kind && f.offset == offset)
+}
+
+/// A 4 MiB image with data, duplicates, zeroed and unmapped ranges.
+fn populated(dir: &Path, name: &str, opts: &str) -> PathBuf {
+    let p = dir.join(name);
+    create(&p, opts, "4M");
+    qemu_io(
+        &p,
+        &[
+            "write -P 0x11 0 192k",
+            "write -P 0x22 1M 64k",
+            "write -P 0x11 2M 128k",
+            "write -P 0x33 3M 3k",
+            "write -z 64k 64k",
+            "write -z -u 2M 64k",
+        ],
+    );
+    p
+}
+
+// ---------------------------------------------------------------- clean images
+
+#[test]
+fn clean_images_of_every_geometry_are_clean_with_qemus_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        "compat=0.10,cluster_size=65536",
+        "compat=0.10,cluster_size=512",
+        "compat=1.1,cluster_size=512,refcount_bits=1",
+        "compat=1.1,cluster_size=4096,refcount_bits=2",
+        "compat=1.1,cluster_size=65536,refcount_bits=4",
+        "compat=1.1,cluster_size=2097152,refcount_bits=8",
+        "compat=1.1,cluster_size=4096,refcount_bits=16",
+        "compat=1.1,cluster_size=65536,refcount_bits=32",
+        "compat=1.1,cluster_size=512,refcount_bits=64",
+        "compat=1.1,cluster_size=65536,lazy_refcounts=on",
+        "compat=1.1,cluster_size=65536,preallocation=metadata",
+    ];
+    for (i, opts) in cases.iter().enumerate() {
+        let p = populated(dir.path(), &format!("img{i}.qcow2"), opts);
+        let r = ours(&p);
+        assert!(r.is_clean(), "{opts}: {}", r.human());
+        assert_eq!(r.relaxed_copied, 0, "{opts}");
+        assert_same_figures(&p, &r);
+        let h = Img::open(&p).h;
+        assert_eq!(r.cluster_size, h.cluster_size());
+        assert_eq!(r.refcount_bits, h.refcount_bits());
+    }
+}
+
+#[test]
+fn snapshot_tables_are_counted_and_shared_clusters_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in ["compat=0.10", "compat=1.1,cluster_size=4096"] {
+        let p = populated(dir.path(), "snap.qcow2", opts);
+        qemu_img(&["snapshot", "-c", "one", p.to_str().unwrap()]);
+        qemu_io(&p, &["write -P 0x44 0 64k", "write -P 0x55 3M 64k"]);
+        qemu_img(&["snapshot", "-c", "two", p.to_str().unwrap()]);
+        qemu_io(&p, &["write -P 0x66 1M 4k"]);
+        let r = ours(&p);
+        assert!(r.is_clean(), "{opts}: {}", r.human());
+        assert_eq!(r.snapshots, 2);
+        assert_eq!(r.relaxed_copied, 0);
+        assert!(r.shared_clusters > 0, "snapshots share data clusters");
+        assert!(
+            r.max_refcount >= 3,
+            "a cluster in two snapshots and the active tree"
+        );
+        assert_eq!(r.bytes_saved_by_sharing % r.cluster_size, 0);
+        assert_same_figures(&p, &r);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn compressed_clusters_of_both_types_are_verified_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut data = semi_compressible(1 << 20, 7);
+    data.extend(vec![0x5a; 256 << 10]); // compresses to a few bytes
+    data.extend(semi_compressible(256 << 10, 9));
+    fs::write(&raw, &data).unwrap();
+    for (i, ty) in ["zlib", "zstd"].iter().enumerate() {
+        for cs in ["4096", "65536"] {
+            let p = dir.path().join(format!("c{i}-{cs}.qcow2"));
+            qemu_img(&[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type={ty},cluster_size={cs}"),
+                raw.to_str().unwrap(),
+                p.to_str().unwrap(),
+            ]);
+            let r = ours(&p);
+            assert!(r.is_clean(), "{ty}/{cs}: {}", r.human());
+            assert_eq!(r.compression_type, *ty);
+            assert!(r.compressed_clusters > 0);
+            assert_same_figures(&p, &r);
+        }
+    }
+}
+
+#[test]
+fn extended_l2_overlay_with_backing_file_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = populated(dir.path(), "base.qcow2", "compat=1.1");
+    let ov = dir.path().join("overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=65536",
+        ov.to_str().unwrap(),
+    ]);
+    qemu_io(
+        &ov,
+        &[
+            "write -P 0x77 4k 4k",
+            "write -P 0x78 130k 6k",
+            "write -z 1M 8k",
+            "write -z -u 2M 64k",
+            "write -P 0x79 3M 64k",
+        ],
+    );
+    let r = ours(&ov);
+    assert!(r.is_clean(), "{}", r.human());
+    assert!(r.extended_l2);
+    assert_eq!(r.backing_file.as_deref(), base.to_str());
+    assert_same_figures(&ov, &r);
+}
+
+#[test]
+fn persistent_bitmaps_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "bm.qcow2", "compat=1.1");
+    qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "512k", p.to_str().unwrap(), "b1"]);
+    qemu_io(&p, &["write -P 0x12 0 1M", "write -P 0x13 3M 64k"]);
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    assert_same_figures(&p, &r);
+    // Dropping the bitmaps' autoclear bit makes QEMU (and us) ignore them: leaks.
+    let img = Img::open(&p);
+    img.put_u64(88, img.h.autoclear_features & !1);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 3, "{}", r.human());
+    assert_same_figures(&p, &r);
+}
+
+// ---------------------------------------------------------------- leaks
+
+#[test]
+fn raised_refcounts_are_leaks_like_qemus_and_repair_frees_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for opts in [
+        "compat=1.1,refcount_bits=4",
+        "compat=0.10,cluster_size=4096",
+    ] {
+        let p = populated(dir.path(), "leak.qcow2", opts);
+        let img = Img::open(&p);
+        // The header cluster and the refcount table cluster carry no COPIED flag.
+        img.set_refcount(0, 2);
+        let rt = img.h.refcount_table_offset / img.cs();
+        img.set_refcount(rt, 3);
+        let r = ours(&p);
+        assert_eq!(r.exit_code(), 3, "{}", r.human());
+        assert_eq!(r.leaks, 2);
+        assert!(has_finding(&r, FindingKind::LeakedCluster, 0));
+        assert!(r.findings.iter().all(|f| f.class == FindingClass::Leak));
+        assert_same_figures(&p, &r);
+
+        let fixed = ours_with(&p, false, Some(RepairMode::Leaks));
+        assert_eq!(fixed.leaks_fixed, 2, "{}", fixed.human());
+        assert_eq!(fixed.exit_code(), 0);
+        assert_eq!(
+            fields(&p),
+            (0, 0, 0),
+            "qemu-img check is clean after the repair"
+        );
+        assert_eq!(img.refcount(0), 1);
+        fs::remove_file(&p).unwrap();
+    }
+}
+
+#[test]
+fn refcounts_stored_past_the_end_of_the_file_are_leaks_qemu_ignores() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "tail.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    let beyond = img.len().div_ceil(img.cs()) + 5;
+    img.set_refcount(beyond, 1);
+    assert_eq!(fields(&p), (0, 0, 0), "qemu-img does not look past the end");
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 3, "{}", r.human());
+    assert!(has_finding(
+        &r,
+        FindingKind::RefcountBeyondEof,
+        beyond * img.cs()
+    ));
+    let fixed = ours_with(&p, false, Some(RepairMode::All));
+    assert_eq!(fixed.exit_code(), 0, "{}", fixed.human());
+    assert_eq!(img.refcount(beyond), 0);
+}
+
+// ---------------------------------------------------------------- COPIED
+
+#[test]
+fn copied_on_a_shared_cluster_is_a_corruption_at_the_l2_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "shared.qcow2", "compat=1.1");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 1); // guest 64k..128k: data shared with the snapshot
+    let raw = img.u64_at(e);
+    assert_eq!(
+        raw & QCOW_OFLAG_COPIED,
+        0,
+        "qemu clears COPIED on shared clusters"
+    );
+    assert_eq!(img.refcount((raw & L2E_OFFSET_MASK) / img.cs()), 2);
+    img.put_u64(e, raw | QCOW_OFLAG_COPIED);
+
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2, "{}", r.human());
+    assert_eq!(r.corruptions, 1);
+    assert!(
+        has_finding(&r, FindingKind::CopiedFlag, e),
+        "{:#?}",
+        r.findings
+    );
+    assert_same_figures(&p, &r);
+
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!(fixed.corruptions_fixed, 1, "{}", fixed.human());
+    assert_eq!(fixed.exit_code(), 0);
+    assert_eq!(img.u64_at(e), raw);
+    assert_eq!(fields(&p), (0, 0, 0));
+}
+
+#[test]
+fn refcount_one_without_copied_is_relaxed_unless_strict() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "relaxed.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 2);
+    let raw = img.u64_at(e);
+    assert_ne!(raw & QCOW_OFLAG_COPIED, 0);
+    img.put_u64(e, raw & !QCOW_OFLAG_COPIED);
+    let l1e = img.l1_entry(0);
+    let l1raw = img.u64_at(l1e);
+    img.put_u64(l1e, l1raw & !QCOW_OFLAG_COPIED);
+    assert_eq!(fields(&p), (2, 2, 0), "qemu-img counts both as corruptions");
+
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 0, "{}", r.human());
+    assert_eq!(r.relaxed_copied, 2);
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.class == FindingClass::RelaxedCopied && f.offset == e));
+    assert!(has_finding(&r, FindingKind::RelaxedCopied, l1e));
+
+    let strict = ours_with(&p, true, None);
+    assert_eq!(strict.exit_code(), 2);
+    assert_eq!(strict.corruptions, 2);
+    assert_same_figures(&p, &strict);
+
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!(fixed.relaxed_copied_fixed, 2, "{}", fixed.human());
+    assert_eq!(fixed.relaxed_copied, 0);
+    assert_eq!(fields(&p), (0, 0, 0), "qemu-img agrees after the repair");
+    assert_eq!(img.u64_at(e), raw);
+    assert_eq!(img.u64_at(l1e), l1raw);
+}
+
+#[test]
+fn sharing_made_by_patching_l2_entries_is_clean_and_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "dedup.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let (a, b) = (img.l2_entry(0, 0), img.l2_entry(0, 2));
+    let (ra, rb) = (img.u64_at(a), img.u64_at(b));
+    let (ca, cb) = (
+        (ra & L2E_OFFSET_MASK) / img.cs(),
+        (rb & L2E_OFFSET_MASK) / img.cs(),
+    );
+    // Both guest clusters hold 0x11 data: point b at a's cluster, as a dedup writer would.
+    img.put_u64(a, ra & !QCOW_OFLAG_COPIED);
+    img.put_u64(b, ra & !QCOW_OFLAG_COPIED);
+    img.set_refcount(ca, 2);
+    img.set_refcount(cb, 0);
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    assert_eq!(r.shared_clusters, 1);
+    assert_eq!(r.max_refcount, 2);
+    assert_eq!(r.bytes_saved_by_sharing, img.cs());
+    assert_same_figures(&p, &r);
+    // COPIED on one of the two references is a corruption (writes would go in place).
+    img.put_u64(b, ra | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::CopiedFlag, b));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn refcount_overflow_is_a_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "ovf.qcow2", "compat=1.1,refcount_bits=1");
+    let img = Img::open(&p);
+    let (a, b) = (img.l2_entry(0, 0), img.l2_entry(0, 2));
+    let (ra, rb) = (img.u64_at(a), img.u64_at(b));
+    // Two references to one cluster; the 1-bit refcount stays 1 (so COPIED matches it).
+    img.put_u64(b, ra);
+    img.set_refcount((rb & L2E_OFFSET_MASK) / img.cs(), 0);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert_eq!(r.corruptions, 1, "{}", r.human());
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.kind == FindingKind::RefcountOverflow));
+    assert_same_figures(&p, &r);
+}
+
+// ---------------------------------------------------------------- corruptions
+
+#[test]
+fn refcount_below_the_references_is_a_corruption_and_blocks_repair() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "low.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let raw = img.u64_at(img.l2_entry(0, 0));
+    let c = (raw & L2E_OFFSET_MASK) / img.cs();
+    img.set_refcount(c, 0);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2, "{}", r.human());
+    assert!(has_finding(&r, FindingKind::RefcountTooLow, c * img.cs()));
+    // COPIED with a stored refcount of 0 is wrong too, as qemu-img says.
+    assert!(has_finding(&r, FindingKind::CopiedFlag, img.l2_entry(0, 0)));
+    assert_same_figures(&p, &r);
+
+    let before = fs::read(&p).unwrap();
+    let refused = ours_with(&p, false, Some(RepairMode::All));
+    assert!(refused.repair_refused.is_some(), "{}", refused.human());
+    assert_eq!(refused.exit_code(), 2);
+    assert_eq!(
+        fs::read(&p).unwrap(),
+        before,
+        "a refused repair writes nothing"
+    );
+}
+
+#[test]
+fn reserved_bits_in_l1_and_l2_entries_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "rsv.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    img.put_u64(l2e, img.u64_at(l2e) | 0x2);
+    let l1e = img.l1_entry(0);
+    img.put_u64(l1e, img.u64_at(l1e) | 0x0100_0000_0000_0000);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::ReservedBits, l2e));
+    assert!(has_finding(&r, FindingKind::ReservedBits, l1e));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn misaligned_tables_and_data_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    // An L2 table offset that is not cluster aligned.
+    let p = populated(dir.path(), "l2.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l1e = img.l1_entry(0);
+    img.put_u64(l1e, img.u64_at(l1e) + 512);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(
+        has_finding(&r, FindingKind::Unaligned, l1e),
+        "{:#?}",
+        r.findings
+    );
+    assert_eq!(fields(&p).0, 2);
+
+    // A data cluster offset that is not cluster aligned.
+    let p = populated(dir.path(), "data.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    img.put_u64(l2e, img.u64_at(l2e) + 512);
+    let r = ours(&p);
+    assert!(
+        has_finding(&r, FindingKind::Unaligned, l2e),
+        "{:#?}",
+        r.findings
+    );
+    assert_same_figures(&p, &r);
+
+    // An unaligned refcount block: refcount lookups fail (check errors, exit 1).
+    let p = populated(dir.path(), "rb.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let rt = img.h.refcount_table_offset;
+    img.put_u64(rt, img.u64_at(rt) + 512);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 1, "{}", r.human());
+    assert!(has_finding(&r, FindingKind::Unaligned, rt));
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.class == FindingClass::CheckError));
+    assert_same_figures(&p, &r);
+
+    // A snapshot whose L1 table offset is not cluster aligned.
+    let p = populated(dir.path(), "snap.qcow2", "compat=1.1");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    let img = Img::open(&p);
+    let sn = img.h.snapshots_offset;
+    img.put_u64(sn, img.u64_at(sn) + 512);
+    let r = ours(&p);
+    assert!(
+        has_finding(&r, FindingKind::Snapshot, sn),
+        "{:#?}",
+        r.findings
+    );
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn references_past_the_end_of_the_file_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    // An L2 entry pointing far past the end of the file.
+    let p = populated(dir.path(), "l2eof.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let l2e = img.l2_entry(0, 1);
+    let far = (img.len().div_ceil(img.cs()) + 100) * img.cs();
+    img.put_u64(l2e, far | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(
+        has_finding(&r, FindingKind::PastEof, l2e),
+        "{:#?}",
+        r.findings
+    );
+    assert_same_figures(&p, &r);
+
+    // A refcount block past the end of the file.
+    let p = populated(dir.path(), "rbeof.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    let rt = img.h.refcount_table_offset;
+    let far = (img.len().div_ceil(img.cs()) + 10) * img.cs();
+    img.put_u64(rt, far);
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(
+        has_finding(&r, FindingKind::RefcountBlock, rt),
+        "{:#?}",
+        r.findings
+    );
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, semi_compressible(512 << 10, 3)).unwrap();
+    let p = dir.path().join("cc.qcow2");
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        p.to_str().unwrap(),
+    ]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 3);
+    let v = img.u64_at(e);
+    assert_ne!(v & QCOW_OFLAG_COMPRESSED, 0);
+    img.put_u64(e, v | QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::CopiedFlag, e));
+    assert_same_figures(&p, &r);
+    let fixed = ours_with(&p, false, Some(RepairMode::Copied));
+    assert_eq!(
+        (fixed.exit_code(), fixed.corruptions_fixed),
+        (0, 1),
+        "{}",
+        fixed.human()
+    );
+    assert_eq!(img.u64_at(e), v);
+}
+
+/// iotest 214: a compressed descriptor one sector too short. qemu-img check is
+/// clean, but reading the cluster fails; qdedup decompresses and reports it.
+#[test]
+fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    fs::write(&raw, semi_compressible(1 << 20, 11)).unwrap();
+    for ty in ["zlib", "zstd"] {
+        let p = dir.path().join(format!("{ty}.qcow2"));
+        qemu_img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &format!("compression_type={ty}"),
+            raw.to_str().unwrap(),
+            p.to_str().unwrap(),
+        ]);
+        let img = Img::open(&p);
+        let cb = img.h.cluster_bits;
+        // The entry with the longest stream whose shortened range still touches the
+        // same clusters (so the refcounts stay right and qemu-img stays silent).
+        let (index, entry, desc) = (0..16)
+            .map(|i| {
+                let e = img.l2_entry(0, i);
+                (i, e, CompressedDescriptor::decode(img.u64_at(e), cb))
+            })
+            .filter(|(_, _, d)| {
+                let end = d.host_offset + d.read_len();
+                d.extra_sectors > 0 && (end - 1) >> cb == (end - 513) >> cb
+            })
+            .max_by_key(|(_, _, d)| d.extra_sectors)
+            .expect("a multi-sector stream");
+        let short = CompressedDescriptor {
+            extra_sectors: desc.extra_sectors - 1,
+            ..desc
+        };
+        img.put_u64(entry, short.encode(cb) | QCOW_OFLAG_COMPRESSED);
+        assert_eq!(
+            fields(&p),
+            (0, 0, 0),
+            "{ty}: qemu-img check does not decompress"
+        );
+        let out = run(Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c"])
+            .arg(format!("read {} 64k", index * img.cs()))
+            .arg(&p));
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("failed"),
+            "{ty}: qemu cannot read the cluster: {said}"
+        );
+        let r = ours(&p);
+        assert_eq!(r.exit_code(), 2, "{ty}: {}", r.human());
+        assert_eq!(r.corruptions, 1);
+        assert!(
+            has_finding(&r, FindingKind::CompressedStream, entry),
+            "{:#?}",
+            r.findings
+        );
+    }
+}
+
+#[test]
+fn the_zero_flag_in_a_v2_image_is_a_corruption_qemu_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "v2.qcow2", "compat=0.10");
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 1);
+    img.put_u64(e, img.u64_at(e) | 1);
+    assert_eq!(fields(&p), (0, 0, 0));
+    let r = ours(&p);
+    assert_eq!(r.exit_code(), 2);
+    assert!(has_finding(&r, FindingKind::V2ZeroFlag, e));
+}
+
+#[test]
+fn conflicting_subcluster_bits_are_corruptions() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ext.qcow2");
+    create(&p, "extended_l2=on", "4M");
+    qemu_io(&p, &["write -P 0x61 0 64k", "write -P 0x62 64k 4k"]);
+    let img = Img::open(&p);
+    let e = img.l2_entry(0, 0);
+    let bitmap = img.u64_at(e + 8);
+    assert_eq!(bitmap & 0xffff_ffff, 0xffff_ffff, "fully allocated cluster");
+    img.put_u64(e + 8, bitmap | 1 << 32);
+    let r = ours(&p);
+    assert!(has_finding(&r, FindingKind::SubclusterBitmap, e));
+    assert_same_figures(&p, &r);
+}
+
+#[test]
+fn mutated_images_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "fuzz.qcow2", "compat=1.1,cluster_size=4096");
+    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_io(&p, &["write -c -P 0x42 3584k 4k", "write -P 0x43 0 4k"]);
+    let orig = fs::read(&p).unwrap();
+    let meta_end = orig.len().min(64 << 10);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let opts = CheckOptions::default();
+    let repair = CheckOptions {
+        repair: Some(RepairMode::All),
+        ..CheckOptions::default()
+    };
+    for round in 0..400 {
+        let mut b = orig.clone();
+        for _ in 0..=rnd() % 8 {
+            let at = (rnd() % meta_end as u64) as usize;
+            b[at] = if round % 3 == 0 { 0xff } else { rnd() as u8 };
+        }
+        if round % 50 == 0 {
+            b.truncate((rnd() % orig.len() as u64) as usize);
+        }
+        let Ok(before) = check_image(&MemFile::new(b.clone()), "fuzz", &opts) else {
+            continue;
+        };
+        // The fuzz target's oracles: a repair never panics, leaves a clean image
+        // untouched and never adds corruptions.
+        let f = MemFile::new(b.clone());
+        if let Ok(after) = repair_image(&f, "fuzz", &repair) {
+            if before.is_clean() && before.relaxed_copied == 0 {
+                assert_eq!(f.contents(), b);
+            }
+            assert!(after.corruptions <= before.corruptions, "{}", after.human());
+        }
+    }
+}
+
+#[test]
+fn luks_header_area_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("luks.qcow2");
+    let secret = "secret,id=sec0,data=123456";
+    let image_opts = format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        p.display()
+    );
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        p.to_str().unwrap(),
+        "4M",
+    ]);
+    let out = run(Command::new("qemu-io")
+        .args([
+            "--object",
+            secret,
+            "--image-opts",
+            "-c",
+            "write -P 0x11 0 128k",
+        ])
+        .arg(&image_opts));
+    assert!(out.status.success());
+    let r = ours(&p);
+    assert!(r.is_clean(), "{}", r.human());
+    let q = qemu_check_args(&["--object", secret, "--image-opts", &image_opts]);
+    assert_same_as(q, &p, &r);
+}
+
+#[test]
+fn json_report_uses_qemus_names_and_ours_in_kebab_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "json.qcow2", "compat=1.1");
+    let img = Img::open(&p);
+    img.set_refcount(0, 2);
+    let entry = img.l2_entry(0, 0);
+    img.put_u64(entry, img.u64_at(entry) & !QCOW_OFLAG_COPIED);
+    let r = ours(&p);
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["filename"], p.to_str().unwrap());
+    assert_eq!(json["format"], "qcow2");
+    assert_eq!(json["check-errors"], 0);
+    assert_eq!(json["leaks"], 1);
+    assert!(
+        json.get("corruptions").is_none(),
+        "zero qemu fields are omitted: {json:#}"
+    );
+    assert_eq!(json["relaxed-copied"], 1);
+    for k in [
+        "shared-clusters",
+        "max-refcount",
+        "bytes-saved-by-sharing",
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+    ] {
+        assert!(json[k].is_u64(), "{k} in {json:#}");
+    }
+    let findings = &json["findings"];
+    assert_eq!(findings[0]["class"], "leak");
+    assert_eq!(findings[0]["kind"], "leaked-cluster");
+    assert_eq!(findings[0]["structure"], "cluster");
+    assert_eq!(findings[0]["offset"], 0);
+    assert!(findings[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("refcount=2 reference=1"));
+    assert_eq!(findings[1]["class"], "relaxed-copied");
+    assert_eq!(findings[1]["offset"], entry);
+    assert_eq!(r.exit_code(), 3);
+    let human = r.human();
+    assert!(
+        human.contains("1 leaked clusters were found on the image."),
+        "{human}"
+    );
+    assert!(human.contains("Image end offset: "), "{human}");
+    assert!(
+        human.contains("1 entries have refcount 1 without QCOW_OFLAG_COPIED"),
+        "{human}"
+    );
+}
+
+/// Interrupting a repair after any number of writes never leaves corruptions.
+#[test]
+fn an_interrupted_repair_leaves_a_sound_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "crash.qcow2", "compat=1.1,cluster_size=4096");
+    let img = Img::open(&p);
+    img.set_refcount(0, 3);
+    let last = img.len() / img.cs() - 1;
+    img.set_refcount(last + 3, 1);
+    for i in [0, 1, 2, 16] {
+        let e = img.l2_entry(0, i);
+        img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    }
+    let damaged = fs::read(&p).unwrap();
+    let opts = CheckOptions {
+        repair: Some(RepairMode::All),
+        ..CheckOptions::default()
+    };
+    let plain = CheckOptions::default();
+    let mut completed = false;
+    for fail_after in 0..10 {
+        let mut f = MemFile::new(damaged.clone());
+        f.fail_after_writes = Some(fail_after);
+        let res = repair_image(&f, "crash", &opts);
+        let after = check_image(&MemFile::new(f.contents()), "after", &plain).unwrap();
+        assert_eq!(
+            after.corruptions,
+            0,
+            "after {fail_after} writes: {}",
+            after.human()
+        );
+        if let Ok(r) = res {
+            assert!(r.is_clean(), "{}", r.human());
+            assert_eq!((r.leaks_fixed, r.relaxed_copied_fixed), (2, 4));
+            completed = true;
+            break;
+        }
+    }
+    assert!(completed, "the repair finishes with enough writes");
+}
+
+// ---------------------------------------------------------------- CLI
+
+fn qdedup(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let out = run(Command::new(env!("CARGO_BIN_EXE_qdedup")).args(args));
+    (
+        out.status.code().expect("exited"),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_check_prints_like_qemu_img_and_exits_with_its_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = populated(dir.path(), "cli.qcow2", "compat=1.1");
+    let a = |s: &'static str| std::ffi::OsStr::new(s);
+    let (code, out, _) = qdedup(&[a("check"), p.as_os_str()]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("No errors were found on the image.\n"),
+        "{out}"
+    );
+
+    Img::open(&p).set_refcount(0, 2);
+    let (code, out, err) = qdedup(&[a("check"), p.as_os_str()]);
+    assert_eq!(code, 3);
+    assert!(out.contains("1 leaked clusters were found"), "{out}");
+    assert!(
+        err.contains("Leaked cluster at 0x0: cluster 0 refcount=2 reference=1"),
+        "{err}"
+    );
+
+    let (code, out, _) = qdedup(&[
+        a("check"),
+        a("--output"),
+        a("json"),
+        a("--repair"),
+        a("leaks"),
+        p.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let j: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["leaks-fixed"], 1);
+    assert_eq!(j["repair"], "leaks");
+
+    let e = Img::open(&p).l2_entry(0, 0);
+    let img = Img::open(&p);
+    img.put_u64(e, img.u64_at(e) & !QCOW_OFLAG_COPIED);
+    assert_eq!(qdedup(&[a("check"), p.as_os_str()]).0, 0);
+    assert_eq!(qdedup(&[a("check"), a("--strict"), p.as_os_str()]).0, 2);
+
+    let raw = dir.path().join("not.qcow2");
+    fs::write(&raw, vec![0u8; 4096]).unwrap();
+    let (code, _, err) = qdedup(&[a("check"), raw.as_os_str()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad magic"), "{err}");
+}
+
+#[test]
+fn images_qdedup_converts_check_clean_with_their_sharing_measured() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("dup.raw");
+    let block = semi_compressible(256 << 10, 5);
+    let mut data = block.clone();
+    data.extend(vec![0u8; 128 << 10]);
+    data.extend(&block);
+    data.extend(&block);
+    fs::write(&raw, &data).unwrap();
+    for compress in [false, true] {
+        let out = dir.path().join(format!("out-{compress}.qcow2"));
+        let mut args = vec!["convert", "-q", "--force"];
+        if compress {
+            args.push("-c");
+        }
+        let mut args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        args.push(raw.as_os_str());
+        args.push(out.as_os_str());
+        let (code, _, err) = qdedup(&args);
+        assert_eq!(code, 0, "{err}");
+        let r = ours(&out);
+        assert!(r.is_clean(), "{}", r.human());
+        assert_eq!(r.relaxed_copied, 0);
+        if compress {
+            assert_eq!(r.shared_compressed_streams, 4, "{}", r.human());
+        } else {
+            assert_eq!(r.shared_clusters, 4, "{}", r.human());
+            assert_eq!(r.bytes_saved_by_sharing, 8 * r.cluster_size);
+            assert_eq!(r.max_refcount, 3);
+        }
+        assert_same_figures(&out, &r);
+    }
+}
