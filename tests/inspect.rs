@@ -302,7 +302,7 @@ fn info_agrees_with_qemu_img_info_and_the_convert_report() {
             ("clusters-unique", "stored-copies"),
             ("clusters-duplicate", "duplicate-clusters"),
             ("clusters-compressed", "compressed-streams"),
-            ("max-refcount", "max-references"),
+            ("max-refcount", "max-refcount"),
             ("host-data-clusters", "host-data-clusters"),
             ("saved-bytes", "saved-bytes"),
         ] {
@@ -555,4 +555,66 @@ fn compare_agrees_with_qemu_img_compare() {
     }
     let missing = qdedup(["compare".as_ref(), raw.as_os_str(), p("nope").as_os_str()]);
     assert_eq!(missing.status.code(), Some(2));
+}
+
+#[test]
+fn info_dedup_figures_agree_with_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("in.raw");
+    qdedup::sample::generate(&raw, 24 << 20, 13, qdedup::sample::Mix::MIXED).unwrap();
+    for extra in [
+        &[][..],
+        &["-c"][..],
+        &["-c", "-o", "compression_type=zstd,cluster_size=4k"][..],
+    ] {
+        let out = dir.path().join("out.qcow2");
+        let mut a: Vec<&std::ffi::OsStr> =
+            vec!["convert".as_ref(), "-q".as_ref(), "--force".as_ref()];
+        a.extend(extra.iter().map(std::ffi::OsStr::new));
+        a.push(raw.as_os_str());
+        a.push(out.as_os_str());
+        assert!(common::qdedup(&a).status.success());
+        let info = common::qdedup([
+            "info".as_ref(),
+            "--output".as_ref(),
+            "json".as_ref(),
+            out.as_os_str(),
+        ]);
+        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+        let check = common::qdedup([
+            "check".as_ref(),
+            "--output".as_ref(),
+            "json".as_ref(),
+            out.as_os_str(),
+        ]);
+        assert_eq!(check.status.code(), Some(0));
+        let check: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+        let d = &info["dedup"];
+        let zero_if_absent = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+        assert_eq!(
+            d["allocated-clusters"], check["allocated-clusters"],
+            "{extra:?}"
+        );
+        assert_eq!(
+            d["compressed-clusters"].as_u64().unwrap(),
+            zero_if_absent(&check["compressed-clusters"]),
+            "{extra:?}"
+        );
+        assert_eq!(
+            d["shared-host-clusters"].as_u64().unwrap(),
+            check["shared-clusters"].as_u64().unwrap()
+                + check["shared-compressed-streams"].as_u64().unwrap(),
+            "{extra:?}"
+        );
+        assert_eq!(d["max-refcount"], check["max-refcount"], "{extra:?}");
+        if extra.is_empty() {
+            // Without compression a shared copy saves a whole cluster of file per
+            // extra reference, so info's guest-byte figure equals check's file-byte one.
+            assert_eq!(
+                d["saved-bytes"], check["bytes-saved-by-sharing"],
+                "{extra:?}"
+            );
+            assert_eq!(d["max-references"], check["max-refcount"], "{extra:?}");
+        }
+    }
 }

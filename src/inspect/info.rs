@@ -84,11 +84,15 @@ pub struct DedupInfo {
     pub host_data_clusters: u64,
     /// Distinct stored contents: plain host clusters plus compressed streams.
     pub stored_copies: u64,
-    /// Host data clusters referenced more than once.
+    /// Stored copies (plain host clusters or compressed streams) referenced more
+    /// than once.
     pub shared_host_clusters: u64,
-    /// References to shared host clusters.
+    /// References to shared copies.
     pub shared_references: u64,
-    /// Most references to one host cluster.
+    /// Largest refcount of a host data cluster (streams packed into one cluster
+    /// add up), as `convert` and `check` report it.
+    pub max_refcount: u64,
+    /// Most references to one stored copy.
     pub max_references: u64,
     /// Mean references per shared host cluster (0 when none is shared).
     pub mean_references: f64,
@@ -193,7 +197,15 @@ pub fn dedup_info(q: &Qcow2Source) -> Result<DedupInfo> {
     d.compressed_streams = streams.len() as u64;
     d.host_data_clusters = host.len() as u64;
     d.stored_copies = plain.len() as u64 + d.compressed_streams;
-    for &r in host.values() {
+    d.max_refcount = host.values().copied().max().unwrap_or(0);
+    // Sharing is counted per stored copy (a plain cluster or a compressed stream),
+    // not per host cluster: several unshared streams packed into one cluster give
+    // it a refcount above 1 without any sharing.
+    for r in plain
+        .values()
+        .copied()
+        .chain(streams.values().map(|(refs, _)| *refs))
+    {
         d.max_references = d.max_references.max(r);
         if r > 1 {
             d.shared_host_clusters += 1;
