@@ -4,29 +4,6 @@ mod common;
 
 use common::*;
 
-fn convert_json(
-    args: &[&str],
-    input: &std::path::Path,
-    output: &std::path::Path,
-) -> serde_json::Value {
-    let mut a: Vec<std::ffi::OsString> = vec![
-        "convert".into(),
-        "-q".into(),
-        "--output".into(),
-        "json".into(),
-    ];
-    a.extend(args.iter().map(Into::into));
-    a.push(input.into());
-    a.push(output.into());
-    let o = qdedup(&a);
-    assert!(
-        o.status.success(),
-        "qdedup convert failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
-}
-
 /// Clusters of text (compressible), some repeated, some random, some zero.
 fn make_compressible(path: &std::path::Path, cs: usize, n: usize, seed: u64) {
     let mut rng = qdedup::sample::Rng::new(seed);

@@ -6,29 +6,6 @@ use std::time::Instant;
 
 use common::*;
 
-fn convert_ok(
-    args: &[&str],
-    input: &std::path::Path,
-    output: &std::path::Path,
-) -> serde_json::Value {
-    let mut a: Vec<std::ffi::OsString> = vec![
-        "convert".into(),
-        "-q".into(),
-        "--output".into(),
-        "json".into(),
-    ];
-    a.extend(args.iter().map(Into::into));
-    a.push(input.into());
-    a.push(output.into());
-    let o = qdedup(&a);
-    assert!(
-        o.status.success(),
-        "qdedup convert failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON report")
-}
-
 #[test]
 fn every_cluster_size_and_refcount_width_gives_a_clean_identical_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +15,7 @@ fn every_cluster_size_and_refcount_width_gives_a_clean_identical_image() {
         let distinct = make_input(&input, cs, n, 777, cs as u64);
         for bits in [2u32, 16, 64] {
             let out = dir.path().join(format!("out-{cs}-{bits}.qcow2"));
-            let r = convert_ok(
+            let r = convert_json(
                 &["-o", &format!("cluster_size={cs},refcount_bits={bits}")],
                 &input,
                 &out,
@@ -86,7 +63,7 @@ fn refcount_bits_2_saturates_at_3_references_per_copy() {
     rng.fill(&mut c);
     std::fs::write(&input, c.repeat(10)).unwrap();
     let out = dir.path().join("out.qcow2");
-    let r = convert_ok(&["-o", "cluster_size=4k,refcount_bits=2"], &input, &out);
+    let r = convert_json(&["-o", "cluster_size=4k,refcount_bits=2"], &input, &out);
     assert_qemu_check_clean(&out);
     assert_qemu_compare_same(&input, "raw", &out);
     let layout = read_layout(&out);
@@ -102,7 +79,7 @@ fn refcount_bits_1_stores_copies_and_says_so() {
     let input = dir.path().join("in.raw");
     std::fs::write(&input, vec![0x5au8; 65536 * 4]).unwrap();
     let out = dir.path().join("out.qcow2");
-    let r = convert_ok(&["-o", "refcount_bits=1"], &input, &out);
+    let r = convert_json(&["-o", "refcount_bits=1"], &input, &out);
     assert_qemu_check_clean(&out);
     assert_qemu_compare_same(&input, "raw", &out);
     assert_eq!(read_layout(&out).data_refs.len(), 4);
@@ -120,7 +97,7 @@ fn no_dedup_stores_every_non_zero_cluster() {
         .filter(|c| c.iter().any(|b| *b != 0))
         .count();
     let out = dir.path().join("out.qcow2");
-    let r = convert_ok(&["--no-dedup"], &input, &out);
+    let r = convert_json(&["--no-dedup"], &input, &out);
     assert_qemu_check_clean(&out);
     assert_qemu_compare_same(&input, "raw", &out);
     assert_eq!(read_layout(&out).data_refs.len(), nonzero);
@@ -134,11 +111,11 @@ fn output_is_identical_for_any_number_of_workers() {
     // Several batches, so that workers finish out of order.
     make_input(&input, 4096, 6000, 100, 11);
     let reference = dir.path().join("seq.qcow2");
-    convert_ok(&["-m", "0", "-o", "cluster_size=4k"], &input, &reference);
+    convert_json(&["-m", "0", "-o", "cluster_size=4k"], &input, &reference);
     let want = std::fs::read(&reference).unwrap();
     for m in ["1", "2", "8"] {
         let out = dir.path().join(format!("m{m}.qcow2"));
-        convert_ok(
+        convert_json(
             &["-m", m, "-o", "cluster_size=4k", "--max-in-flight", "4M"],
             &input,
             &out,
@@ -163,7 +140,7 @@ fn empty_and_tiny_inputs_convert() {
         let input = dir.path().join(format!("{name}.raw"));
         std::fs::write(&input, &bytes).unwrap();
         let out = dir.path().join(format!("{name}.qcow2"));
-        let r = convert_ok(&[], &input, &out);
+        let r = convert_json(&[], &input, &out);
         assert_eq!(
             r["virtual-size"].as_u64().unwrap(),
             (bytes.len() as u64).div_ceil(512) * 512
@@ -191,11 +168,11 @@ fn sparse_terabyte_converts_about_as_fast_as_its_data() {
     drop(f);
     std::fs::write(&dense, &all).unwrap();
     let t = Instant::now();
-    convert_ok(&["--no-sync"], &dense, &dir.path().join("dense.qcow2"));
+    convert_json(&["--no-sync"], &dense, &dir.path().join("dense.qcow2"));
     let dense_time = t.elapsed();
     let t = Instant::now();
     let out = dir.path().join("sparse.qcow2");
-    let r = convert_ok(&["--no-sync"], &sparse, &out);
+    let r = convert_json(&["--no-sync"], &sparse, &out);
     let sparse_time = t.elapsed();
     assert_eq!(
         r["bytes-read"].as_u64().unwrap(),
@@ -324,7 +301,7 @@ fn force_replaces_an_existing_output() {
     make_input(&input, 65536, 20, 0, 9);
     let out = dir.path().join("out.qcow2");
     std::fs::write(&out, b"old").unwrap();
-    convert_ok(&["--force"], &input, &out);
+    convert_json(&["--force"], &input, &out);
     assert_qemu_check_clean(&out);
     assert_qemu_compare_same(&input, "raw", &out);
     assert_eq!(dir_entries(dir.path()), vec!["in.raw", "out.qcow2"]);

@@ -41,6 +41,27 @@ where
     })
 }
 
+/// Runs `qdedup convert -q --output json ARGS INPUT OUTPUT`, asserts success and
+/// returns the parsed report.
+pub fn convert_json(args: &[&str], input: &Path, output: &Path) -> serde_json::Value {
+    let mut a: Vec<std::ffi::OsString> = vec![
+        "convert".into(),
+        "-q".into(),
+        "--output".into(),
+        "json".into(),
+    ];
+    a.extend(args.iter().map(Into::into));
+    a.push(input.into());
+    a.push(output.into());
+    let o = qdedup(&a);
+    assert!(
+        o.status.success(),
+        "qdedup convert failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON report")
+}
+
 /// Asserts `qemu-img check` finds `img` clean.
 pub fn assert_qemu_check_clean(img: &Path) {
     let o = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
