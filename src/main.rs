@@ -13,6 +13,35 @@ use qdedup::convert::{self, ConvertOptions};
 use qdedup::format::header::CompressionType;
 use qdedup::source::Source;
 
+/// `print!` that ends the process quietly when stdout is closed (e.g. piped into
+/// `head`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(&e);
+        }
+    }};
+}
+
+/// `println!` with the same handling as [`out!`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            stdout_failed(&e);
+        }
+    }};
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("qdedup: error: cannot write to stdout: {e}");
+    std::process::exit(1);
+}
+
 #[derive(Parser)]
 #[command(
     name = "qdedup",
@@ -240,8 +269,8 @@ fn run_info(a: &InfoArgs) -> Result<ExitCode> {
     let info = qdedup::inspect::info::info(&a.image, fmt_of(a.format))
         .with_context(|| format!("cannot describe {}", a.image.display()))?;
     match a.output {
-        OutputFormat::Human => println!("{info}"),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&info)?),
+        OutputFormat::Human => outln!("{info}"),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&info)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -270,8 +299,8 @@ fn run_map(a: &MapArgs) -> Result<ExitCode> {
         }
     }
     match a.output {
-        OutputFormat::Human => print!("{}", map::to_human(&m, a.shared)),
-        OutputFormat::Json => println!("{}", map::to_json(&m.entries)),
+        OutputFormat::Human => out!("{}", map::to_human(&m, a.shared)),
+        OutputFormat::Json => outln!("{}", map::to_json(&m.entries)),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -287,16 +316,16 @@ fn run_compare(a: &CompareArgs) -> ExitCode {
             // Like qemu-img, the warning comes once the common part compared equal.
             let common_equal = r.mismatch_offset.is_none_or(|o| o >= r.common_size);
             if !a.quiet && r.size_mismatch && common_equal {
-                println!("Warning: Image size mismatch!");
+                outln!("Warning: Image size mismatch!");
             }
             if let Some(o) = r.mismatch_offset {
                 if !a.quiet {
-                    println!("Content mismatch at offset {o}!");
+                    outln!("Content mismatch at offset {o}!");
                 }
                 ExitCode::from(1)
             } else {
                 if !a.quiet {
-                    println!("Images are identical.");
+                    outln!("Images are identical.");
                 }
                 ExitCode::SUCCESS
             }
@@ -355,8 +384,8 @@ fn run_estimate(a: &EstimateArgs) -> Result<ExitCode> {
     let r = estimate::estimate(src.as_ref(), &eopts)
         .with_context(|| format!("cannot estimate {}", a.input.display()))?;
     match a.output {
-        OutputFormat::Human => println!("{r}"),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&r)?),
+        OutputFormat::Human => outln!("{r}"),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&r)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -451,8 +480,8 @@ fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
         r => r.with_context(|| format!("cannot convert {}", a.input.display()))?,
     };
     match a.output {
-        OutputFormat::Human => println!("{report}"),
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Human => outln!("{report}"),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -474,9 +503,9 @@ fn run_check(a: &CheckArgs) -> Result<ExitCode> {
         OutputFormat::Human => {
             // Like qemu-img check: details on stderr, the summary on stdout.
             eprint!("{}", report.human_findings());
-            print!("{}", report.human_summary());
+            out!("{}", report.human_summary());
         }
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }
     // exit_code() is 0..=3.
     Ok(ExitCode::from(report.exit_code() as u8))
@@ -500,7 +529,7 @@ fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
     };
     let input = dir.join("sample.raw");
     let output = dir.join("sample.qcow2");
-    println!(
+    outln!(
         "generating a {} MiB sample disk (zeros, repeated blocks, text, random) ...",
         size >> 20
     );
@@ -511,14 +540,14 @@ fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
         ..ConvertOptions::default()
     };
     let report = convert::convert(&input, &output, &src, &opts)?;
-    println!("{report}");
+    outln!("{report}");
     let (i, o) = (input.as_os_str(), output.as_os_str());
     match run_qemu(&["check".as_ref(), o]) {
-        Some((ok, text)) => println!(
+        Some((ok, text)) => outln!(
             "\nqemu-img check: {}\n{text}",
             if ok { "clean" } else { "FAILED" }
         ),
-        None => println!("\nqemu-img not found: install qemu-utils to verify the output with QEMU"),
+        None => outln!("\nqemu-img not found: install qemu-utils to verify the output with QEMU"),
     }
     if let Some((ok, text)) = run_qemu(&[
         "compare".as_ref(),
@@ -529,7 +558,7 @@ fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
         i,
         o,
     ]) {
-        println!(
+        outln!(
             "qemu-img compare: {} ({text})",
             if ok { "identical" } else { "DIFFERENT" }
         );
@@ -538,7 +567,7 @@ fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
         }
     }
     if keep.is_some() {
-        println!("files kept in {}", dir.display());
+        outln!("files kept in {}", dir.display());
     }
     Ok(ExitCode::SUCCESS)
 }
