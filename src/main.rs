@@ -542,12 +542,11 @@ fn run_demo(size: &str, keep: Option<&Path>) -> Result<ExitCode> {
     let report = convert::convert(&input, &output, &src, &opts)?;
     outln!("{report}");
     let (i, o) = (input.as_os_str(), output.as_os_str());
-    match run_qemu(&["check".as_ref(), o]) {
-        Some((ok, text)) => outln!(
-            "\nqemu-img check: {}\n{text}",
-            if ok { "clean" } else { "FAILED" }
-        ),
-        None => outln!("\nqemu-img not found: install qemu-utils to verify the output with QEMU"),
+    if let Some((ok, text)) = run_qemu(&["check".as_ref(), o]) {
+        let verdict = if ok { "clean" } else { "FAILED" };
+        outln!("\nqemu-img check: {verdict}\n{text}");
+    } else {
+        outln!("\nqemu-img not found: install qemu-utils to verify the output with QEMU");
     }
     if let Some((ok, text)) = run_qemu(&[
         "compare".as_ref(),
