@@ -248,6 +248,18 @@ impl<'a> BatchReader<'a> {
     }
 }
 
+/// Spawns a named scoped thread (names show in `top -H` and `perf report --sort comm`).
+fn spawn_named<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn_scoped(s, f)
+        .expect("cannot spawn a pipeline thread")
+}
+
 fn cancelled(opts: &ConvertOptions) -> bool {
     opts.cancel
         .as_ref()
@@ -314,7 +326,7 @@ pub fn run_pipelined(
         // Reader.
         let reader_ref = &mut reader;
         let (fail_r, stop_r) = (&fail, &stop);
-        let reader_handle = s.spawn(move || {
+        let reader_handle = spawn_named(s, "qdedup-read", move || {
             while let Ok(mut b) = pool_rx.recv() {
                 if stop_r.load(Ordering::Relaxed) {
                     break;
@@ -344,7 +356,7 @@ pub fn run_pipelined(
             let work_rx = work_rx.clone();
             let done_tx = done_tx.clone();
             let stop_w = &stop;
-            s.spawn(move || {
+            spawn_named(s, "qdedup-work", move || {
                 while let Ok(mut b) = work_rx.recv() {
                     if !stop_w.load(Ordering::Relaxed) {
                         process(&mut b, cs as usize, compress, claims);
