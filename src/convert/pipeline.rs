@@ -1,22 +1,31 @@
 //! The conversion pipeline.
 //!
 //! ```text
-//! reader ──work (bounded)──▶ N workers ──done (bounded)──▶ writer (this thread)
-//!    ▲                                                        │
-//!    └──────────────── buffer pool (fixed number of buffers) ◀┘
+//!           ┌── plan (under a lock: block status, sequence number) ──┐
+//! N workers ┤   read the batch's data runs (pread)                   ├─done (bounded)─▶ writer
+//!     ▲     └── zero detection, BLAKE3, compression ─────────────────┘                (this thread)
+//!     │                                                                                  │
+//!     └───────────────────── buffer pool (fixed number of buffers) ◀────────────────────┘
 //! ```
 //!
-//! The reader walks the guest disk, skips runs the source reports as zero without
-//! reading them, and reads the rest in batches of consecutive clusters into
-//! buffers taken from a fixed pool: the pool is the memory bound (at most
-//! `max_in_flight` bytes of guest data anywhere in the pipeline). Workers are pure:
-//! zero detection, BLAKE3, compression. The writer reorders batches by sequence
-//! number and hands them to [`Writer`] in guest order, then returns the buffer to
-//! the pool. A closed channel means shutdown; the first error is the one reported;
-//! no thread outlives the call (scoped threads).
+//! A worker takes a buffer from a fixed pool (the pool is the memory bound: at most
+//! `max_in_flight` bytes of guest data anywhere in the pipeline), plans the next
+//! batch of consecutive clusters under a lock ([`BatchReader::plan`]: runs the
+//! source reports as zero are skipped without being read, and the batch gets its
+//! sequence number), then reads the batch's data ([`fill`]) and processes it
+//! ([`process`]: zero detection, BLAKE3, compression) outside the lock. Reading in
+//! the worker rather than in a separate reader thread spreads the `pread` copy over
+//! the workers and hashes the data while it is still in the core's cache
+//! (docs/benchmarks.md). The writer reorders batches by sequence number and hands
+//! them to [`Writer`] in guest order, then returns the buffer to the pool.
 //!
-//! [`run_sequential`] is the reference: the same reader, worker function and
-//! writer in one thread. Both produce the same bytes.
+//! Every planned batch reaches the writer, even one whose read failed (it carries
+//! the error), so the writer never waits for a batch that will not come. A closed
+//! channel means shutdown; the first error is the one reported; no thread outlives
+//! the call (scoped threads).
+//!
+//! [`run_sequential`] is the reference: the same planning, reading, worker function
+//! and writer in one thread. Both produce the same bytes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +85,12 @@ pub struct Batch {
     pub kinds: Vec<Kind>,
     /// Compressed streams, concatenated.
     pub streams: Vec<u8>,
+    /// Runs of the batch as planned: (guest offset, length, holds data).
+    runs: Vec<(u64, u64, bool)>,
+    /// Guest bytes read from the source for this batch.
+    bytes_read: u64,
+    /// A read error, carried to the writer so that it still gets this batch.
+    error: Option<Error>,
 }
 
 /// Compresses one cluster; `None` if that saves no space.
@@ -118,7 +133,7 @@ pub fn process(
 }
 
 /// Hands a processed batch to the writer.
-fn deliver(writer: &mut Writer<'_>, b: &Batch, cs: usize) -> Result<()> {
+fn deliver_to_writer(writer: &mut Writer<'_>, b: &Batch, cs: usize) -> Result<()> {
     let clusters: Vec<ClusterIn<'_>> = b
         .kinds
         .iter()
@@ -176,9 +191,19 @@ impl<'a> BatchReader<'a> {
         (self.next_cluster * self.cs).min(self.src.virtual_size())
     }
 
-    /// Fills `batch` (reusing its buffers) with the next run of clusters that may
-    /// hold data; `Ok(false)` at the end.
-    pub fn next_batch(&mut self, batch: &mut Batch) -> Result<bool> {
+    /// Plans `batch` as the next run of clusters that may hold data: its sequence
+    /// number, first cluster, which clusters are known zero and which runs to
+    /// read. Cheap (block status only, no data is read); `Ok(false)` at the end.
+    /// After an error the reader is finished.
+    pub fn plan(&mut self, batch: &mut Batch) -> Result<bool> {
+        let r = self.plan_inner(batch);
+        if !matches!(r, Ok(true)) {
+            self.next_cluster = self.total_clusters;
+        }
+        r
+    }
+
+    fn plan_inner(&mut self, batch: &mut Batch) -> Result<bool> {
         let size = self.src.virtual_size();
         let cs = self.cs;
         // Skip clusters that are entirely zero according to the source.
@@ -204,29 +229,20 @@ impl<'a> BatchReader<'a> {
         }
         let first = self.next_cluster;
         let n = self.batch_clusters.min(self.total_clusters - first);
-        self.next_cluster += n;
-        batch.seq = self.seq;
-        self.seq += 1;
         batch.first_cluster = first;
         batch.kinds.clear();
         batch.kinds.resize(n as usize, Kind::Unprocessed);
-        batch.data.resize((n * cs) as usize, 0);
         batch.streams.clear();
-        // Read the data runs; mark zero runs without reading them.
+        batch.runs.clear();
+        batch.bytes_read = 0;
+        batch.error = None;
         let start = first * cs;
         let end = ((first + n) * cs).min(size);
         let mut off = start;
         while off < end {
             let (st, len) = self.src.block_status(off, end - off)?;
             let len = len.clamp(1, end - off);
-            let buf = &mut batch.data[(off - start) as usize..(off - start + len) as usize];
-            match st {
-                BlockStatus::Data => {
-                    self.src.read_at(buf, off)?;
-                    self.bytes_read += len;
-                }
-                BlockStatus::Zero => buf.fill(0),
-            }
+            batch.runs.push((off, len, st == BlockStatus::Data));
             // Clusters wholly inside a zero run need no worker.
             if st == BlockStatus::Zero {
                 let c0 = (off - start).div_ceil(cs);
@@ -241,11 +257,55 @@ impl<'a> BatchReader<'a> {
             }
             off += len;
         }
-        // The tail of a last partial cluster reads as zeros.
-        let filled = (end - start) as usize;
-        batch.data[filled..].fill(0);
+        self.next_cluster += n;
+        batch.seq = self.seq;
+        self.seq += 1;
         Ok(true)
     }
+
+    /// Plans and fills `batch` (the sequential converter's step); `Ok(false)` at
+    /// the end.
+    pub fn next_batch(&mut self, batch: &mut Batch) -> Result<bool> {
+        if !self.plan(batch)? {
+            return Ok(false);
+        }
+        fill(self.src, batch, self.cs)?;
+        self.bytes_read += batch.bytes_read;
+        Ok(true)
+    }
+}
+
+/// Reads the data runs of a planned batch into its buffer (reusing it); zero runs
+/// and the tail of a last partial cluster read as zeros.
+pub fn fill(src: &dyn Source, batch: &mut Batch, cs: u64) -> Result<()> {
+    let n = batch.kinds.len() as u64;
+    let start = batch.first_cluster * cs;
+    batch.data.resize((n * cs) as usize, 0);
+    let mut filled = 0;
+    for &(off, len, data) in &batch.runs {
+        let buf = &mut batch.data[(off - start) as usize..(off - start + len) as usize];
+        if data {
+            src.read_at(buf, off)?;
+            batch.bytes_read += len;
+        } else {
+            buf.fill(0);
+        }
+        filled = (off - start + len) as usize;
+    }
+    batch.data[filled..].fill(0);
+    Ok(())
+}
+
+/// Spawns a named scoped thread (names show in `top -H` and `perf report --sort comm`).
+fn spawn_named<'scope, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, '_>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn_scoped(s, f)
+        .expect("cannot spawn a pipeline thread")
 }
 
 fn cancelled(opts: &ConvertOptions) -> bool {
@@ -262,7 +322,9 @@ pub fn run_sequential(
     compress: Option<&CompressFn>,
 ) -> Result<u64> {
     let cs = opts.cluster_size() as usize;
-    run_sequential_with(src, opts, compress, &mut |b| deliver(writer, b, cs))
+    run_sequential_with(src, opts, compress, &mut |b| {
+        deliver_to_writer(writer, b, cs)
+    })
 }
 
 /// The pipelined converter with `opts.workers` worker threads.
@@ -273,7 +335,9 @@ pub fn run_pipelined(
     compress: Option<&CompressFn>,
 ) -> Result<u64> {
     let cs = opts.cluster_size() as usize;
-    run_pipelined_with(src, opts, compress, &mut |b| deliver(writer, b, cs))
+    run_pipelined_with(src, opts, compress, &mut |b| {
+        deliver_to_writer(writer, b, cs)
+    })
 }
 
 /// Receives processed batches in guest order (on the calling thread).
@@ -306,8 +370,8 @@ pub fn run_sequential_with(
     Ok(reader.bytes_read)
 }
 
-/// The pipelined reader/workers, handing processed batches to `deliver` in guest
-/// order on the calling thread. Returns the guest bytes read.
+/// The pipelined workers, handing processed batches to `deliver` in guest order
+/// on the calling thread. Returns the guest bytes read.
 pub fn run_pipelined_with(
     src: &dyn Source,
     opts: &ConvertOptions,
@@ -317,13 +381,13 @@ pub fn run_pipelined_with(
     let cs = opts.cluster_size();
     let total = src.virtual_size();
     let workers = opts.workers.max(1);
-    let mut reader = BatchReader::new(src, cs);
-    let buffers = (opts.max_in_flight / reader.buffer_bytes()).max(workers + 1);
+    let reader = BatchReader::new(src, cs);
+    let buffers = pool_size(opts.max_in_flight, reader.buffer_bytes(), workers);
+    let reader = Mutex::new(reader);
     let (pool_tx, pool_rx): (Sender<Batch>, Receiver<Batch>) = bounded(buffers);
     for _ in 0..buffers {
         pool_tx.send(Batch::default()).expect("pool has room");
     }
-    let (work_tx, work_rx) = bounded::<Batch>(buffers);
     let (done_tx, done_rx) = bounded::<Batch>(buffers);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let stop = AtomicBool::new(false);
@@ -339,43 +403,36 @@ pub fn run_pipelined_with(
     let claims = claims.as_ref();
 
     std::thread::scope(|s| {
-        // Reader.
-        let reader_ref = &mut reader;
-        let (fail_r, stop_r) = (&fail, &stop);
-        let reader_handle = s.spawn(move || {
-            while let Ok(mut b) = pool_rx.recv() {
-                if stop_r.load(Ordering::Relaxed) {
-                    break;
-                }
-                if cancelled(opts) {
-                    fail_r(Error::Interrupted);
-                    break;
-                }
-                match reader_ref.next_batch(&mut b) {
-                    Ok(true) => {
-                        if work_tx.send(b).is_err() {
+        // Workers: plan (under the lock), read, process.
+        for _ in 0..workers {
+            let pool_rx = pool_rx.clone();
+            let done_tx = done_tx.clone();
+            let (reader, fail, stop) = (&reader, &fail, &stop);
+            spawn_named(s, "qdedup-work", move || {
+                while let Ok(mut b) = pool_rx.recv() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if cancelled(opts) {
+                        fail(Error::Interrupted);
+                        break;
+                    }
+                    let planned = reader.lock().expect("not poisoned").plan(&mut b);
+                    match planned {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            fail(e);
                             break;
                         }
                     }
-                    Ok(false) => break,
-                    Err(e) => {
-                        fail_r(e);
-                        break;
-                    }
-                }
-            }
-            // Dropping work_tx ends the workers once the queue is drained.
-            reader_ref.bytes_read
-        });
-        // Workers.
-        for _ in 0..workers {
-            let work_rx = work_rx.clone();
-            let done_tx = done_tx.clone();
-            let stop_w = &stop;
-            s.spawn(move || {
-                while let Ok(mut b) = work_rx.recv() {
-                    if !stop_w.load(Ordering::Relaxed) {
-                        process(&mut b, cs as usize, compress, claims);
+                    // A planned batch always goes to the writer (which waits for
+                    // it by sequence number), with its read error if any.
+                    if !stop.load(Ordering::Relaxed) {
+                        match fill(src, &mut b, cs) {
+                            Ok(()) => process(&mut b, cs as usize, compress, claims),
+                            Err(e) => b.error = Some(e),
+                        }
                     }
                     if done_tx.send(b).is_err() {
                         break;
@@ -384,20 +441,25 @@ pub fn run_pipelined_with(
             });
         }
         drop(done_tx);
-        drop(work_rx);
+        drop(pool_rx);
         // Writer: this thread, in guest order.
         let mut pending: BTreeMap<u64, Batch> = BTreeMap::new();
         let mut next_seq = 0u64;
         'recv: while let Ok(b) = done_rx.recv() {
             pending.insert(b.seq, b);
-            while let Some(b) = pending.remove(&next_seq) {
+            while let Some(mut b) = pending.remove(&next_seq) {
                 if stop.load(Ordering::Relaxed) {
+                    break 'recv;
+                }
+                if let Some(e) = b.error.take() {
+                    fail(e);
                     break 'recv;
                 }
                 if let Err(e) = deliver(&b) {
                     fail(e);
                     break 'recv;
                 }
+                bytes_read += b.bytes_read;
                 next_seq += 1;
                 if let Some(p) = &opts.progress {
                     p(
@@ -405,17 +467,28 @@ pub fn run_pipelined_with(
                         total,
                     );
                 }
-                // The reader may be gone (it finished): then the buffer is just dropped.
+                // The workers may be gone (they finished): then the buffer is just
+                // dropped.
                 let _ = pool_tx.send(b);
             }
         }
-        // Unblock the reader if we stopped early, then collect it.
+        // Unblock the workers if we stopped early; the scope joins them.
         drop(pool_tx);
         drop(done_rx);
-        bytes_read = reader_handle.join().expect("reader thread does not panic");
     });
     if let Some(e) = first_error.into_inner().expect("not poisoned") {
         return Err(e);
     }
     Ok(bytes_read)
+}
+
+/// Number of batch buffers: what `max_in_flight` allows, but no more than the
+/// workers need to stay busy while the writer catches up (two each, plus two).
+/// More buffers only add memory that must be faulted in and that falls out of the
+/// cache between the worker and the writer: 32 buffers (64 MiB) cost about twice
+/// the CPU time of 6 on the 2 GiB mixed input (docs/benchmarks.md).
+fn pool_size(max_in_flight: usize, buffer_bytes: usize, workers: usize) -> usize {
+    (max_in_flight / buffer_bytes)
+        .min(2 * workers + 2)
+        .max(workers + 1)
 }

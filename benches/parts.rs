@@ -1,0 +1,147 @@
+//! The pipeline's stages alone: hashing and zero detection (the workers' job),
+//! the writer (dedup index, allocation, writes, metadata) fed precomputed hashes,
+//! and the dedup index (a plain map with a seeded key hasher, owned by the writer)
+//! against std's SipHash map and a DashMap.
+
+use std::collections::HashMap;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use qdedup::convert::pipeline::Stream;
+use qdedup::convert::writer::{ClusterIn, Writer};
+use qdedup::dedup::{hash_cluster, is_zero, DedupIndex, Hash, Target};
+use qdedup::io::MemFile;
+use qdedup::sample::{generate, Mix};
+
+const SIZE: usize = 64 << 20;
+const BATCH: usize = 2 << 20;
+
+fn mixed_bytes(size: usize) -> Vec<u8> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("mixed.raw");
+    generate(&path, size as u64, 7, Mix::MIXED).expect("generate");
+    std::fs::read(&path).expect("read back")
+}
+
+fn bench_hash(c: &mut Criterion) {
+    let mut rng = qdedup::sample::Rng::new(3);
+    let mut data = vec![0u8; SIZE];
+    rng.fill(&mut data);
+    let mut group = c.benchmark_group("worker");
+    group.throughput(Throughput::Bytes(SIZE as u64));
+    for cs in [64usize << 10, 4 << 10] {
+        group.bench_with_input(
+            BenchmarkId::new("blake3", format!("{}k", cs >> 10)),
+            &cs,
+            |b, &cs| {
+                b.iter(|| {
+                    data.chunks_exact(cs)
+                        .fold(0u8, |a, c| a ^ hash_cluster(c)[0])
+                });
+            },
+        );
+    }
+    let zeros = vec![0u8; SIZE];
+    group.bench_function("is_zero/zeros-64k", |b| {
+        b.iter(|| zeros.chunks_exact(64 << 10).filter(|c| is_zero(c)).count());
+    });
+    group.finish();
+}
+
+/// Per-cluster inputs of the writer: (zero?, hash), computed once.
+fn precompute(data: &[u8], cs: usize) -> Vec<Option<Hash>> {
+    data.chunks_exact(cs)
+        .map(|c| (!is_zero(c)).then(|| hash_cluster(c)))
+        .collect()
+}
+
+fn bench_writer(c: &mut Criterion) {
+    let data = mixed_bytes(SIZE);
+    let mut group = c.benchmark_group("writer");
+    group.sample_size(20);
+    group.throughput(Throughput::Bytes(SIZE as u64));
+    for cluster_bits in [16u32, 12] {
+        let cs = 1usize << cluster_bits;
+        let hashes = precompute(&data, cs);
+        group.bench_function(format!("mixed/{}k", cs >> 10), |b| {
+            b.iter(|| {
+                let out = MemFile::new(Vec::with_capacity(SIZE));
+                let mut w = Writer::new(&out, SIZE as u64, cluster_bits, 4, true, None, None)
+                    .expect("writer");
+                let per_batch = BATCH / cs;
+                for (k, batch) in data.chunks(BATCH).enumerate() {
+                    let clusters: Vec<ClusterIn<'_>> = hashes
+                        [k * per_batch..k * per_batch + batch.len() / cs]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, h)| match h {
+                            None => ClusterIn::Zero,
+                            Some(hash) => ClusterIn::Data {
+                                hash: *hash,
+                                data: &batch[i * cs..(i + 1) * cs],
+                                stream: Stream::NotTried,
+                            },
+                        })
+                        .collect();
+                    w.accept((k * per_batch) as u64, batch, &clusters)
+                        .expect("accept");
+                }
+                w.finish().expect("finish").file_size
+            });
+        });
+    }
+    group.finish();
+}
+
+fn bench_index(c: &mut Criterion) {
+    // 1 M keys (4 GiB of unique data at 4 KiB clusters), each looked up once
+    // before being inserted, as the writer does for a unique cluster.
+    const N: usize = 1 << 20;
+    let keys: Vec<Hash> = (0..N as u64)
+        .map(|i| *blake3::hash(&i.to_le_bytes()).as_bytes())
+        .collect();
+    let mut group = c.benchmark_group("dedup-index");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("DedupIndex", |b| {
+        b.iter(|| {
+            let mut m = DedupIndex::new();
+            for (i, k) in keys.iter().enumerate() {
+                if m.lookup(k).is_none() {
+                    m.insert(*k, Target::Cluster(i as u64));
+                }
+            }
+            m.len()
+        });
+    });
+    group.bench_function("HashMap-SipHash", |b| {
+        b.iter(|| {
+            let mut m: HashMap<Hash, Target> = HashMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                if !m.contains_key(k) {
+                    m.insert(*k, Target::Cluster(i as u64));
+                }
+            }
+            m.len()
+        });
+    });
+    group.bench_function("DashMap", |b| {
+        b.iter(|| {
+            let m: dashmap::DashMap<Hash, Target> = dashmap::DashMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                if !m.contains_key(k) {
+                    m.insert(*k, Target::Cluster(i as u64));
+                }
+            }
+            m.len()
+        });
+    });
+    group.finish();
+}
+
+mod group {
+    // criterion_group! makes an undocumented `pub fn`.
+    #![allow(missing_docs)]
+    use super::{bench_hash, bench_index, bench_writer, criterion_group};
+    criterion_group!(benches, bench_hash, bench_writer, bench_index);
+}
+criterion_main!(group::benches);

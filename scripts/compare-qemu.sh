@@ -1,0 +1,298 @@
+#!/usr/bin/env bash
+# Side-by-side timings of `qdedup convert` and `qemu-img convert` (issue 4 and 5).
+#
+# usage: scripts/compare-qemu.sh [plain|compress|sparse|all] [SIZE] [ROUNDS]
+#
+#   plain     mixed, all-random and filesystem (4 KiB clusters) images: qdedup
+#             against qemu-img, default and `-m 8 -W`, synced and unsynced
+#   compress  the mixed image with -c (zlib) and zstd against `qemu-img convert -c`
+#   sparse    a 1 TiB sparse raw holding SPARSE_DATA of data against a dense file
+#             of that data (qdedup only)
+#   all       all of the above (the default)
+#
+# SIZE (default 2G, env SIZE) is the size of each generated input; ROUNDS (default
+# 5, env ROUNDS; compress mode uses CROUNDS, default 3) is the number of timed runs
+# of each command, in alternation. Other environment variables:
+#   WORKDIR      where inputs and outputs go (default ${TMPDIR:-/tmp}/qdedup-compare);
+#                inputs are kept and reused while their size matches
+#   SPARSE_DATA  data in the sparse image (default 1G)
+#   KEEP=1       keep the outputs of the last round
+#
+# Like is compared with like: `qemu-img convert` does not flush by default
+# (cache=unsafe), so an unsynced qdedup run (`--no-sync`) is compared with the
+# default, and a synced one with `qemu-img convert -t writeback` (flushes at close).
+# Before every timed run the previous output is removed, the input is read once
+# (the page cache is warm for both tools) and `sync` runs. The wall time printed is
+# the median over the rounds (min in brackets); ratios are qemu-img time / qdedup
+# time (> 1: qdedup is faster) and qdedup size / qemu-img size.
+set -euo pipefail
+
+MODE=${1:-all}
+SIZE=${2:-${SIZE:-2G}}
+ROUNDS=${3:-${ROUNDS:-5}}
+CROUNDS=${CROUNDS:-3}
+SPARSE_DATA=${SPARSE_DATA:-1G}
+WORKDIR=${WORKDIR:-${TMPDIR:-/tmp}/qdedup-compare}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+
+case $MODE in plain | compress | sparse | all) ;; *)
+    sed -n '2,30p' "$0" >&2
+    exit 2
+    ;;
+esac
+for tool in qemu-img mke2fs cargo; do
+    command -v "$tool" >/dev/null || {
+        echo "compare-qemu: $tool is required" >&2
+        exit 2
+    }
+done
+
+echo "== building (release)"
+(cd "$ROOT" && cargo build --release --quiet --bin qdedup --example gen_sample)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+QDEDUP=$TARGET_DIR/release/qdedup
+GEN=$TARGET_DIR/release/examples/gen_sample
+mkdir -p "$WORKDIR/out"
+OUT=$WORKDIR/out
+
+bytes() { # SIZE with suffix -> bytes
+    local s=$1 n=${1%[kKmMgGtT]} m=1
+    case $s in *[kK]) m=1024 ;; *[mM]) m=$((1 << 20)) ;; *[gG]) m=$((1 << 30)) ;; *[tT]) m=$((1 << 40)) ;; esac
+    echo $((n * m))
+}
+SIZE_B=$(bytes "$SIZE")
+
+# gen FILE SIZE KIND [SEED]: generate unless present with the right size.
+gen() {
+    if [[ ! -f $1 || $(stat -c %s "$1") != "$(bytes "$2")" ]]; then
+        echo "   generating $(basename "$1") ($2, $3)"
+        "$GEN" "$1" "$2" "$3" "${4:-1}"
+    fi
+}
+
+# A file system image with repeated files: a base set of files (mixed content)
+# copied into four directories (50% of the image), plus unique random files (10%).
+make_fs() {
+    local img=$WORKDIR/fs-$SIZE.img
+    if [[ -f $img && $(stat -c %s "$img") == "$SIZE_B" ]]; then
+        FS=$img
+        return
+    fi
+    echo "   generating fs-$SIZE.img (mke2fs -d)"
+    local tree=$WORKDIR/tree
+    rm -rf "$tree"
+    mkdir -p "$tree/base"
+    local unit=$((SIZE_B / 100)) i
+    for i in $(seq 1 16); do
+        # Files of 1/400 .. 1/100 of the image (10% in all), mixed content.
+        "$GEN" "$tree/base/file$i.bin" $((unit * (1 + i % 4) / 4 / 4096 * 4096)) mixed $((100 + i))
+    done
+    for i in 1 2 3 4; do
+        mkdir -p "$tree/copy$i"
+        cp -r "$tree/base/." "$tree/copy$i/"
+        "$GEN" "$tree/copy$i/unique.bin" $((SIZE_B / 40 / 4096 * 4096)) random $((200 + i))
+    done
+    rm -f "$img" "$img.tmp"
+    mke2fs -q -t ext4 -b 4096 -d "$tree" "$img.tmp" "$((SIZE_B / 1024))k"
+    mv "$img.tmp" "$img"
+    rm -rf "$tree"
+    FS=$img
+}
+
+# warm FILE: read it once so that the page cache is warm. The sparse image is read
+# only where it has data (SPARSE_PIECES: "skip" offsets in 64 MiB units).
+SPARSE_PIECES=""
+warm() {
+    if [[ -n $SPARSE_PIECES && $1 == *sparse-1T-* ]]; then
+        local p
+        for p in $SPARSE_PIECES; do
+            dd if="$1" of=/dev/null bs=64M skip="$p" count=1 status=none
+        done
+    else
+        cat "$1" >/dev/null
+    fi
+}
+
+# timed LABEL INPUT OUTPUT CMD...: one timed run; appends "LABEL seconds" to $TIMES.
+timed() {
+    local label=$1 input=$2 output=$3
+    shift 3
+    rm -f "$output"
+    warm "$input"
+    sync
+    local s e
+    s=$(date +%s.%N)
+    "$@" >/dev/null 2>"$WORKDIR/stderr" || {
+        echo "FAILED: $*" >&2
+        cat "$WORKDIR/stderr" >&2
+        exit 1
+    }
+    e=$(date +%s.%N)
+    sync
+    echo "$label $(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.4f", e - s }')" >>"$TIMES"
+}
+
+median() { # LABEL -> "median min"
+    awk -v l="$1" '$1 == l { print $2 }' "$TIMES" | sort -g |
+        awk '{ a[NR] = $1 } END { m = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2; printf "%.3f %.3f\n", m, a[1] }'
+}
+
+verdicts() { # INPUT OUTPUT -> "check compare"
+    local c k
+    if qemu-img check -q "$2" >/dev/null 2>&1; then c=clean; else c="FAIL($?)"; fi
+    if qemu-img compare -q -f raw -F qcow2 "$1" "$2" >/dev/null 2>&1; then k=identical; else k="DIFFER($?)"; fi
+    echo "$c $k"
+}
+
+# run_set NAME INPUT ROUNDS PAIRS...: each pair is "qlabel|qemu-label"; commands are in
+# the CMD associative array, keyed by label, with @IN and @OUT placeholders.
+declare -A CMD
+run_set() {
+    local name=$1 input=$2 rounds=$3
+    shift 3
+    local pairs=("$@") labels=() p l r i n
+    for p in "${pairs[@]}"; do
+        labels+=("${p%%|*}" "${p##*|}")
+    done
+    # Unique labels, in order.
+    local uniq=() seen=" "
+    for l in "${labels[@]}"; do
+        [[ $seen == *" $l "* ]] || {
+            uniq+=("$l")
+            seen+="$l "
+        }
+    done
+    TIMES=$WORKDIR/times-$name
+    : >"$TIMES"
+    n=${#uniq[@]}
+    for r in $(seq 1 "$rounds"); do
+        printf '   round %d/%d\r' "$r" "$rounds"
+        for i in $(seq 0 $((n - 1))); do
+            # Rotate the order every round so that no command always runs first.
+            l=${uniq[$(((i + r) % n))]}
+            local cmd=${CMD[$l]//@IN/$input}
+            cmd=${cmd//@OUT/$OUT/$l.qcow2}
+            # shellcheck disable=SC2086 # the command is a word list
+            timed "$l" "$input" "$OUT/$l.qcow2" $cmd
+        done
+    done
+    printf '\n'
+    printf '%-22s %8s %8s %12s %7s %-8s %-10s\n' "$name: command" "median" "(min)" "size" "" "check" "compare"
+    declare -A MED SZ
+    for l in "${uniq[@]}"; do
+        read -r med min < <(median "$l")
+        MED[$l]=$med
+        SZ[$l]=$(stat -c %s "$OUT/$l.qcow2")
+        read -r c k < <(verdicts "$input" "$OUT/$l.qcow2")
+        printf '%-22s %7ss %7ss %12s %7s %-8s %-10s\n' "$l" "$med" "$min" "${SZ[$l]}" "" "$c" "$k"
+    done
+    for p in "${pairs[@]}"; do
+        local a=${p%%|*} b=${p##*|}
+        awk -v a="$a" -v b="$b" -v ta="${MED[$a]}" -v tb="${MED[$b]}" -v sa="${SZ[$a]}" -v sb="${SZ[$b]}" \
+            'BEGIN { printf "  %-22s vs %-22s speed %.2fx  size %.3fx\n", a, b, tb / ta, sa / sb }'
+    done
+    [[ ${KEEP:-0} == 1 ]] || rm -f "$OUT"/*.qcow2
+}
+
+machine() {
+    echo "== machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), kernel $(uname -r)"
+    echo "   $(qemu-img --version | head -1); load: $(cut -d' ' -f1-3 /proc/loadavg)"
+}
+
+plain() {
+    echo "== inputs ($SIZE)"
+    gen "$WORKDIR/mixed-$SIZE.raw" "$SIZE" mixed
+    gen "$WORKDIR/random-$SIZE.raw" "$SIZE" random
+    make_fs
+    local o
+    for input in "$WORKDIR/mixed-$SIZE.raw" "$WORKDIR/random-$SIZE.raw" "$FS"; do
+        o=""
+        [[ $input == "$FS" ]] && o="-o cluster_size=4096"
+        CMD=(
+            [qdedup-nosync]="$QDEDUP convert -q --no-sync $o @IN @OUT"
+            [qemu-img]="qemu-img convert -O qcow2 $o @IN @OUT"
+            [qemu-img-m8W]="qemu-img convert -O qcow2 -m 8 -W $o @IN @OUT"
+            [qdedup-sync]="$QDEDUP convert -q $o @IN @OUT"
+            [qemu-img-wb]="qemu-img convert -t writeback -O qcow2 $o @IN @OUT"
+            [qemu-img-wb-m8W]="qemu-img convert -t writeback -O qcow2 -m 8 -W $o @IN @OUT"
+        )
+        echo "== $(basename "$input") ${o:+($o)}"
+        run_set "$(basename "$input")" "$input" "$ROUNDS" \
+            "qdedup-nosync|qemu-img" "qdedup-nosync|qemu-img-m8W" \
+            "qdedup-sync|qemu-img-wb" "qdedup-sync|qemu-img-wb-m8W"
+    done
+    echo "== peak RSS, all-random (unique) input"
+    /usr/bin/time -f "   qdedup: %M KiB max RSS, %e s" "$QDEDUP" convert -q --no-sync --force \
+        "$WORKDIR/random-$SIZE.raw" "$OUT/rss.qcow2" 2>&1 >/dev/null | tail -1 ||
+        echo "   (no /usr/bin/time)"
+    rm -f "$OUT/rss.qcow2"
+}
+
+compress() {
+    echo "== inputs ($SIZE)"
+    gen "$WORKDIR/mixed-$SIZE.raw" "$SIZE" mixed
+    CMD=(
+        [qdedup-zlib]="$QDEDUP convert -q --no-sync -c @IN @OUT"
+        [qdedup-zstd]="$QDEDUP convert -q --no-sync -c -o compression_type=zstd @IN @OUT"
+        [qemu-img-zlib]="qemu-img convert -c -O qcow2 @IN @OUT"
+        [qemu-img-zlib-m8W]="qemu-img convert -c -O qcow2 -m 8 -W @IN @OUT"
+        [qemu-img-zstd]="qemu-img convert -c -O qcow2 -o compression_type=zstd @IN @OUT"
+        [qemu-img-zstd-m8W]="qemu-img convert -c -O qcow2 -o compression_type=zstd -m 8 -W @IN @OUT"
+    )
+    echo "== mixed-$SIZE.raw compressed (unsynced, like qemu-img's default)"
+    run_set "compressed" "$WORKDIR/mixed-$SIZE.raw" "$CROUNDS" \
+        "qdedup-zlib|qemu-img-zlib" "qdedup-zlib|qemu-img-zlib-m8W" \
+        "qdedup-zstd|qemu-img-zstd" "qdedup-zstd|qemu-img-zstd-m8W"
+}
+
+sparse() {
+    local dense=$WORKDIR/dense-$SPARSE_DATA.raw sp=$WORKDIR/sparse-1T-$SPARSE_DATA.raw
+    local data_b chunk=$((64 << 20)) i n p
+    data_b=$(bytes "$SPARSE_DATA")
+    gen "$dense" "$SPARSE_DATA" random 3
+    n=$((data_b / chunk))
+    SPARSE_PIECES=""
+    for i in $(seq 0 $((n - 1))); do
+        SPARSE_PIECES+=" $((i * ((1 << 40) / chunk) / n))"
+    done
+    if [[ ! -f $sp ]]; then
+        echo "   generating sparse-1T-$SPARSE_DATA.raw"
+        truncate -s 1T "$sp"
+        # The data in 64 MiB pieces spread over the whole terabyte.
+        i=0
+        for p in $SPARSE_PIECES; do
+            dd if="$dense" of="$sp" bs=64M skip="$i" seek="$p" count=1 conv=notrunc status=none
+            i=$((i + 1))
+        done
+    fi
+    echo "== dense $SPARSE_DATA vs 1 TiB sparse holding the same data (qdedup --no-sync)"
+    TIMES=$WORKDIR/times-sparse
+    : >"$TIMES"
+    for r in $(seq 1 "$ROUNDS"); do
+        printf '   round %d/%d\r' "$r" "$ROUNDS"
+        timed dense "$dense" "$OUT/dense.qcow2" "$QDEDUP" convert -q --no-sync "$dense" "$OUT/dense.qcow2"
+        # Warming the sparse file reads its data (the holes cost nothing).
+        timed sparse "$sp" "$OUT/sparse.qcow2" "$QDEDUP" convert -q --no-sync "$sp" "$OUT/sparse.qcow2"
+    done
+    printf '\n'
+    read -r md mind < <(median dense)
+    read -r ms mins < <(median sparse)
+    echo "   dense:  ${md}s (min ${mind}s)"
+    echo "   sparse: ${ms}s (min ${mins}s)   sparse/dense time ratio: $(awk -v a="$ms" -v b="$md" 'BEGIN { printf "%.2f", a / b }')"
+    read -r c k < <(verdicts "$sp" "$OUT/sparse.qcow2")
+    echo "   sparse output: check $c (compare skipped: 1 TiB)"
+    rm -f "$OUT"/*.qcow2
+}
+
+machine
+case $MODE in
+plain) plain ;;
+compress) compress ;;
+sparse) sparse ;;
+all)
+    plain
+    compress
+    sparse
+    ;;
+esac
