@@ -34,6 +34,23 @@ macro_rules! outln {
     }};
 }
 
+/// The error and its causes on one line, skipping a cause whose text the line
+/// already holds (library I/O errors include their OS error in their message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
 fn stdout_failed(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
@@ -585,7 +602,7 @@ fn main() -> ExitCode {
     match r {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("qdedup: error: {e:#}");
+            eprintln!("qdedup: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
