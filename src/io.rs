@@ -36,6 +36,31 @@ pub trait ReadAt: Send + Sync {
         Ok(done)
     }
 
+    /// Fills `buf` from `offset` of a file that was `known_len` bytes long when
+    /// opened: bytes past `known_len` read as zeros, but a file that now ends
+    /// before `known_len` (it shrank while we read it) is an `UnexpectedEof` error
+    /// naming `what`.
+    fn read_known_len(
+        &self,
+        buf: &mut [u8],
+        offset: u64,
+        known_len: u64,
+        what: &str,
+    ) -> io::Result<()> {
+        let n = self.read_at_zero_fill(buf, offset)?;
+        let expect = known_len.saturating_sub(offset).min(buf.len() as u64);
+        if (n as u64) < expect {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{what} ended early at offset {:#x} (was it truncated while converting?)",
+                    offset + n as u64
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Fills `buf` from `offset`; a short file is an `UnexpectedEof` error.
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let n = self.read_at_zero_fill(buf, offset)?;

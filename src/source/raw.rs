@@ -113,23 +113,11 @@ impl Source for RawSource {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let n = self
-            .file
-            .read_at_zero_fill(buf, offset)
-            .ctx(|| format!("read error in the input at offset {offset:#x}"))?;
         // Bytes between the file end and the 512-rounded virtual size are zeros;
-        // anything shorter means the input shrank while we read it.
-        let want_from_file = self.file_len.saturating_sub(offset).min(buf.len() as u64);
-        if (n as u64) < want_from_file {
-            return Err(Error::io(
-                format!(
-                    "input ended early at offset {:#x} (was it truncated while converting?)",
-                    offset + n as u64
-                ),
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-        Ok(())
+        // a file shorter than when it was opened is an error.
+        self.file
+            .read_known_len(buf, offset, self.file_len, "input")
+            .ctx(|| format!("read error in the input at offset {offset:#x}"))
     }
 
     fn format_name(&self) -> &'static str {

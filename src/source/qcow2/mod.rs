@@ -222,21 +222,9 @@ impl Qcow2Source {
     fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
         // The mapper checked that each cluster starts inside the file; a partial
         // last cluster reads as zeros past the end of the file, as in QEMU.
-        let n = self
-            .file
-            .read_at_zero_fill(buf, host)
-            .map_err(|e| Error::io(format!("read error in the qcow2 file at {host:#x}"), e))?;
-        let expect = self.file_len.saturating_sub(host).min(buf.len() as u64);
-        if (n as u64) < expect {
-            return Err(Error::io(
-                format!(
-                    "the qcow2 file ended early at {:#x} (was it truncated while converting?)",
-                    host + n as u64
-                ),
-                std::io::ErrorKind::UnexpectedEof.into(),
-            ));
-        }
-        Ok(())
+        self.file
+            .read_known_len(buf, host, self.file_len, "the qcow2 file")
+            .map_err(|e| Error::io(format!("read error in the qcow2 file at {host:#x}"), e))
     }
 
     /// Decompresses the cluster described by `desc` into `out` (one cluster).
