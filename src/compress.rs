@@ -10,6 +10,7 @@
 //! bounded by the cluster size whatever the input claims.
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
@@ -32,14 +33,148 @@ thread_local! {
     static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
 
+/// Smallest input the probe judges: below one 4 KiB chunk the margins for
+/// random data's small-sample entropy are as large as what deflate can save,
+/// and deflating a few hundred bytes is cheap anyway.
+const PROBE_MIN: usize = 4096;
+/// Bytes per histogram chunk of the incompressibility probe.
+const PROBE_CHUNK: usize = 4096;
+/// Deflate's window here (window bits 12): matches reach back at most this far.
+const DEFLATE_WINDOW: usize = 4096;
+/// Positions starting a 4-byte repeat (within the window) the probe must find to
+/// call a cluster compressible by matches: about 64 repeated bytes. Random data
+/// has almost none: a 4-byte repeat within 4 KiB turns up once in ~16 random
+/// 64 KiB clusters.
+const PROBE_MATCH_POSITIONS: usize = 60;
+
+/// `c · log2(c)` for c in 0..=PROBE_CHUNK (entropy of a histogram without a
+/// logarithm per bucket).
+fn c_log2_c() -> &'static [f64] {
+    static TABLE: OnceLock<Vec<f64>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=PROBE_CHUNK)
+            .map(|c| {
+                if c == 0 {
+                    0.0
+                } else {
+                    c as f64 * (c as f64).log2()
+                }
+            })
+            .collect()
+    })
+}
+
+/// Whether raw deflate (4 KiB window) is unlikely to save a 512-byte sector on
+/// `data`, judged at a fraction of deflate's cost (a histogram and a 4-byte match
+/// scan, ~1.5 ns a byte, where level-6 deflate spends ~10 ns a byte on random
+/// data). Deflate saves space in two ways, and the probe bounds both:
+///
+/// - **Literal coding** cannot beat the order-0 entropy of the bytes it codes.
+///   The probe sums the entropy of each 4 KiB chunk (a finer split than any
+///   deflate block, so a lower bound for one), and treats the cluster as
+///   compressible when that bound saves 256 bytes more than random data's own
+///   small-sample shortfall (~23 bytes a chunk, allowed 32).
+/// - **Matches** replace repeated strings. The probe looks up every 4-byte
+///   string in a small hash table of earlier positions and treats the cluster as
+///   compressible as soon as 60 positions repeat a string seen within the deflate
+///   window (about 64 repeated bytes; random data has ~0).
+///
+/// Data that passes neither is stored plain without trying deflate: the answer is
+/// what deflate would have said unless its savings come from what the probe does
+/// not see (3-byte matches, repeats the one-slot table lost, skew under the
+/// margin), which on real data is a fraction of a sector. Inputs under 4 KiB are
+/// never skipped. See docs/format.md, "Compression".
+pub fn looks_incompressible(data: &[u8]) -> bool {
+    if data.len() < PROBE_MIN {
+        return false;
+    }
+    let table = c_log2_c();
+    // Entropy bound, chunk by chunk.
+    let mut coded_bits = 0.0f64;
+    let mut chunks = 0usize;
+    for chunk in data.chunks(PROBE_CHUNK) {
+        let mut h = [[0u32; 256]; 4];
+        let mut quads = chunk.chunks_exact(4);
+        for q in &mut quads {
+            h[0][q[0] as usize] += 1;
+            h[1][q[1] as usize] += 1;
+            h[2][q[2] as usize] += 1;
+            h[3][q[3] as usize] += 1;
+        }
+        for &b in quads.remainder() {
+            h[0][b as usize] += 1;
+        }
+        let sum: f64 = (0..256)
+            .map(|i| table[(h[0][i] + h[1][i] + h[2][i] + h[3][i]) as usize])
+            .sum();
+        coded_bits += table[chunk.len()] - sum;
+        chunks += 1;
+    }
+    let entropy_saving = data.len() as f64 - coded_bits / 8.0;
+    if entropy_saving >= 256.0 + 32.0 * chunks as f64 {
+        return false;
+    }
+    // Matches within the window, one candidate per hash slot.
+    PROBE_TABLE.with(|t| {
+        let mut t = t.borrow_mut();
+        let bits = (usize::BITS - data.len().leading_zeros() + 1).clamp(9, PROBE_HASH_BITS);
+        let t = &mut t[..1 << bits];
+        t.fill(0);
+        match_positions(data, t, bits) < PROBE_MATCH_POSITIONS
+    })
+}
+
+/// Positions whose next 4 bytes occurred earlier within the deflate window, as a
+/// one-candidate-per-slot match finder sees them, counted up to
+/// [`PROBE_MATCH_POSITIONS`]. A repeated run of L bytes adds about L − 3.
+/// `t` has `1 << bits` zeroed slots.
+fn match_positions(data: &[u8], t: &mut [u64], bits: u32) -> usize {
+    let mask = (1usize << bits) - 1;
+    let mut found = 0usize;
+    for (i, w) in data.windows(4).enumerate() {
+        let word = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        let slot = (word.wrapping_mul(0x9E37_79B1) >> (32 - bits)) as usize & mask;
+        // A slot holds the word and its position + 1 (0: empty), so that the
+        // common case (no match) is one well-predicted comparison.
+        let entry = t[slot];
+        t[slot] = u64::from(word) << 32 | (i as u64 + 1);
+        if (entry >> 32) as u32 == word && entry & 0xffff_ffff != 0 {
+            let prev = (entry & 0xffff_ffff) as usize - 1;
+            if i - prev <= DEFLATE_WINDOW {
+                found += 1;
+                if found >= PROBE_MATCH_POSITIONS {
+                    break;
+                }
+            }
+        }
+    }
+    found
+}
+
+/// log2 of the match finder's most hash slots (8 K slots of 8 bytes: 64 KiB);
+/// smaller inputs use about two slots per byte.
+const PROBE_HASH_BITS: u32 = 13;
+
+thread_local! {
+    static PROBE_TABLE: RefCell<Vec<u64>> = RefCell::new(vec![0; 1 << PROBE_HASH_BITS]);
+}
+
 /// Compresses one cluster. Returns `None` when the stream would not save space
 /// (or the codec fails, which for in-memory compression means the same).
+///
+/// With `probe`, zlib clusters that [`looks_incompressible`] are not compressed
+/// (`None` at once); zstd needs no probe (its own match finder gives up on
+/// incompressible input at several GB/s).
 pub fn compress(
     codec: CompressionType,
     level: Option<i32>,
     data: &[u8],
     cs: usize,
+    probe: bool,
 ) -> Option<Vec<u8>> {
+    if probe && codec == CompressionType::Zlib && looks_incompressible(data) {
+        return None;
+    }
     // Room for the worst case (zlib's deflateBound, zstd's compress bound): zlib-rs
     // panics when a stored block does not fit the output buffer, so never give it
     // less; whether the stream is worth storing is decided afterwards.
@@ -177,15 +312,15 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert!(compress(CompressionType::Zlib, None, &data, 65536).is_none());
-        assert!(compress(CompressionType::Zstd, None, &data, 65536).is_none());
+        assert!(compress(CompressionType::Zlib, None, &data, 65536, false).is_none());
+        assert!(compress(CompressionType::Zstd, None, &data, 65536, false).is_none());
     }
 
     #[test]
     fn truncated_stream_is_corrupt() {
         let data = compressible(3, 4096);
         for codec in [CompressionType::Zlib, CompressionType::Zstd] {
-            let s = compress(codec, None, &data, 4096).unwrap();
+            let s = compress(codec, None, &data, 4096, false).unwrap();
             let mut out = vec![0u8; 4096];
             assert!(decompress(codec, &s[..s.len() / 2], &mut out).is_err());
         }
@@ -281,6 +416,108 @@ mod tests {
         assert!(decompress_zstd(&[], &mut out).is_err());
     }
 
+    fn random(seed: u64, n: usize) -> Vec<u8> {
+        let mut rng = crate::sample::Rng::new(seed);
+        let mut d = vec![0u8; n];
+        rng.fill(&mut d);
+        d
+    }
+
+    /// A cluster of random bytes reshaped by `edits`, each (kind, a, b): a zero
+    /// run, a copy from up to 4 KiB back, a stretch over a smaller alphabet, or
+    /// a stretch of 4-byte values drawn from a small set.
+    fn shaped(seed: u64, cs: usize, edits: &[(u8, u32, u32)]) -> Vec<u8> {
+        let mut d = random(seed, cs);
+        let mut rng = crate::sample::Rng::new(seed ^ 0x5eed);
+        for &(kind, a, b) in edits {
+            let at = a as usize % cs;
+            let len = (b as usize % 3000 + 1).min(cs - at);
+            match kind % 4 {
+                0 => d[at..at + len].fill(0),
+                1 => {
+                    let back = (b as usize % 4096).clamp(1, at.max(1));
+                    if at >= back {
+                        for i in at..at + len {
+                            d[i] = d[i - back];
+                        }
+                    }
+                }
+                2 => {
+                    let k = 128 + u64::from(b % 129);
+                    for x in &mut d[at..at + len] {
+                        *x = rng.below(k) as u8;
+                    }
+                }
+                _ => {
+                    let set: Vec<u64> = (0..=(b % 600)).map(|_| rng.next_u64()).collect();
+                    for c in d[at..at + len].chunks_mut(4) {
+                        let v = set[rng.below(set.len() as u64) as usize].to_le_bytes();
+                        c.copy_from_slice(&v[..c.len()]);
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    #[test]
+    fn probe_skips_random_clusters_and_only_them() {
+        for cs in [4096, 65536, 2 << 20] {
+            let d = random(cs as u64, cs);
+            assert!(looks_incompressible(&d), "random {cs}");
+            assert!(compress(CompressionType::Zlib, None, &d, cs, false).is_none());
+            // A run of zeros, a repeated 1 KiB block, text, a smaller
+            // alphabet: each is compressible, and the probe must see it.
+            let mut z = d.clone();
+            z[100..100 + (cs / 4).min(8192)].fill(0);
+            let mut rep = d.clone();
+            for i in 1024..cs.min(16384) {
+                rep[i] = rep[i - 1024];
+            }
+            let text = compressible(1, cs);
+            let small: Vec<u8> = d.iter().map(|b| b % 64).collect();
+            for (name, x) in [
+                ("zeros", &z),
+                ("repeat", &rep),
+                ("text", &text),
+                ("alphabet", &small),
+            ] {
+                assert!(!looks_incompressible(x), "{name} at {cs}");
+                assert!(
+                    compress(CompressionType::Zlib, None, x, cs, false).is_some(),
+                    "{name} at {cs}"
+                );
+            }
+        }
+        // Under 4 KiB the probe never skips.
+        assert!(!looks_incompressible(&random(1, 2048)));
+    }
+
+    #[test]
+    fn probe_does_not_touch_zstd() {
+        let d = compressible(2, 65536);
+        assert_eq!(
+            compress(CompressionType::Zstd, None, &d, 65536, true),
+            compress(CompressionType::Zstd, None, &d, 65536, false)
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        /// The probe changes speed, not output: with or without it, a cluster
+        /// compresses to the same stream or is stored plain.
+        #[test]
+        fn probe_agrees_with_deflate(seed in any::<u64>(), big in any::<bool>(),
+                edits in proptest::collection::vec((any::<u8>(), any::<u32>(), any::<u32>()), 0..6)) {
+            let cs = if big { 65536 } else { 4096 };
+            let d = shaped(seed, cs, &edits);
+            prop_assert_eq!(
+                compress(CompressionType::Zlib, None, &d, cs, true),
+                compress(CompressionType::Zlib, None, &d, cs, false)
+            );
+        }
+    }
+
     proptest! {
         #[test]
         fn codecs_round_trip(seed in any::<u8>(), cb in 9u32..=16, zstd in any::<bool>(), noise in proptest::collection::vec(any::<u8>(), 0..64)) {
@@ -288,7 +525,7 @@ mod tests {
             let mut data = compressible(seed, cs);
             for (i, n) in noise.iter().enumerate() { data[(i * 97) % cs] = *n; }
             let codec = if zstd { CompressionType::Zstd } else { CompressionType::Zlib };
-            if let Some(s) = compress(codec, None, &data, cs) {
+            if let Some(s) = compress(codec, None, &data, cs, false) {
                 prop_assert!(worth_storing(s.len(), cs));
                 let mut padded = s.clone();
                 padded.extend_from_slice(&[0xaa; 100]); // trailing bytes are ignored

@@ -108,6 +108,10 @@ struct ConvertArgs {
     /// Compression level (zlib 0-9, zstd 1-22).
     #[arg(long)]
     compression_level: Option<i32>,
+    /// Try deflate on every distinct cluster, also those the incompressibility
+    /// probe would store plain untried (slower on random data; rarely smaller).
+    #[arg(long)]
+    no_compress_probe: bool,
     /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -196,6 +200,10 @@ struct EstimateArgs {
     /// Compression level (zlib 0-9, zstd 1-22).
     #[arg(long)]
     compression_level: Option<i32>,
+    /// Try deflate on every distinct cluster, also those the incompressibility
+    /// probe would store plain untried (slower on random data; rarely smaller).
+    #[arg(long)]
+    no_compress_probe: bool,
     /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
@@ -367,6 +375,7 @@ fn run_estimate(a: &EstimateArgs) -> Result<ExitCode> {
         opts.compression = None;
     }
     opts.compression_level = a.compression_level;
+    opts.compress_probe = !a.no_compress_probe;
     if let Some(w) = a.workers {
         opts.workers = w;
     }
@@ -468,6 +477,7 @@ fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
         }
     }
     opts.compression_level = a.compression_level;
+    opts.compress_probe = !a.no_compress_probe;
     opts.dedup = !a.no_dedup;
     if let Some(w) = a.workers {
         opts.workers = w;

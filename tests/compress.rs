@@ -180,3 +180,60 @@ fn incompressible_data_is_stored_plain() {
     assert_eq!(read_layout(&out).data_refs.len(), 8);
     assert_qemu_compare_same(&input, "raw", &out);
 }
+
+/// The incompressibility probe skips deflate on random clusters without changing
+/// a byte of the output: the same image with and without `--no-compress-probe`,
+/// at 4 KiB and 64 KiB clusters, on clusters that are random, text, random with
+/// a zero run or a repeat inside, and zero.
+#[test]
+fn compress_probe_skips_random_clusters_and_changes_no_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    let cs = 65536;
+    let mut rng = qdedup::sample::Rng::new(11);
+    let mut data = vec![0u8; cs * 24];
+    let mut random_64k = 0;
+    for (i, c) in data.chunks_mut(cs).enumerate() {
+        match i % 6 {
+            0 => qdedup::sample::fill_text(&mut rng, c),
+            1 => {
+                rng.fill(c);
+                c[5000..7000].fill(0); // compressible at either cluster size
+            }
+            2 => {
+                rng.fill(c);
+                c.copy_within(9000..11000, 12000); // a repeat 3000 bytes back
+            }
+            3 => {}
+            _ => {
+                rng.fill(c);
+                random_64k += 1;
+            }
+        }
+    }
+    std::fs::write(&input, &data).unwrap();
+    for o in ["cluster_size=4096", "cluster_size=65536"] {
+        let probed = dir.path().join(format!("probed-{o}.qcow2"));
+        let tried = dir.path().join(format!("tried-{o}.qcow2"));
+        let a = convert_json(&["-c", "-o", o], &input, &probed);
+        let b = convert_json(&["-c", "--no-compress-probe", "-o", o], &input, &tried);
+        assert_eq!(
+            std::fs::read(&probed).unwrap(),
+            std::fs::read(&tried).unwrap(),
+            "{o}: the probe changed the output"
+        );
+        assert_eq!(b["probe-skipped"], 0, "{o}");
+        // Every random 64 KiB cluster is skipped (16 units of 4 KiB each at 4 KiB
+        // clusters); the zero-run and repeat clusters are compressed, not skipped.
+        let per = (cs as u64) / a["cluster-size"].as_u64().unwrap();
+        let skipped = a["probe-skipped"].as_u64().unwrap();
+        assert!(skipped >= random_64k * per, "{o}: {skipped} skipped");
+        assert_eq!(a["clusters-compressed"], b["clusters-compressed"], "{o}");
+        assert!(
+            a["clusters-compressed"].as_u64().unwrap() >= 12 * per / 4,
+            "{o}"
+        );
+        assert_qemu_check_clean(&probed);
+        assert_qemu_compare_same(&input, "raw", &probed);
+    }
+}

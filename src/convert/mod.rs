@@ -11,6 +11,8 @@ pub mod writer;
 
 use std::fs::File;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -20,6 +22,7 @@ use pipeline::CompressFn;
 use writer::{Writer, WriterStats};
 
 use crate::error::{Error, IoContext, Result};
+use crate::format::header::CompressionType;
 use crate::io::WriteAt;
 use crate::source::Source;
 
@@ -55,6 +58,9 @@ pub struct ConvertReport {
     pub compressed_bytes: u64,
     /// Guest bytes those streams hold (compressed clusters × cluster size).
     pub compressed_input_bytes: u64,
+    /// Compressions skipped because the incompressibility probe judged the
+    /// content incompressible (zlib only; such clusters are stored plain).
+    pub probe_skipped: u64,
     /// `compressed_input_bytes / compressed_bytes` (0 when nothing was compressed).
     pub compression_ratio: f64,
     /// Host clusters holding guest data.
@@ -124,6 +130,13 @@ impl std::fmt::Display for ConvertReport {
                 mib(self.compressed_bytes),
                 self.compression_ratio
             )?;
+            if self.probe_skipped > 0 {
+                writeln!(
+                    f,
+                    "                   {} incompressible contents stored plain untried (probe)",
+                    self.probe_skipped
+                )?;
+            }
         }
         writeln!(
             f,
@@ -150,13 +163,20 @@ impl std::fmt::Display for ConvertReport {
     }
 }
 
-/// Makes the compressor the options ask for (None when not compressing).
-fn compressor(opts: &ConvertOptions) -> Option<Box<CompressFn>> {
+/// Makes the compressor the options ask for (None when not compressing). Each
+/// compression the incompressibility probe skips adds one to `skipped`.
+fn compressor(opts: &ConvertOptions, skipped: &Arc<AtomicU64>) -> Option<Box<CompressFn>> {
     let c = opts.compression?;
     let cs = opts.cluster_size() as usize;
     let level = opts.compression_level;
+    let probe = opts.compress_probe && c == CompressionType::Zlib;
+    let skipped = Arc::clone(skipped);
     Some(Box::new(move |data: &[u8]| {
-        crate::compress::compress(c, level, data, cs)
+        if probe && crate::compress::looks_incompressible(data) {
+            skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        crate::compress::compress(c, level, data, cs, false)
     }))
 }
 
@@ -168,7 +188,8 @@ pub fn convert_to(
     opts: &ConvertOptions,
 ) -> Result<(WriterStats, u64, u64)> {
     let vsize = src.virtual_size();
-    let inline = compressor(opts);
+    let skipped = Arc::new(AtomicU64::new(0));
+    let inline = compressor(opts, &skipped);
     let mut w = Writer::new(
         out,
         vsize,
@@ -176,7 +197,7 @@ pub fn convert_to(
         opts.refcount_order,
         opts.dedup,
         opts.compression,
-        compressor(opts).map(|f| f as Box<writer::InlineCompressor>),
+        compressor(opts, &skipped).map(|f| f as Box<writer::InlineCompressor>),
     )?;
     let bytes_read = if opts.workers == 0 {
         pipeline::run_sequential(src, &mut w, opts, inline.as_deref())?
@@ -184,7 +205,8 @@ pub fn convert_to(
         pipeline::run_pipelined(src, &mut w, opts, inline.as_deref())?
     };
     let index_bytes = w.index_heap_bytes() as u64;
-    let stats = w.finish()?;
+    let mut stats = w.finish()?;
+    stats.probe_skipped = skipped.load(Ordering::Relaxed);
     Ok((stats, bytes_read, index_bytes))
 }
 
@@ -319,6 +341,7 @@ pub fn convert(
         clusters_compressed: stats.compressed_clusters,
         compressed_bytes: stats.compressed_bytes,
         compressed_input_bytes: stats.compressed_clusters * cs,
+        probe_skipped: stats.probe_skipped,
         compression_ratio: if stats.compressed_bytes == 0 {
             0.0
         } else {

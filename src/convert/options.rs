@@ -22,6 +22,9 @@ pub struct ConvertOptions {
     pub compression: Option<CompressionType>,
     /// Compression level (codec default if `None`).
     pub compression_level: Option<i32>,
+    /// Skip deflate on contents the incompressibility probe judges incompressible
+    /// (default true; see [`crate::compress::looks_incompressible`]).
+    pub compress_probe: bool,
     /// Hash/compress worker threads; 0 = the sequential reference converter.
     pub workers: usize,
     /// Bytes of guest data in flight in the pipeline (default 64 MiB).
@@ -43,6 +46,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("refcount_order", &self.refcount_order)
             .field("dedup", &self.dedup)
             .field("compression", &self.compression)
+            .field("compress_probe", &self.compress_probe)
             .field("workers", &self.workers)
             .field("max_in_flight", &self.max_in_flight)
             .field("sync", &self.sync)
@@ -59,6 +63,7 @@ impl Default for ConvertOptions {
             dedup: true,
             compression: None,
             compression_level: None,
+            compress_probe: true,
             workers: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             max_in_flight: 64 << 20,
             sync: true,

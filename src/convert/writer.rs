@@ -83,6 +83,9 @@ pub struct WriterStats {
     /// Byte offset just past the data area: the end of the last compressed stream
     /// when it ends inside the last data cluster, else the end of that cluster.
     pub data_end: u64,
+    /// Compressions the incompressibility probe skipped (filled in by the caller
+    /// that owns the compressor; the writer does not count them).
+    pub probe_skipped: u64,
 }
 
 /// Compresses a cluster inside the writer, for the rare cases where no worker did

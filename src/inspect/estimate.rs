@@ -594,9 +594,10 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
     let make_compressor = |cb: u32| -> Option<Compressor> {
         let c: CompressionType = copts.compression?;
         let level = copts.compression_level;
+        let probe = copts.compress_probe;
         let cs = 1usize << cb;
         Some(Box::new(move |d: &[u8]| {
-            crate::compress::compress(c, level, d, cs)
+            crate::compress::compress(c, level, d, cs, probe)
         }))
     };
     let mut states = Vec::with_capacity(bits.len());
