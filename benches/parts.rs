@@ -1,7 +1,8 @@
 //! The pipeline's stages alone: hashing and zero detection (the workers' job),
 //! the writer (dedup index, allocation, writes, metadata) fed precomputed hashes,
-//! and the dedup index (a plain map with a seeded key hasher, owned by the writer)
-//! against std's SipHash map and a DashMap.
+//! the dedup index (a plain map with a seeded key hasher, owned by the writer)
+//! against std's SipHash map and a DashMap, and compression of one cluster (zlib
+//! with and without the incompressibility probe, zstd) on random and text data.
 
 use std::collections::HashMap;
 
@@ -138,10 +139,52 @@ fn bench_index(c: &mut Criterion) {
     group.finish();
 }
 
+fn bench_compress(c: &mut Criterion) {
+    use qdedup::compress::{compress, looks_incompressible};
+    use qdedup::format::header::CompressionType::{Zlib, Zstd};
+    const CS: usize = 64 << 10;
+    const N: usize = 64; // clusters per iteration: 4 MiB
+    let mut rng = qdedup::sample::Rng::new(5);
+    let mut random = vec![0u8; CS * N];
+    rng.fill(&mut random);
+    let mut text = vec![0u8; CS * N];
+    for c in text.chunks_mut(CS) {
+        qdedup::sample::fill_text(&mut rng, c);
+    }
+    let mut group = c.benchmark_group("compress-64k");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes((CS * N) as u64));
+    for (name, data) in [("random", &random), ("text", &text)] {
+        group.bench_function(format!("probe-alone/{name}"), |b| {
+            b.iter(|| data.chunks(CS).filter(|c| looks_incompressible(c)).count());
+        });
+        for (label, codec, probe) in [
+            ("zlib", Zlib, false),
+            ("zlib+probe", Zlib, true),
+            ("zstd", Zstd, false),
+        ] {
+            group.bench_function(format!("{label}/{name}"), |b| {
+                b.iter(|| {
+                    data.chunks(CS)
+                        .filter_map(|c| compress(codec, None, c, CS, probe))
+                        .count()
+                });
+            });
+        }
+    }
+    group.finish();
+}
+
 mod group {
     // criterion_group! makes an undocumented `pub fn`.
     #![allow(missing_docs)]
-    use super::{bench_hash, bench_index, bench_writer, criterion_group};
-    criterion_group!(benches, bench_hash, bench_writer, bench_index);
+    use super::{bench_compress, bench_hash, bench_index, bench_writer, criterion_group};
+    criterion_group!(
+        benches,
+        bench_hash,
+        bench_writer,
+        bench_index,
+        bench_compress
+    );
 }
 criterion_main!(group::benches);

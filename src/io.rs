@@ -85,6 +85,13 @@ pub trait WriteAt: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Sets the length of the file.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `len` bytes at `offset` without changing the length
+    /// (a hint: the default, and a file system that cannot, do nothing). A later
+    /// [`WriteAt::set_len`] gives back what was reserved past the end.
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 impl ReadAt for File {
@@ -105,6 +112,13 @@ impl WriteAt for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Unwritten extents reserved in one call: writing into them skips the
+        // file system's per-block delayed-allocation work. Best effort: no
+        // support, no space or a file-size limit just means no reservation.
+        let _ = rustix::fs::fallocate(self, rustix::fs::FallocateFlags::KEEP_SIZE, offset, len);
+        Ok(())
     }
 }
 

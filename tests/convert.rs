@@ -333,3 +333,27 @@ fn human_report_names_the_figures() {
         assert!(s.contains(w), "missing {w} in {s}");
     }
 }
+
+/// The writer reserves the output ahead of its writes (`fallocate`, 64 MiB at a
+/// time); what it did not use must be given back: the finished file occupies no
+/// more blocks than its length, with and without compression.
+#[test]
+fn reserved_space_past_the_end_is_given_back() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_input(&input, 65536, 160, 1000, 3);
+    for (name, args) in [("plain", &[][..]), ("zlib", &["-c"][..])] {
+        let out = dir.path().join(format!("{name}.qcow2"));
+        convert_json(args, &input, &out);
+        let m = std::fs::metadata(&out).unwrap();
+        assert!(
+            m.blocks() * 512 <= m.len().next_multiple_of(65536),
+            "{name}: {} bytes allocated for a {}-byte file",
+            m.blocks() * 512,
+            m.len()
+        );
+        assert_qemu_check_clean(&out);
+        assert_qemu_compare_same(&input, "raw", &out);
+    }
+}

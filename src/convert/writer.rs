@@ -39,6 +39,10 @@ use crate::io::WriteAt;
 const WRITE_BUFFER: usize = 4 << 20;
 /// Runs of at least this many bytes are written straight from the batch buffer.
 const DIRECT_WRITE: usize = 256 << 10;
+/// The output file is reserved (`fallocate`) this far ahead of the writes, and
+/// trimmed to its real length at the end. Writing into reserved space costs ext4
+/// about a third less kernel time than delayed allocation block by block.
+const PREALLOCATE_STEP: u64 = 64 << 20;
 
 /// What the writer gets for one guest cluster.
 #[derive(Debug, Clone, Copy)]
@@ -111,6 +115,8 @@ pub struct Writer<'a> {
     l2_entries: u64,
     l1_size: u64,
     next_cluster: u64,
+    /// Bytes of the output reserved so far (see [`PREALLOCATE_STEP`]).
+    reserved: std::cell::Cell<u64>,
     /// Where the next compressed stream may start, inside the last allocated cluster.
     ctail: Option<u64>,
     wbuf: Vec<u8>,
@@ -153,6 +159,7 @@ impl<'a> Writer<'a> {
             l2_entries,
             l1_size,
             next_cluster: 1,
+            reserved: std::cell::Cell::new(0),
             ctail: None,
             wbuf: Vec::new(),
             wbuf_off: 0,
@@ -389,6 +396,15 @@ impl<'a> Writer<'a> {
     }
 
     fn write(&self, bytes: &[u8], off: u64) -> Result<()> {
+        let end = off + bytes.len() as u64;
+        if end > self.reserved.get() {
+            let to = end.next_multiple_of(PREALLOCATE_STEP);
+            let from = self.reserved.get();
+            self.out
+                .preallocate(from, to - from)
+                .ctx(|| format!("cannot reserve space in the output at {from:#x}"))?;
+            self.reserved.set(to);
+        }
         self.out
             .write_all_at(bytes, off)
             .ctx(|| format!("cannot write the output at offset {off:#x}"))
@@ -513,6 +529,8 @@ impl<'a> Writer<'a> {
         }
         cluster0.resize(cs as usize, 0); // the end-of-extensions marker is the zeros
         self.write(&cluster0, 0)?;
+        // Also gives back the space reserved past the end (ext4 and XFS trim
+        // preallocated blocks on a truncate to the current length).
         self.out
             .set_len(total << cb)
             .ctx(|| "cannot set the output length".to_string())?;
