@@ -24,7 +24,9 @@
 # Before every timed run the previous output is removed, the input is read once
 # (the page cache is warm for both tools) and `sync` runs. The wall time printed is
 # the median over the rounds (min in brackets); ratios are qemu-img time / qdedup
-# time (> 1: qdedup is faster) and qdedup size / qemu-img size.
+# time (> 1: qdedup is faster), of the medians and of the mins, and qdedup size /
+# qemu-img size. On a shared VM the noise only ever adds time, so the ratio of the
+# mins (the least disturbed runs) is the steadier figure; see docs/benchmarks.md.
 set -euo pipefail
 
 MODE=${1:-all}
@@ -179,10 +181,11 @@ run_set() {
     done
     printf '\n'
     printf '%-22s %8s %8s %12s %7s %-8s %-10s\n' "$name: command" "median" "(min)" "size" "" "check" "compare"
-    declare -A MED SZ
+    declare -A MED MIN SZ
     for l in "${uniq[@]}"; do
         read -r med min < <(median "$l")
         MED[$l]=$med
+        MIN[$l]=$min
         SZ[$l]=$(stat -c %s "$OUT/$l.qcow2")
         read -r c k < <(verdicts "$input" "$OUT/$l.qcow2")
         printf '%-22s %7ss %7ss %12s %7s %-8s %-10s\n' "$l" "$med" "$min" "${SZ[$l]}" "" "$c" "$k"
@@ -190,7 +193,8 @@ run_set() {
     for p in "${pairs[@]}"; do
         local a=${p%%|*} b=${p##*|}
         awk -v a="$a" -v b="$b" -v ta="${MED[$a]}" -v tb="${MED[$b]}" -v sa="${SZ[$a]}" -v sb="${SZ[$b]}" \
-            'BEGIN { printf "  %-22s vs %-22s speed %.2fx  size %.3fx\n", a, b, tb / ta, sa / sb }'
+            -v ma="${MIN[$a]}" -v mb="${MIN[$b]}" \
+            'BEGIN { printf "  %-22s vs %-22s speed %.2fx (mins %.2fx)  size %.3fx\n", a, b, tb / ta, mb / ma, sa / sb }'
     done
     [[ ${KEEP:-0} == 1 ]] || rm -f "$OUT"/*.qcow2
 }
@@ -271,15 +275,22 @@ sparse() {
     : >"$TIMES"
     for r in $(seq 1 "$ROUNDS"); do
         printf '   round %d/%d\r' "$r" "$ROUNDS"
-        timed dense "$dense" "$OUT/dense.qcow2" "$QDEDUP" convert -q --no-sync "$dense" "$OUT/dense.qcow2"
+        # Alternate which goes first: a run is slower right after another one
+        # freed a large file (see docs/benchmarks.md).
+        if ((r % 2)); then
+            timed dense "$dense" "$OUT/dense.qcow2" "$QDEDUP" convert -q --no-sync "$dense" "$OUT/dense.qcow2"
+        fi
         # Warming the sparse file reads its data (the holes cost nothing).
         timed sparse "$sp" "$OUT/sparse.qcow2" "$QDEDUP" convert -q --no-sync "$sp" "$OUT/sparse.qcow2"
+        if ((r % 2 == 0)); then
+            timed dense "$dense" "$OUT/dense.qcow2" "$QDEDUP" convert -q --no-sync "$dense" "$OUT/dense.qcow2"
+        fi
     done
     printf '\n'
     read -r md mind < <(median dense)
     read -r ms mins < <(median sparse)
     echo "   dense:  ${md}s (min ${mind}s)"
-    echo "   sparse: ${ms}s (min ${mins}s)   sparse/dense time ratio: $(awk -v a="$ms" -v b="$md" 'BEGIN { printf "%.2f", a / b }')"
+    echo "   sparse: ${ms}s (min ${mins}s)   sparse/dense time ratio: $(awk -v a="$ms" -v b="$md" 'BEGIN { printf "%.2f", a / b }') (mins $(awk -v a="$mins" -v b="$mind" 'BEGIN { printf "%.2f", a / b }'))"
     read -r c k < <(verdicts "$sp" "$OUT/sparse.qcow2")
     echo "   sparse output: check $c (compare skipped: 1 TiB)"
     rm -f "$OUT"/*.qcow2

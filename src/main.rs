@@ -88,6 +88,50 @@ enum BackingChain {
     None,
 }
 
+/// How the output image is laid out: shared by `convert` and `estimate`.
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Compress clusters (codec from -o compression_type, default zlib).
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
+    /// Compression level (zlib 0-9, zstd 1-22).
+    #[arg(long)]
+    compression_level: Option<i32>,
+    /// Try deflate on every distinct cluster, also those the incompressibility
+    /// probe would store plain untried (slower on random data; rarely smaller).
+    #[arg(long)]
+    no_compress_probe: bool,
+    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+}
+
+impl ImageArgs {
+    /// Conversion options from `-o`, `-c` and the compression flags.
+    fn options(&self) -> Result<ConvertOptions> {
+        let mut opts = ConvertOptions::default();
+        for o in &self.options {
+            opts.apply_o(o)?;
+        }
+        if self.compress && opts.compression.is_none() {
+            opts.compression = Some(CompressionType::Zlib);
+        }
+        if !self.compress && opts.compression.is_some() {
+            // compression_type alone only selects the codec, as in qemu-img.
+            if opts.compression == Some(CompressionType::Zlib) {
+                opts.compression = None;
+            } else {
+                anyhow::bail!(
+                    "-o compression_type=zstd needs -c (this image would have no compressed clusters)"
+                );
+            }
+        }
+        opts.compression_level = self.compression_level;
+        opts.compress_probe = !self.no_compress_probe;
+        Ok(opts)
+    }
+}
+
 #[derive(clap::Args)]
 struct ConvertArgs {
     /// Input format (probed when omitted).
@@ -102,19 +146,8 @@ struct ConvertArgs {
     /// Output format; only qcow2 (accepted for qemu-img compatibility).
     #[arg(short = 'O', value_parser = ["qcow2"], default_value = "qcow2")]
     out_format: String,
-    /// Compress clusters (codec from -o compression_type, default zlib).
-    #[arg(short = 'c', long = "compress")]
-    compress: bool,
-    /// Compression level (zlib 0-9, zstd 1-22).
-    #[arg(long)]
-    compression_level: Option<i32>,
-    /// Try deflate on every distinct cluster, also those the incompressibility
-    /// probe would store plain untried (slower on random data; rarely smaller).
-    #[arg(long)]
-    no_compress_probe: bool,
-    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
-    #[arg(short = 'o', value_name = "OPTIONS")]
-    options: Vec<String>,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Store every cluster, even when its content was already written.
     #[arg(long)]
     no_dedup: bool,
@@ -194,19 +227,8 @@ struct EstimateArgs {
     /// Input format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     format: Option<InputFormat>,
-    /// Estimate a compressed conversion (codec from -o compression_type, default zlib).
-    #[arg(short = 'c', long = "compress")]
-    compress: bool,
-    /// Compression level (zlib 0-9, zstd 1-22).
-    #[arg(long)]
-    compression_level: Option<i32>,
-    /// Try deflate on every distinct cluster, also those the incompressibility
-    /// probe would store plain untried (slower on random data; rarely smaller).
-    #[arg(long)]
-    no_compress_probe: bool,
-    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
-    #[arg(short = 'o', value_name = "OPTIONS")]
-    options: Vec<String>,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Tabulate several cluster sizes in one pass, e.g. 4k,64k,2m.
     #[arg(long, value_name = "LIST")]
     cluster_sizes: Option<String>,
@@ -364,18 +386,7 @@ fn run_compare(a: &CompareArgs) -> ExitCode {
 
 fn run_estimate(a: &EstimateArgs) -> Result<ExitCode> {
     use qdedup::inspect::estimate;
-    let mut opts = ConvertOptions::default();
-    for o in &a.options {
-        opts.apply_o(o)?;
-    }
-    if a.compress && opts.compression.is_none() {
-        opts.compression = Some(CompressionType::Zlib);
-    }
-    if !a.compress {
-        opts.compression = None;
-    }
-    opts.compression_level = a.compression_level;
-    opts.compress_probe = !a.no_compress_probe;
+    let mut opts = a.image.options()?;
     if let Some(w) = a.workers {
         opts.workers = w;
     }
@@ -387,7 +398,7 @@ fn run_estimate(a: &EstimateArgs) -> Result<ExitCode> {
             extra.push(probe.cluster_bits);
         }
         // Without -o cluster_size, the first listed size is the primary one.
-        if !a.options.iter().any(|o| o.contains("cluster_size")) {
+        if !a.image.options.iter().any(|o| o.contains("cluster_size")) {
             if let Some(&first) = extra.first() {
                 opts.cluster_bits = first;
             }
@@ -459,25 +470,7 @@ fn install_signal_handlers() -> Arc<AtomicBool> {
 }
 
 fn run_convert(a: &ConvertArgs) -> Result<ExitCode> {
-    let mut opts = ConvertOptions::default();
-    for o in &a.options {
-        opts.apply_o(o)?;
-    }
-    if a.compress && opts.compression.is_none() {
-        opts.compression = Some(CompressionType::Zlib);
-    }
-    if !a.compress && opts.compression.is_some() {
-        // compression_type alone only selects the codec, as in qemu-img.
-        if opts.compression == Some(CompressionType::Zlib) {
-            opts.compression = None;
-        } else {
-            anyhow::bail!(
-                "-o compression_type=zstd needs -c (this image would have no compressed clusters)"
-            );
-        }
-    }
-    opts.compression_level = a.compression_level;
-    opts.compress_probe = !a.no_compress_probe;
+    let mut opts = a.image.options()?;
     opts.dedup = !a.no_dedup;
     if let Some(w) = a.workers {
         opts.workers = w;

@@ -406,6 +406,8 @@ fn estimate_predicts_both_output_sizes() {
         (&text, &["-c"]),
         (&text, &["-c", "-o", "compression_type=zstd"]),
         (&text, &["-c", "-o", "cluster_size=4k"]),
+        (&raw, &["-c"]),
+        (&raw, &["-c", "--no-compress-probe"]),
         (&text, &["-o", "cluster_size=2M"]),
         (&raw, &["-o", "cluster_size=512,refcount_bits=4"]),
     ];
@@ -419,13 +421,47 @@ fn estimate_predicts_both_output_sizes() {
             "case {i} {opts:?}"
         );
         let qout = d.path().join(format!("q{i}.qcow2"));
-        let q = qemu_convert(input, &qout, opts) as f64;
+        // qemu-img has no probe: it tries every cluster, with the same result.
+        let qopts: Vec<&str> = opts
+            .iter()
+            .copied()
+            .filter(|a| *a != "--no-compress-probe")
+            .collect();
+        let q = qemu_convert(input, &qout, &qopts) as f64;
         let model = e["qemu-img-size"].as_f64().unwrap();
         assert!(
             (model - q).abs() / q < 0.03,
             "case {i} {opts:?}: model {model} vs qemu-img {q}"
         );
     }
+}
+
+#[test]
+fn zstd_without_c_is_refused_by_convert_and_estimate_alike() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = mixed_input(d.path());
+    let out = d.path().join("out.qcow2");
+    for args in [
+        vec![
+            "estimate",
+            "-o",
+            "compression_type=zstd",
+            raw.to_str().unwrap(),
+        ],
+        vec![
+            "convert",
+            "-o",
+            "compression_type=zstd",
+            raw.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    ] {
+        let o = qdedup(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("needs -c"), "{args:?}: {err}");
+    }
+    assert!(!out.exists());
 }
 
 #[test]
