@@ -22,7 +22,8 @@
 # (cache=unsafe), so an unsynced qdedup run (`--no-sync`) is compared with the
 # default, and a synced one with `qemu-img convert -t writeback` (flushes at close).
 # Before every timed run the previous output is removed, the input is read once
-# (the page cache is warm for both tools) and `sync` runs. The wall time printed is
+# (the page cache is warm for both tools), `sync` runs and the memory freed is let
+# go back to the host (see settle below). The wall time printed is
 # the median over the rounds (min in brackets); ratios are qemu-img time / qdedup
 # time (> 1: qdedup is faster), of the medians and of the mins, and qdedup size /
 # qemu-img size. On a shared VM the noise only ever adds time, so the ratio of the
@@ -116,6 +117,36 @@ warm() {
     fi
 }
 
+# settle: wait until the memory freed by removing the last output has gone back to
+# the host. On a VM with free page reporting (virtio-balloon; this one reports
+# freed memory at once: /sys/module/page_reporting), memory freed just before a
+# run is still backed and cheap to write into, memory freed a few seconds earlier
+# is not: whether a run found one or the other changed identical runs by up to
+# 10x. Waiting puts every run of every tool in the same state (all free memory
+# returned), where each page a tool writes costs the same. SETTLE=0 skips this;
+# SETTLE=N waits N seconds where the reporting counter is not readable.
+REPORTED=/sys/module/page_reporting/parameters/reported_kib
+settle() {
+    [[ ${SETTLE:-3} == 0 ]] && return
+    if [[ -r $REPORTED ]]; then
+        local last now stable=0 i
+        last=$(cat "$REPORTED")
+        for i in $(seq 1 30); do
+            sleep 0.5
+            now=$(cat "$REPORTED")
+            if [[ $now == "$last" ]]; then
+                stable=$((stable + 1))
+                ((stable >= 4)) && return
+            else
+                stable=0
+            fi
+            last=$now
+        done
+    else
+        sleep "${SETTLE:-3}"
+    fi
+}
+
 # timed LABEL INPUT OUTPUT CMD...: one timed run; appends "LABEL seconds" to $TIMES.
 timed() {
     local label=$1 input=$2 output=$3
@@ -123,6 +154,7 @@ timed() {
     rm -f "$output"
     warm "$input"
     sync
+    settle
     local s e
     s=$(date +%s.%N)
     "$@" >/dev/null 2>"$WORKDIR/stderr" || {
