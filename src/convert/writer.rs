@@ -535,8 +535,8 @@ impl<'a> Writer<'a> {
         }
         cluster0.resize(cs as usize, 0); // the end-of-extensions marker is the zeros
         self.write(&cluster0, 0)?;
-        // Also gives back the space reserved past the end (ext4 and XFS trim
-        // preallocated blocks on a truncate to the current length).
+        // Also gives back what was reserved past the end (`preallocate` may have
+        // extended the file; a truncate frees the blocks beyond the new length).
         self.out
             .set_len(total << cb)
             .ctx(|| "cannot set the output length".to_string())?;
