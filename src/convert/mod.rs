@@ -163,11 +163,16 @@ impl std::fmt::Display for ConvertReport {
     }
 }
 
-/// Makes the compressor the options ask for (None when not compressing). Each
-/// compression the incompressibility probe skips adds one to `skipped`.
-fn compressor(opts: &ConvertOptions, skipped: &Arc<AtomicU64>) -> Option<Box<CompressFn>> {
+/// Makes the compressor the options ask for, for clusters of `1 << cluster_bits`
+/// bytes (None when not compressing). Each compression the incompressibility
+/// probe skips adds one to `skipped`. `estimate` uses it too.
+pub(crate) fn compressor(
+    opts: &ConvertOptions,
+    cluster_bits: u32,
+    skipped: &Arc<AtomicU64>,
+) -> Option<Box<CompressFn>> {
     let c = opts.compression?;
-    let cs = opts.cluster_size() as usize;
+    let cs = 1usize << cluster_bits;
     let level = opts.compression_level;
     let probe = opts.compress_probe && c == CompressionType::Zlib;
     let skipped = Arc::clone(skipped);
@@ -189,7 +194,7 @@ pub fn convert_to(
 ) -> Result<(WriterStats, u64, u64)> {
     let vsize = src.virtual_size();
     let skipped = Arc::new(AtomicU64::new(0));
-    let inline = compressor(opts, &skipped);
+    let inline = compressor(opts, opts.cluster_bits, &skipped);
     let mut w = Writer::new(
         out,
         vsize,
@@ -197,7 +202,7 @@ pub fn convert_to(
         opts.refcount_order,
         opts.dedup,
         opts.compression,
-        compressor(opts, &skipped).map(|f| f as Box<writer::InlineCompressor>),
+        compressor(opts, opts.cluster_bits, &skipped).map(|f| f as Box<writer::InlineCompressor>),
     )?;
     let bytes_read = if opts.workers == 0 {
         pipeline::run_sequential(src, &mut w, opts, inline.as_deref())?

@@ -27,7 +27,6 @@ use crate::convert::writer::{ClusterIn, Writer};
 use crate::convert::ConvertOptions;
 use crate::dedup::{hash_cluster, is_zero, Hash};
 use crate::error::{Error, Result};
-use crate::format::header::CompressionType;
 use crate::format::refcount;
 use crate::io::WriteAt;
 use crate::source::{BlockStatus, Source};
@@ -217,7 +216,7 @@ fn qdedup_size(
     (base + rb + rt) * cs
 }
 
-type Compressor = Box<dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync>;
+type Compressor = Box<crate::convert::pipeline::CompressFn>;
 
 /// Sample statistics of one cluster size.
 #[derive(Default)]
@@ -591,15 +590,9 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
         seed: opts.seed,
     });
     let sinks: Vec<(NullSink, NullSink)> = bits.iter().map(|_| Default::default()).collect();
-    let make_compressor = |cb: u32| -> Option<Compressor> {
-        let c: CompressionType = copts.compression?;
-        let level = copts.compression_level;
-        let probe = copts.compress_probe;
-        let cs = 1usize << cb;
-        Some(Box::new(move |d: &[u8]| {
-            crate::compress::compress(c, level, d, cs, probe)
-        }))
-    };
+    let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let make_compressor =
+        |cb: u32| -> Option<Compressor> { crate::convert::compressor(copts, cb, &skipped) };
     let mut states = Vec::with_capacity(bits.len());
     for (&cb, (ds, ps)) in bits.iter().zip(&sinks) {
         let writers = if sampled.is_none() {
