@@ -48,23 +48,29 @@ pub fn decode(cluster0: &[u8], start: usize, end: usize) -> Result<Vec<Extension
     let mut out = Vec::new();
     let mut pos = start;
     let end = end.min(cluster0.len());
-    while pos + 8 <= end {
+    // Like QEMU's qcow2_read_extensions: every extension header, the end marker
+    // included, must fit before `end` with its declared length.
+    while pos < end {
+        let data_start = pos + 8;
+        let too_large = |len: u32| {
+            Error::corrupt(
+                "header extension",
+                pos as u64,
+                format!("extension of {len} bytes crosses the end of the header area ({end:#x})"),
+            )
+        };
+        if data_start > end {
+            return Err(too_large(0));
+        }
         let kind = u32::from_be_bytes(cluster0[pos..pos + 4].try_into().expect("4 bytes"));
         let len = u32::from_be_bytes(cluster0[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        if kind == QCOW2_EXT_MAGIC_END {
-            break;
-        }
-        let data_start = pos + 8;
         let data_end = data_start
             .checked_add(len as usize)
             .filter(|e| *e <= end)
-            .ok_or_else(|| {
-                Error::corrupt(
-                    "header extension",
-                    pos as u64,
-                    format!("extension {kind:#010x} of {len} bytes crosses the end of the header area ({end:#x})"),
-                )
-            })?;
+            .ok_or_else(|| too_large(len))?;
+        if kind == QCOW2_EXT_MAGIC_END {
+            break;
+        }
         out.push(Extension {
             kind,
             offset: pos as u64,

@@ -362,6 +362,13 @@ impl Header {
     /// to the caller, since `check` and `convert` treat some of them differently;
     /// see [`Header::check_features`].
     pub fn validate(&self, file_size: u64) -> Result<()> {
+        self.validate_with(Some(file_size))
+    }
+
+    /// [`Header::validate`] without the end-of-file bound on the L1, refcount and
+    /// snapshot tables (`None`), as QEMU opens such images: it reads the missing
+    /// part as zeros. `check` uses this and reports the table as a corruption.
+    pub fn validate_with(&self, file_size: Option<u64>) -> Result<()> {
         let corrupt = |off: usize, d: String| Error::corrupt("header", off as u64, d);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(corrupt(
@@ -483,6 +490,15 @@ impl Header {
                 u64::from(self.nb_snapshots) * 40,
                 file_size,
             )?;
+        } else if self.snapshots_offset & (self.cluster_size() - 1) != 0 {
+            // QEMU validates the offset even when there are no snapshots.
+            return Err(corrupt(
+                off::SNAPSHOTS_OFFSET,
+                format!(
+                    "snapshot table offset {:#x} is not cluster aligned",
+                    self.snapshots_offset
+                ),
+            ));
         }
         Ok(())
     }
@@ -493,7 +509,7 @@ impl Header {
         what: &str,
         offset: u64,
         len: u64,
-        file_size: u64,
+        file_size: Option<u64>,
     ) -> Result<()> {
         if offset & (self.cluster_size() - 1) != 0 {
             return Err(Error::corrupt(
@@ -502,7 +518,8 @@ impl Header {
                 format!("{what} offset {offset:#x} is not cluster aligned"),
             ));
         }
-        if offset == 0 {
+        // QEMU opens a table at offset 0 too (its check then reports the overlap).
+        if offset == 0 && file_size.is_some() {
             return Err(Error::corrupt(
                 "header",
                 field as u64,
@@ -510,11 +527,11 @@ impl Header {
             ));
         }
         match offset.checked_add(len) {
-            Some(end) if end <= file_size => Ok(()),
+            Some(end) if file_size.is_none_or(|fs| end <= fs) => Ok(()),
             _ => Err(Error::corrupt(
                 "header",
                 field as u64,
-                format!("{what} at {offset:#x} ({len} bytes) extends past the end of the file ({file_size} bytes)"),
+                format!("{what} at {offset:#x} ({len} bytes) extends past the end of the file ({} bytes)", file_size.unwrap_or(0)),
             )),
         }
     }
