@@ -148,6 +148,30 @@ fn header_field_corruptions_are_refused_by_name() {
             2,
         ),
         (
+            "l1_near_2_63",
+            vec![(40, 0x7fff_ffff_ffff_0000u64.to_be_bytes().to_vec())],
+            "L1 table",
+            1,
+        ),
+        (
+            "l1_past_2_63",
+            vec![(40, 0xffff_ffff_ffff_0000u64.to_be_bytes().to_vec())],
+            "L1 table",
+            1,
+        ),
+        (
+            "l1_at_2_62",
+            vec![(40, 0x4000_0000_0000_0000u64.to_be_bytes().to_vec())],
+            "L1 table",
+            2,
+        ),
+        (
+            "reftable_past_2_63",
+            vec![(48, 0x8000_0000_0000_0000u64.to_be_bytes().to_vec())],
+            "refcount table",
+            1,
+        ),
+        (
             "l1_size_huge",
             vec![(36, 0x1000_0000u32.to_be_bytes().to_vec())],
             "l1_size",
@@ -333,4 +357,37 @@ fn many_tiny_header_extensions_are_read_quickly() {
         c.err
     );
     assert_qemu_compare_same(&img, "qcow2", &out);
+}
+
+#[test]
+fn a_snapshot_table_past_the_end_of_the_file_is_a_corruption_like_qemu_says() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    let p = base(d);
+    let o = qemu(
+        "qemu-img",
+        [
+            "snapshot".as_ref(),
+            "-c".as_ref(),
+            "s1".as_ref(),
+            p.as_os_str(),
+        ],
+    );
+    assert!(o.status.success());
+    for (name, at) in [("v3", 1u64 << 40), ("v3_unreadable", 0x7fff_ffff_0000_0000)] {
+        let img = patched(
+            d,
+            &format!("{name}.qcow2"),
+            &[(64, at.to_be_bytes().to_vec())],
+        );
+        let q = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+        let k = run(&["check".as_ref(), img.as_os_str()]);
+        assert_eq!(k.code, q.status.code().unwrap(), "{name}: {}", k.err);
+        assert!(k.err.contains("snapshot table"), "{}", k.err);
+        let out = d.join("o.qcow2");
+        let c = run(&["convert".as_ref(), img.as_os_str(), out.as_os_str()]);
+        assert_ne!(c.code, 0);
+        assert!(c.err.contains("snapshot table"), "{}", c.err);
+        assert!(!out.exists());
+    }
 }

@@ -175,6 +175,10 @@ fn be64(buf: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(buf[at..at + 8].try_into().expect("8-byte slice"))
 }
 
+/// QEMU's `BDRV_MAX_LENGTH`: INT64_MAX rounded down to 1 GiB. No request may end past
+/// it, so QEMU cannot open an image whose tables lie there.
+pub const QEMU_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 impl Header {
     /// Number of bytes [`Header::encode`] writes and [`Header::decode`] wants to see.
     pub const ENCODED_LEN: usize = off::END;
@@ -527,11 +531,22 @@ impl Header {
             ));
         }
         match offset.checked_add(len) {
-            Some(end) if file_size.is_none_or(|fs| end <= fs) => Ok(()),
+            // QEMU cannot read past BDRV_MAX_LENGTH (it fails to open such images).
+            Some(end) if end <= QEMU_MAX_LENGTH && file_size.is_none_or(|fs| end <= fs) => {
+                Ok(())
+            }
+            Some(end) if end <= QEMU_MAX_LENGTH => Err(Error::corrupt(
+                "header",
+                field as u64,
+                format!(
+                    "{what} at {offset:#x} ({len} bytes) extends past the end of the file ({} bytes)",
+                    file_size.unwrap_or(0)
+                ),
+            )),
             _ => Err(Error::corrupt(
                 "header",
                 field as u64,
-                format!("{what} at {offset:#x} ({len} bytes) extends past the end of the file ({} bytes)", file_size.unwrap_or(0)),
+                format!("{what} offset {offset:#x} is invalid: the table would end past QEMU's largest file offset ({QEMU_MAX_LENGTH:#x})"),
             )),
         }
     }
