@@ -110,6 +110,17 @@ impl ImageArgs {
     /// Conversion options from `-o`, `-c` and the compression flags.
     fn options(&self) -> Result<ConvertOptions> {
         let mut opts = ConvertOptions::default();
+        if self
+            .options
+            .iter()
+            .any(|o| o.split(',').any(|i| i.trim() == "help"))
+        {
+            // Like `qemu-img create -o help`: list the options and stop.
+            for (k, what) in qdedup::convert::O_OPTIONS {
+                println!("{k:<18} {what}");
+            }
+            std::process::exit(0);
+        }
         for o in &self.options {
             opts.apply_o(o)?;
         }

@@ -357,3 +357,63 @@ fn reserved_space_past_the_end_is_given_back() {
         assert_qemu_compare_same(&input, "raw", &out);
     }
 }
+
+#[test]
+fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.raw");
+    make_input(&input, 65536, 20, 0, 9);
+    let o = qdedup(["convert", "-o", "help", "x", "y"]);
+    assert!(o.status.success());
+    let help = String::from_utf8_lossy(&o.stdout);
+    for k in [
+        "cluster_size",
+        "refcount_bits",
+        "compression_type",
+        "compat",
+    ] {
+        assert!(help.contains(k), "{help}");
+    }
+    // What qemu-img users pass for a v3 image works and changes nothing.
+    let out = dir.path().join("out.qcow2");
+    let plain = dir.path().join("plain.qcow2");
+    let o = qdedup([
+        "convert".as_ref(),
+        "-q".as_ref(),
+        "-o".as_ref(),
+        "compat=1.1,lazy_refcounts=off,preallocation=off".as_ref(),
+        input.as_os_str(),
+        out.as_os_str(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = qdedup([
+        "convert".as_ref(),
+        "-q".as_ref(),
+        input.as_os_str(),
+        plain.as_os_str(),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&plain).unwrap());
+    assert_qemu_check_clean(&out);
+    // What qdedup cannot write is refused by name, and nothing is created.
+    for (opt, says) in [
+        ("compat=0.10", "version 3"),
+        ("lazy_refcounts=on", "lazy_refcounts"),
+        ("extended_l2=on", "extended_l2"),
+        ("preallocation=full", "preallocation"),
+        ("cluster_size=1000", "power of two"),
+    ] {
+        let bad = dir.path().join("bad.qcow2");
+        let o = qdedup([
+            "convert".as_ref(),
+            "-o".as_ref(),
+            opt.as_ref(),
+            input.as_os_str(),
+            bad.as_os_str(),
+        ]);
+        assert_eq!(o.status.code(), Some(1), "{opt}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{opt}: {err}");
+        assert!(!bad.exists());
+    }
+}

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-pub use options::ConvertOptions;
+pub use options::{ConvertOptions, O_OPTIONS};
 use pipeline::CompressFn;
 use writer::{Writer, WriterStats};
 

@@ -98,6 +98,33 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .ok_or_else(|| Error::InvalidArgument(format!("size '{s}' too large")))
 }
 
+/// The `-o` options `convert` and `estimate` accept, with a one-line description
+/// each (printed by `-o help`).
+pub const O_OPTIONS: &[(&str, &str)] = &[
+    (
+        "cluster_size",
+        "qcow2 cluster size, a power of two from 512 to 2M (default 64k)",
+    ),
+    (
+        "refcount_bits",
+        "refcount width in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16)",
+    ),
+    ("compression_type", "codec for -c: zlib (default) or zstd"),
+    (
+        "compat",
+        "1.1 (v3) only; accepted for qemu-img compatibility",
+    ),
+    (
+        "lazy_refcounts",
+        "off only; accepted for qemu-img compatibility",
+    ),
+    (
+        "extended_l2",
+        "off only; accepted for qemu-img compatibility",
+    ),
+    ("preallocation", "off only; zero clusters are never stored"),
+];
+
 impl ConvertOptions {
     /// Applies qemu-img style `-o` options: `cluster_size=64k,refcount_bits=16,
     /// compression_type=zstd`. Several `-o` may be given.
@@ -140,9 +167,40 @@ impl ConvertOptions {
                         }
                     });
                 }
+                // Accepted for qemu-img compatibility where the value is what
+                // qdedup writes anyway; anything else is refused with the reason.
+                "compat" => match v {
+                    "1.1" | "v3" => {}
+                    "0.10" | "v2" => {
+                        return Err(Error::InvalidArgument(
+                            "compat=0.10: qdedup writes qcow2 version 3 (compat=1.1) only; \
+                             version 2 cannot mark zero clusters, so every zero cluster would \
+                             have to be stored"
+                                .into(),
+                        ))
+                    }
+                    _ => {
+                        return Err(Error::InvalidArgument(format!(
+                            "compat must be 1.1 or v3, not {v}"
+                        )))
+                    }
+                },
+                "lazy_refcounts" | "extended_l2" | "preallocation" => {
+                    let k = k.trim();
+                    if !matches!(v, "off" | "false") {
+                        return Err(Error::InvalidArgument(format!(
+                            "{k}={v} is not supported: qdedup writes images with {k}=off"
+                        )));
+                    }
+                }
                 other => {
                     return Err(Error::InvalidArgument(format!(
-                        "unknown option '{other}' (known: cluster_size, refcount_bits, compression_type)"
+                        "unknown option '{other}' (known: {})",
+                        O_OPTIONS
+                            .iter()
+                            .map(|(k, _)| *k)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     )))
                 }
             }
@@ -172,6 +230,18 @@ mod tests {
         assert!(o.apply_o("refcount_bits=3").is_err());
         assert!(o.apply_o("refcount_bits=128").is_err());
         assert!(o.apply_o("bogus=1").is_err());
+        o.apply_o("compat=1.1,lazy_refcounts=off,extended_l2=off,preallocation=off")
+            .unwrap();
+        assert_eq!((o.cluster_bits, o.refcount_order), (21, 1), "no-ops");
+        for bad in [
+            "compat=0.10",
+            "compat=2",
+            "lazy_refcounts=on",
+            "extended_l2=on",
+        ] {
+            let e = o.apply_o(bad).unwrap_err().to_string();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{e}");
+        }
         assert_eq!(parse_size("512").unwrap(), 512);
         assert_eq!(parse_size("64K").unwrap(), 65536);
     }
