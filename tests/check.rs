@@ -374,6 +374,99 @@ fn persistent_bitmaps_are_counted() {
     assert_same_figures(&p, &r);
 }
 
+/// (offset of the bitmaps extension's data, directory offset) of a qcow2 file.
+fn bitmaps_extension(p: &Path) -> (u64, u64) {
+    let b = fs::read(p).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut pos = be32(100) as usize;
+    loop {
+        let (kind, len) = (be32(pos), be32(pos + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == 0x2385_2875 {
+            let dir = u64::from_be_bytes(b[pos + 24..pos + 32].try_into().unwrap());
+            return (pos as u64 + 8, dir);
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+type Patch = Box<dyn Fn(&Img)>;
+
+#[test]
+fn broken_bitmaps_give_qemu_img_checks_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = || {
+        let p = populated(dir.path(), "bm.qcow2", "compat=1.1");
+        qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+        // Writes through the enabled bitmap give it a table with data clusters.
+        qemu_io(&p, &["write -P 0x12 0 1M", "write -P 0x13 3M 64k"]);
+        p
+    };
+    let p = fresh();
+    let (ext, dir_off) = bitmaps_extension(&p);
+    let img = Img::open(&p);
+    let table = img.u64_at(dir_off);
+    let first_entry = (0..512)
+        .map(|i| table + 8 * i)
+        .find(|&at| img.u64_at(at) != 0)
+        .expect("the bitmap has a data cluster");
+    let cases: Vec<(&str, Patch, i32, &str)> = vec![
+        // QEMU cannot open these (it loads the directory and the tables of
+        // bitmaps not in use at open): exit 1.
+        (
+            "reserved bit in a table entry",
+            Box::new(move |i: &Img| {
+                i.put_u64(first_entry, i.u64_at(first_entry) | 0x2);
+            }),
+            1,
+            "bitmap table",
+        ),
+        (
+            "directory past the end of the file",
+            Box::new(move |i: &Img| {
+                i.put_u64(ext + 16, 1 << 40);
+            }),
+            1,
+            "bitmap directory",
+        ),
+        (
+            "more bitmaps than the extension says",
+            Box::new(move |i: &Img| {
+                i.put_u64(ext, 0); // nb_bitmaps 0 with a non-empty directory
+            }),
+            1,
+            "bitmaps extension",
+        ),
+        // A bitmap in use is not loaded at open, but QEMU's check then fails
+        // loading its table: exit 1 as well.
+        (
+            "reserved bit in a table entry of a bitmap in use",
+            Box::new(move |i: &Img| {
+                i.put_u64(first_entry, i.u64_at(first_entry) | 0x2);
+                let flags_word = i.u64_at(dir_off + 8);
+                i.put_u64(dir_off + 8, flags_word | 1);
+            }),
+            1,
+            "bitmap table",
+        ),
+    ];
+    for (what, patch, code, names) in cases {
+        let p = fresh();
+        patch(&Img::open(&p));
+        let q = Command::new("qemu-img")
+            .arg("check")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert_eq!(q.status.code(), Some(code), "{what}: qemu-img check");
+        let (got, stdout, stderr) = qdedup(&["check".as_ref(), p.as_os_str()]);
+        let out = format!("{stdout}{stderr}");
+        assert_eq!(got, code, "{what}: {out}");
+        assert!(out.contains(names), "{what}: {out}");
+        fs::remove_file(&p).unwrap();
+    }
+}
+
 // ---------------------------------------------------------------- leaks
 
 #[test]

@@ -25,7 +25,7 @@ use super::refcounts::{Checker, ROLE_META};
 use super::report::FindingKind as K;
 use crate::error::Result;
 use crate::format::extensions::QCOW2_EXT_MAGIC_BITMAPS;
-use crate::format::header::QCOW2_AUTOCLEAR_BITMAPS;
+use crate::format::header::{QCOW2_AUTOCLEAR_BITMAPS, QEMU_MAX_LENGTH};
 use crate::io::ReadAt;
 
 const MAX_BITMAPS: u32 = 65535;
@@ -56,6 +56,8 @@ struct DirEntry {
     name: String,
     table_offset: u64,
     table_size: u32,
+    in_use: bool,
+    granularity_bits: u8,
 }
 
 impl<R: ReadAt + ?Sized> Checker<'_, R> {
@@ -103,8 +105,11 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
             "bitmap directory",
             ("header extension", at),
         );
+        // QEMU loads the bitmap directory (and the tables of bitmaps not in use)
+        // when it opens the image; where that fails it cannot open the image, so
+        // `qemu-img check` exits 1. Those problems are check errors here too.
         if dir_off.saturating_add(dir_size) > self.im.file_len {
-            self.tally.note(K::Bitmap, "header extension", at, || {
+            self.tally.note(K::CheckError, "header extension", at, || {
                 format!("bitmap directory at {dir_off:#x} ({dir_size} bytes) extends past the end of the file")
             });
             return Ok(());
@@ -113,7 +118,8 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
         let entries = match self.parse_directory(&dir, dir_off, nb) {
             Ok(e) => e,
             Err((off, why)) => {
-                self.tally.note(K::Bitmap, "bitmap directory", off, || why);
+                self.tally
+                    .note(K::CheckError, "bitmap directory", off, || why);
                 return Ok(());
             }
         };
@@ -126,6 +132,33 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
     fn count_bitmap(&mut self, bm: &DirEntry) -> Result<()> {
         let cs = self.im.cluster_size;
         let bytes = u64::from(bm.table_size) * 8;
+        if bm.table_offset.saturating_add(bytes) > QEMU_MAX_LENGTH {
+            let (name, off) = (&bm.name, bm.table_offset);
+            self.tally
+                .note(K::CheckError, "bitmap directory", bm.at, || {
+                    format!(
+                        "bitmap '{name}': table at {off:#x} lies past QEMU's largest file offset"
+                    )
+                });
+            return Ok(());
+        }
+        if !bm.in_use {
+            // QEMU loads this bitmap at open and insists on the exact table size:
+            // one bit per granule, in 64-bit words, in clusters.
+            let granules = self.im.header.size.div_ceil(1u64 << bm.granularity_bits);
+            let want = (granules.div_ceil(64) * 8).div_ceil(cs);
+            if want != u64::from(bm.table_size) {
+                let (name, have) = (&bm.name, bm.table_size);
+                self.tally
+                    .note(K::CheckError, "bitmap directory", bm.at + 8, || {
+                        format!(
+                            "bitmap '{name}': table has {have} entries, the disk size and \
+                         granularity need {want}"
+                        )
+                    });
+                return Ok(());
+            }
+        }
         self.inc(
             bm.table_offset,
             bytes,
@@ -133,15 +166,9 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
             "bitmap table",
             ("bitmap directory", bm.at),
         );
-        if bm.table_offset.saturating_add(bytes) > self.im.file_len {
-            let name = &bm.name;
-            let off = bm.table_offset;
-            self.tally.note(K::Bitmap, "bitmap directory", bm.at, || {
-                format!("bitmap '{name}': table at {off:#x} extends past the end of the file")
-            });
-            return Ok(());
-        }
-        // The table lies inside the file, so this allocation is bounded by its size.
+        // Past the end of the file the table reads as zeros (no clusters), as in
+        // QEMU; `inc` reported it if it ends a cluster or more past the end. Only
+        // the part inside the file is read, so the allocation is bounded by it.
         let table = self.read_in_file(bm.table_offset, bytes, "bitmap table")?;
         for (i, c) in table.chunks_exact(8).enumerate() {
             let e = be(c, 0, 8);
@@ -151,7 +178,9 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
                 || (off != 0 && (e & BME_TABLE_ENTRY_FLAG_ALL_ONES != 0 || off % cs != 0));
             if bad {
                 let name = &bm.name;
-                self.tally.note(K::Bitmap, "bitmap table", at, || {
+                // QEMU fails to open the image over a bad entry of a bitmap it loads
+                // (one not in use), and its check fails over the others.
+                self.tally.note(K::CheckError, "bitmap table", at, || {
                     format!("bitmap '{name}': invalid table entry {i} = {e:#018x}")
                 });
                 continue;
@@ -226,6 +255,8 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
                 name,
                 table_offset,
                 table_size,
+                in_use: flags & BME_FLAG_IN_USE != 0,
+                granularity_bits: gran,
             });
             pos = next;
         }
