@@ -437,6 +437,15 @@ fn broken_bitmaps_give_qemu_img_checks_exit_code() {
             1,
             "bitmaps extension",
         ),
+        (
+            "a table size that does not fit the disk size and granularity",
+            Box::new(move |i: &Img| {
+                let size_and_flags = i.u64_at(dir_off + 8);
+                i.put_u64(dir_off + 8, size_and_flags + (1 << 32));
+            }),
+            1,
+            "entries",
+        ),
         // A bitmap in use is not loaded at open, but QEMU's check then fails
         // loading its table: exit 1 as well.
         (
