@@ -79,6 +79,9 @@ pub struct ConvertReport {
     pub seconds: f64,
     /// Virtual size processed per second, in MB/s (10^6 bytes).
     pub mb_per_s: f64,
+    /// Input bytes actually read per second, in MB/s (zero and unallocated ranges
+    /// are not read, so on sparse inputs this is far below `mb_per_s`).
+    pub read_mb_per_s: f64,
     /// Worker threads (0 = sequential reference converter).
     pub workers: usize,
     /// Whether dedup was on.
@@ -153,8 +156,8 @@ impl std::fmt::Display for ConvertReport {
         )?;
         write!(
             f,
-            "time:              {:.2} s, {:.0} MB/s",
-            self.seconds, self.mb_per_s
+            "time:              {:.2} s, {:.0} MB/s read",
+            self.seconds, self.read_mb_per_s
         )?;
         for n in &self.notes {
             write!(f, "\nnote: {n}")?;
@@ -365,6 +368,11 @@ pub fn convert(
         seconds,
         mb_per_s: if seconds > 0.0 {
             vsize as f64 / seconds / 1e6
+        } else {
+            0.0
+        },
+        read_mb_per_s: if seconds > 0.0 {
+            bytes_read as f64 / seconds / 1e6
         } else {
             0.0
         },
