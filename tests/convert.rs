@@ -2,6 +2,9 @@
 
 mod common;
 
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Instant;
 
 use common::*;
@@ -416,4 +419,65 @@ fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
         assert!(err.contains(says), "{opt}: {err}");
         assert!(!bad.exists());
     }
+}
+
+#[test]
+fn an_output_behind_a_symlink_is_replaced_through_it_and_devices_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.raw");
+    make_input(&input, 65536, 12, 0, 5);
+    std::fs::write(d.join("target.qcow2"), b"old").unwrap();
+    std::os::unix::fs::symlink("target.qcow2", d.join("link.qcow2")).unwrap();
+    let conv = |out: &Path, force: bool| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["convert".as_ref(), "-q".as_ref()];
+        if force {
+            args.push("--force".as_ref());
+        }
+        args.push(input.as_os_str());
+        args.push(out.as_os_str());
+        qdedup(args)
+    };
+    let o = conv(&d.join("link.qcow2"), false);
+    assert!(!o.status.success(), "the target exists");
+    let o = conv(&d.join("link.qcow2"), true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let link = std::fs::symlink_metadata(d.join("link.qcow2")).unwrap();
+    assert!(link.file_type().is_symlink(), "the link stays a link");
+    assert_qemu_compare_same(&input, "raw", &d.join("target.qcow2"));
+    // A dangling link, a FIFO and a device are refused by name; nothing is created.
+    std::os::unix::fs::symlink("missing.qcow2", d.join("dangling.qcow2")).unwrap();
+    let fifo = d.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for (out, says) in [
+        (d.join("dangling.qcow2"), "missing file"),
+        (fifo.clone(), "FIFO"),
+        (PathBuf::from("/dev/null"), "character device"),
+    ] {
+        let o = conv(&out, true);
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(says), "{err}");
+    }
+    assert!(!d.join("missing.qcow2").exists());
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    let mut names = dir_entries(d);
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "dangling.qcow2",
+            "fifo",
+            "in.raw",
+            "link.qcow2",
+            "target.qcow2"
+        ]
+    );
 }

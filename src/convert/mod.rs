@@ -268,12 +268,45 @@ pub fn convert(
             output.display()
         )));
     }
-    match std::fs::symlink_metadata(output) {
+    // Through a symbolic link, the file it points to is replaced (as a write
+    // through the link would), not the link itself.
+    let resolved;
+    let output = match std::fs::symlink_metadata(output) {
+        Ok(m) if m.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(output).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "output {} is a symbolic link to a missing file",
+                    output.display()
+                ))
+            })?;
+            resolved.as_path()
+        }
+        _ => output,
+    };
+    match std::fs::metadata(output) {
         Ok(m) if m.is_dir() => {
             return Err(Error::InvalidArgument(format!(
                 "output {} is a directory",
                 output.display()
             )))
+        }
+        Ok(m) if !m.is_file() => {
+            use std::os::unix::fs::FileTypeExt;
+            let t = m.file_type();
+            let kind = if t.is_block_device() {
+                "a block device"
+            } else if t.is_char_device() {
+                "a character device"
+            } else if t.is_fifo() {
+                "a FIFO"
+            } else {
+                "not a regular file"
+            };
+            return Err(Error::InvalidArgument(format!(
+                "output {} is {kind}: qdedup writes a new file and renames it into place, \
+                 it does not write into devices",
+                output.display()
+            )));
         }
         Ok(_) if !opts.force => {
             return Err(Error::InvalidArgument(format!(
