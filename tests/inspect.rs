@@ -654,3 +654,78 @@ fn info_dedup_figures_agree_with_check() {
         }
     }
 }
+
+#[test]
+fn map_json_equals_qemu_img_on_extended_l2_with_partly_allocated_clusters() {
+    let d = tempfile::tempdir().unwrap();
+    let base = d.path().join("base.qcow2");
+    let alone = d.path().join("alone.qcow2");
+    let top = d.path().join("top.qcow2");
+    let run = |tool: &str, args: &[&str]| {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        ok(&qemu(tool, args), tool);
+    };
+    let (base_s, alone_s, top_s) = (
+        base.to_str().unwrap(),
+        alone.to_str().unwrap(),
+        top.to_str().unwrap(),
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", base_s, "8M"]);
+    run("qemu-io", &["-c", "write -P 5 0 4M", base_s]);
+    // Subclusters of 64 KiB (2 MiB clusters) and of 1 KiB (32 KiB clusters), with
+    // and without a backing file: written, zeroed and untouched subclusters of one
+    // allocated cluster.
+    for (img, backing, cs) in [(alone_s, None, "2M"), (top_s, Some(base_s), "32k")] {
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o"];
+        let o = format!("extended_l2=on,cluster_size={cs}");
+        args.push(&o);
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", "qcow2"]);
+        }
+        args.extend([img, "8M"]);
+        run("qemu-img", &args);
+        run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 1 64k 64k",
+                "-c",
+                "write -z 256k 64k",
+                "-c",
+                "write -P 2 2100k 3k",
+                "-c",
+                "write -z 5M 1k",
+                img,
+            ],
+        );
+    }
+    for img in [&alone, &top] {
+        assert_map_equals_qemu(img);
+    }
+}
+
+#[test]
+fn map_json_equals_qemu_img_on_preallocated_images() {
+    let d = tempfile::tempdir().unwrap();
+    for prealloc in ["metadata", "falloc", "full"] {
+        let img = d.path().join(format!("{prealloc}.qcow2"));
+        let i = img.to_str().unwrap();
+        let o = format!("preallocation={prealloc}");
+        for (tool, args) in [
+            (
+                "qemu-img",
+                vec!["create", "-q", "-f", "qcow2", "-o", &o, i, "8M"],
+            ),
+            (
+                "qemu-io",
+                vec!["-c", "write -P 1 64k 64k", "-c", "write -z 1M 128k", i],
+            ),
+        ] {
+            let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+            ok(&qemu(tool, args), tool);
+        }
+        // With metadata preallocation QEMU asks the file system where the holes
+        // under data clusters are; qdedup does the same.
+        assert_map_equals_qemu(&img);
+    }
+}

@@ -15,8 +15,10 @@ use serde::Serialize;
 
 use super::layers::{open_layers, Layer, LayerKind, RefcountReader};
 use crate::error::Result;
-use crate::source::qcow2::LayerExtent;
+use crate::source::qcow2::{LayerExtent, Qcow2Source};
+use crate::source::raw::RawSource;
 use crate::source::Format;
+use crate::source::{BlockStatus, Source};
 
 /// One extent, with `qemu-img map --output=json`'s fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -69,6 +71,7 @@ pub struct ImageMap {
 fn block_status(
     layers: &[Layer],
     readers: &[Option<RefcountReader<'_>>],
+    files: &[Option<RawSource>],
     offset: u64,
     mut bytes: u64,
 ) -> Result<MapEntry> {
@@ -89,7 +92,7 @@ fn block_status(
             refcount: None,
         };
         let rc_host = match ext {
-            LayerExtent::Unallocated => {
+            LayerExtent::Unallocated { host } => {
                 if let Some(next) = layers.get(depth + 1) {
                     if offset < next.size() {
                         depth += 1;
@@ -98,6 +101,9 @@ fn block_status(
                 }
                 e.present = false;
                 e.zero = true;
+                // QEMU reports the offset of unallocated subclusters of an
+                // allocated cluster (OFFSET_VALID without DATA).
+                e.offset = host;
                 None
             }
             LayerExtent::Zero { host } => {
@@ -108,6 +114,18 @@ fn block_status(
             LayerExtent::Data { host } => {
                 e.data = true;
                 e.offset = Some(host);
+                if let Some(file) = &files[depth] {
+                    // QEMU's BDRV_BLOCK_RECURSE: a hole in the file under a data
+                    // cluster reads as zeros (errors only lose the extra detail).
+                    match file.block_status(host, e.length) {
+                        Ok((st, n)) if n > 0 => {
+                            e.length = n.min(e.length);
+                            e.zero = st == BlockStatus::Zero;
+                        }
+                        Ok(_) => e.zero = true, // past the end of the file
+                        Err(_) => {}
+                    }
+                }
                 Some(host)
             }
             LayerExtent::Compressed { host } => {
@@ -151,6 +169,38 @@ fn mergeable(a: &MapEntry, b: &MapEntry) -> bool {
     }
 }
 
+/// QEMU's `qcow2_detect_metadata_preallocation`: clusters with a refcount outnumber
+/// the file's allocated blocks by more than a ninth (and two). Then QEMU asks the
+/// file system which parts of data clusters are holes, and reports those as zero.
+/// Errors give false, as in QEMU.
+fn metadata_preallocated(path: &Path, q: &Qcow2Source) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() {
+        return false;
+    }
+    let cs = q.header().cluster_size();
+    let cb = q.header().cluster_bits;
+    let real_clusters = meta.blocks().saturating_mul(512) / cs;
+    let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
+    let Ok(rr) = RefcountReader::new(q) else {
+        return false;
+    };
+    let mut count = 0u64;
+    let mut i = 0u64;
+    while i < meta.len().div_ceil(cs) && count < threshold {
+        match rr.get(i << cb) {
+            Ok(0) => {}
+            Ok(_) => count += 1,
+            Err(_) => return false,
+        }
+        i += 1;
+    }
+    count >= threshold
+}
+
 /// Maps the image at `path` through its backing chain.
 pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
     let layers = open_layers(path, opts.format)?;
@@ -161,11 +211,20 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
+    let files = layers
+        .iter()
+        .map(|l| match &l.kind {
+            LayerKind::Qcow2(q) if metadata_preallocated(&l.name, q) => {
+                RawSource::open(&l.name).map(Some)
+            }
+            _ => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let size = layers[0].size();
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = 0;
     while off < size {
-        let e = block_status(&layers, &readers, off, size - off)?;
+        let e = block_status(&layers, &readers, &files, off, size - off)?;
         off += e.length;
         match entries.last_mut() {
             Some(c) if mergeable(c, &e) => c.length += e.length,

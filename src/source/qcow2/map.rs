@@ -30,8 +30,10 @@ const L2_CACHE_MAX_TABLES: u64 = 1024;
 /// What a run of guest bytes maps to in one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Extent {
-    /// Not allocated here: read the backing file (or zeros).
-    Unallocated,
+    /// Not allocated here: read the backing file (or zeros). `host` is the host
+    /// offset of the run's first byte when it lies in an allocated cluster whose
+    /// subclusters are not (QEMU's UNALLOCATED_ALLOC; extended L2 only).
+    Unallocated { host: Option<u64> },
     /// Reads as zeros (zero cluster or subcluster); never falls through. `host` is
     /// the preallocated host offset of the run's first byte (QEMU's ZERO_ALLOC), if any.
     Zero { host: Option<u64> },
@@ -213,11 +215,11 @@ impl Mapper {
         let end = guest.saturating_add(max_len).min(span_end);
         let Some(&l1_raw) = usize::try_from(l1_index).ok().and_then(|i| self.l1.get(i)) else {
             // Past the L1 table (a snapshot's shorter table): unallocated, as in QEMU.
-            return Ok((Extent::Unallocated, end - guest));
+            return Ok((Extent::Unallocated { host: None }, end - guest));
         };
         let l2_off = l1_raw & L1E_OFFSET_MASK;
         if l2_off == 0 {
-            return Ok((Extent::Unallocated, end - guest));
+            return Ok((Extent::Unallocated { host: None }, end - guest));
         }
         let table = self.l2_table(file, l2_off, l1_index)?;
 
@@ -234,7 +236,13 @@ impl Mapper {
             let next = unit_end.min(end);
             match first {
                 None => first = Some(kind),
-                Some(Extent::Unallocated) if kind == Extent::Unallocated => {}
+                Some(Extent::Unallocated { host: None })
+                    if kind == (Extent::Unallocated { host: None }) => {}
+                Some(Extent::Unallocated { host: Some(h) })
+                    if kind
+                        == (Extent::Unallocated {
+                            host: Some(h + (pos - guest)),
+                        }) => {}
                 Some(Extent::Zero { host: None }) if kind == (Extent::Zero { host: None }) => {}
                 Some(Extent::Zero { host: Some(h) })
                     if kind
@@ -320,7 +328,7 @@ impl Mapper {
             } else if host != 0 {
                 data(host)?
             } else {
-                Extent::Unallocated
+                Extent::Unallocated { host: None }
             };
             return Ok((kind, cluster_end));
         }
@@ -343,7 +351,9 @@ impl Mapper {
                     host: Some(host + in_cluster),
                 }
             } else {
-                Extent::Unallocated
+                Extent::Unallocated {
+                    host: Some(host + in_cluster),
+                }
             }
         } else {
             if alloc != 0 {
@@ -354,7 +364,7 @@ impl Mapper {
             if zero & (1 << sc) != 0 {
                 Extent::Zero { host: None }
             } else {
-                Extent::Unallocated
+                Extent::Unallocated { host: None }
             }
         };
         Ok((kind, unit_end))
@@ -407,7 +417,7 @@ mod tests {
         );
         assert_eq!(
             m.extent(&f, 0x3000, 1 << 20).unwrap(),
-            (Extent::Unallocated, 0x2000)
+            (Extent::Unallocated { host: None }, 0x2000)
         );
         assert_eq!(
             m.extent(&f, 0x5000, 0x1800).unwrap(),
@@ -420,11 +430,11 @@ mod tests {
         // The rest of the table and past the L1 table: unallocated.
         assert_eq!(
             m.extent(&f, 0x8000, 1 << 30).unwrap(),
-            (Extent::Unallocated, (512 << 12) - 0x8000)
+            (Extent::Unallocated { host: None }, (512 << 12) - 0x8000)
         );
         assert_eq!(
             m.extent(&f, 512 << 12, 5).unwrap(),
-            (Extent::Unallocated, 5)
+            (Extent::Unallocated { host: None }, 5)
         );
     }
 

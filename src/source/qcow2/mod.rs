@@ -300,8 +300,8 @@ impl Qcow2Source {
 /// backing file (for `map`, which reports the depth itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum LayerExtent {
-    /// Not allocated in this layer.
-    Unallocated,
+    /// Not allocated in this layer; `host` as in [`Extent::Unallocated`].
+    Unallocated { host: Option<u64> },
     /// Reads as zeros; `host` is the preallocated host offset (ZERO_ALLOC).
     Zero { host: Option<u64> },
     /// Plain data at this host offset (of the run's first byte); contiguous.
@@ -318,7 +318,7 @@ impl Qcow2Source {
         self.check_range(offset, max_len.max(1))?;
         let (ext, len) = self.own(self.mapper.extent(self.file.as_ref(), offset, max_len))?;
         let e = match ext {
-            Extent::Unallocated => LayerExtent::Unallocated,
+            Extent::Unallocated { host } => LayerExtent::Unallocated { host },
             Extent::Zero { host } => LayerExtent::Zero { host },
             Extent::Data { host } => LayerExtent::Data { host },
             Extent::Compressed { desc, .. } => LayerExtent::Compressed {
@@ -362,7 +362,7 @@ impl Source for Qcow2Source {
             let (s, len) = match ext {
                 Extent::Zero { .. } => (BlockStatus::Zero, len),
                 Extent::Data { .. } | Extent::Compressed { .. } => (BlockStatus::Data, len),
-                Extent::Unallocated => self.backing_status(pos, len)?,
+                Extent::Unallocated { .. } => self.backing_status(pos, len)?,
             };
             match status {
                 None => status = Some(s),
@@ -394,7 +394,7 @@ impl Source for Qcow2Source {
             let chunk = &mut buf[done..done + len as usize];
             match ext {
                 Extent::Zero { .. } => chunk.fill(0),
-                Extent::Unallocated => self.read_backing(chunk, guest)?,
+                Extent::Unallocated { .. } => self.read_backing(chunk, guest)?,
                 Extent::Data { host } => self.own(self.read_data(chunk, host))?,
                 Extent::Compressed { desc, entry } => {
                     self.own(self.read_compressed(chunk, guest, desc, entry))?;
