@@ -5,7 +5,6 @@
 use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use qdedup::check::{
     check_file, check_image, repair_image, CheckOptions, CheckReport, FindingClass, FindingKind,
@@ -20,44 +19,11 @@ use qdedup::format::refcount;
 use qdedup::io::MemFile;
 use serde_json::Value;
 
+mod common;
+
+use common::{create_qcow2, qcow2_from_raw, qemu, qemu_img, qemu_io, qemu_snapshot, write_raw};
+
 // ---------------------------------------------------------------- qemu tools
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is QEMU installed?): {e}"));
-    out
-}
-
-fn qemu_img(args: &[&str]) {
-    let out = run(Command::new("qemu-img").args(args));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn create(path: &Path, opts: &str, size: &str) {
-    let p = path.to_str().unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p, size]);
-}
-
-fn qemu_io(path: &Path, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.arg("-f").arg("qcow2");
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    c.arg(path);
-    let out = run(&mut c);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !stdout.contains("error") && !stdout.contains("failed"),
-        "qemu-io {cmds:?} failed: {stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// `qemu-img check --output=json`: exit code and the JSON document.
 fn qemu_check(path: &Path) -> (i32, Value) {
@@ -65,10 +31,7 @@ fn qemu_check(path: &Path) -> (i32, Value) {
 }
 
 fn qemu_check_args(args: &[&str]) -> (i32, Value) {
-    let out = run(Command::new("qemu-img")
-        .arg("check")
-        .arg("--output=json")
-        .args(args));
+    let out = qemu("qemu-img", ["check", "--output=json"].iter().chain(args));
     let code = out.status.code().expect("qemu-img exited normally");
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -219,8 +182,7 @@ fn has_finding(r: &CheckReport, kind: FindingKind, offset: u64) -> bool {
 
 /// A 4 MiB image with data, duplicates, zeroed and unmapped ranges.
 fn populated(dir: &Path, name: &str, opts: &str) -> PathBuf {
-    let p = dir.join(name);
-    create(&p, opts, "4M");
+    let p = create_qcow2(dir.join(name), Some("4M"), &["-o", opts]);
     qemu_io(
         &p,
         &[
@@ -270,9 +232,9 @@ fn snapshot_tables_are_counted_and_shared_clusters_reported() {
     let dir = tempfile::tempdir().unwrap();
     for opts in ["compat=0.10", "compat=1.1,cluster_size=4096"] {
         let p = populated(dir.path(), "snap.qcow2", opts);
-        qemu_img(&["snapshot", "-c", "one", p.to_str().unwrap()]);
+        qemu_snapshot(&p, "one");
         qemu_io(&p, &["write -P 0x44 0 64k", "write -P 0x55 3M 64k"]);
-        qemu_img(&["snapshot", "-c", "two", p.to_str().unwrap()]);
+        qemu_snapshot(&p, "two");
         qemu_io(&p, &["write -P 0x66 1M 4k"]);
         let r = ours(&p);
         assert!(r.is_clean(), "{opts}: {}", r.human());
@@ -292,26 +254,22 @@ fn snapshot_tables_are_counted_and_shared_clusters_reported() {
 #[test]
 fn compressed_clusters_of_both_types_are_verified_and_clean() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
     let mut data = semi_compressible(1 << 20, 7);
     data.extend(vec![0x5a; 256 << 10]); // compresses to a few bytes
     data.extend(semi_compressible(256 << 10, 9));
-    fs::write(&raw, &data).unwrap();
+    let raw = write_raw(dir.path(), "src.raw", &data);
     for (i, ty) in ["zlib", "zstd"].iter().enumerate() {
         for cs in ["4096", "65536"] {
             let p = dir.path().join(format!("c{i}-{cs}.qcow2"));
-            qemu_img(&[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                &format!("compression_type={ty},cluster_size={cs}"),
-                raw.to_str().unwrap(),
-                p.to_str().unwrap(),
-            ]);
+            qcow2_from_raw(
+                &raw,
+                &p,
+                &[
+                    "-c",
+                    "-o",
+                    &format!("compression_type={ty},cluster_size={cs}"),
+                ],
+            );
             let r = ours(&p);
             assert!(r.is_clean(), "{ty}/{cs}: {}", r.human());
             assert_eq!(r.compression_type, *ty);
@@ -325,20 +283,18 @@ fn compressed_clusters_of_both_types_are_verified_and_clean() {
 fn extended_l2_overlay_with_backing_file_is_clean() {
     let dir = tempfile::tempdir().unwrap();
     let base = populated(dir.path(), "base.qcow2", "compat=1.1");
-    let ov = dir.path().join("overlay.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=65536",
-        ov.to_str().unwrap(),
-    ]);
+    let ov = create_qcow2(
+        dir.path().join("overlay.qcow2"),
+        None,
+        &[
+            "-b",
+            base.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=65536",
+        ],
+    );
     qemu_io(
         &ov,
         &[
@@ -360,8 +316,8 @@ fn extended_l2_overlay_with_backing_file_is_clean() {
 fn persistent_bitmaps_are_counted() {
     let dir = tempfile::tempdir().unwrap();
     let p = populated(dir.path(), "bm.qcow2", "compat=1.1");
-    qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
-    qemu_img(&["bitmap", "--add", "-g", "512k", p.to_str().unwrap(), "b1"]);
+    qemu_img(["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+    qemu_img(["bitmap", "--add", "-g", "512k", p.to_str().unwrap(), "b1"]);
     qemu_io(&p, &["write -P 0x12 0 1M", "write -P 0x13 3M 64k"]);
     let r = ours(&p);
     assert!(r.is_clean(), "{}", r.human());
@@ -397,7 +353,7 @@ fn broken_bitmaps_give_qemu_img_checks_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let fresh = || {
         let p = populated(dir.path(), "bm.qcow2", "compat=1.1");
-        qemu_img(&["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+        qemu_img(["bitmap", "--add", p.to_str().unwrap(), "b0"]);
         // Writes through the enabled bitmap give it a table with data clusters.
         qemu_io(&p, &["write -P 0x12 0 1M", "write -P 0x13 3M 64k"]);
         p
@@ -462,11 +418,7 @@ fn broken_bitmaps_give_qemu_img_checks_exit_code() {
     for (what, patch, code, names) in cases {
         let p = fresh();
         patch(&Img::open(&p));
-        let q = Command::new("qemu-img")
-            .arg("check")
-            .arg(&p)
-            .output()
-            .unwrap();
+        let q = qemu("qemu-img", ["check".as_ref(), p.as_os_str()]);
         assert_eq!(q.status.code(), Some(code), "{what}: qemu-img check");
         let (got, stdout, stderr) = qdedup(&["check".as_ref(), p.as_os_str()]);
         let out = format!("{stdout}{stderr}");
@@ -537,7 +489,7 @@ fn refcounts_stored_past_the_end_of_the_file_are_leaks_qemu_ignores() {
 fn copied_on_a_shared_cluster_is_a_corruption_at_the_l2_entry() {
     let dir = tempfile::tempdir().unwrap();
     let p = populated(dir.path(), "shared.qcow2", "compat=1.1");
-    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_snapshot(&p, "s");
     let img = Img::open(&p);
     let e = img.l2_entry(0, 1); // guest 64k..128k: data shared with the snapshot
     let raw = img.u64_at(e);
@@ -742,7 +694,7 @@ fn misaligned_tables_and_data_are_corruptions() {
 
     // A snapshot whose L1 table offset is not cluster aligned.
     let p = populated(dir.path(), "snap.qcow2", "compat=1.1");
-    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_snapshot(&p, "s");
     let img = Img::open(&p);
     let sn = img.h.snapshots_offset;
     img.put_u64(sn, img.u64_at(sn) + 512);
@@ -792,19 +744,9 @@ fn references_past_the_end_of_the_file_are_corruptions() {
 #[test]
 fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    fs::write(&raw, semi_compressible(512 << 10, 3)).unwrap();
+    let raw = write_raw(dir.path(), "src.raw", &semi_compressible(512 << 10, 3));
     let p = dir.path().join("cc.qcow2");
-    qemu_img(&[
-        "convert",
-        "-c",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        p.to_str().unwrap(),
-    ]);
+    qcow2_from_raw(&raw, &p, &["-c"]);
     let img = Img::open(&p);
     let e = img.l2_entry(0, 3);
     let v = img.u64_at(e);
@@ -828,22 +770,10 @@ fn compressed_entries_with_copied_are_corruptions_that_repair_clears() {
 #[test]
 fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("src.raw");
-    fs::write(&raw, semi_compressible(1 << 20, 11)).unwrap();
+    let raw = write_raw(dir.path(), "src.raw", &semi_compressible(1 << 20, 11));
     for ty in ["zlib", "zstd"] {
         let p = dir.path().join(format!("{ty}.qcow2"));
-        qemu_img(&[
-            "convert",
-            "-c",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("compression_type={ty}"),
-            raw.to_str().unwrap(),
-            p.to_str().unwrap(),
-        ]);
+        qcow2_from_raw(&raw, &p, &["-c", "-o", &format!("compression_type={ty}")]);
         let img = Img::open(&p);
         let cb = img.h.cluster_bits;
         // The entry with the longest stream whose shortened range still touches the
@@ -869,10 +799,18 @@ fn a_compressed_stream_one_sector_short_is_a_corruption_qemu_misses() {
             (0, 0, 0),
             "{ty}: qemu-img check does not decompress"
         );
-        let out = run(Command::new("qemu-io")
-            .args(["-r", "-f", "qcow2", "-c"])
-            .arg(format!("read {} 64k", index * img.cs()))
-            .arg(&p));
+        let read = format!("read {} 64k", index * img.cs());
+        let out = qemu(
+            "qemu-io",
+            [
+                "-r".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-c".as_ref(),
+                read.as_ref(),
+                p.as_os_str(),
+            ],
+        );
         let said = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -906,8 +844,11 @@ fn the_zero_flag_in_a_v2_image_is_a_corruption_qemu_misses() {
 #[test]
 fn conflicting_subcluster_bits_are_corruptions() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("ext.qcow2");
-    create(&p, "extended_l2=on", "4M");
+    let p = create_qcow2(
+        dir.path().join("ext.qcow2"),
+        Some("4M"),
+        &["-o", "extended_l2=on"],
+    );
     qemu_io(&p, &["write -P 0x61 0 64k", "write -P 0x62 64k 4k"]);
     let img = Img::open(&p);
     let e = img.l2_entry(0, 0);
@@ -923,7 +864,7 @@ fn conflicting_subcluster_bits_are_corruptions() {
 fn mutated_images_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let p = populated(dir.path(), "fuzz.qcow2", "compat=1.1,cluster_size=4096");
-    qemu_img(&["snapshot", "-c", "s", p.to_str().unwrap()]);
+    qemu_snapshot(&p, "s");
     qemu_io(&p, &["write -c -P 0x42 3584k 4k", "write -P 0x43 0 4k"]);
     let orig = fs::read(&p).unwrap();
     let meta_end = orig.len().min(64 << 10);
@@ -966,33 +907,32 @@ fn mutated_images_never_panic() {
 #[test]
 fn luks_header_area_is_counted() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("luks.qcow2");
     let secret = "secret,id=sec0,data=123456";
+    let p = create_qcow2(
+        dir.path().join("luks.qcow2"),
+        Some("4M"),
+        &[
+            "--object",
+            secret,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        ],
+    );
     let image_opts = format!(
         "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
         p.display()
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "--object",
-        secret,
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        p.to_str().unwrap(),
-        "4M",
-    ]);
-    let out = run(Command::new("qemu-io")
-        .args([
+    let out = qemu(
+        "qemu-io",
+        [
             "--object",
             secret,
             "--image-opts",
             "-c",
             "write -P 0x11 0 128k",
-        ])
-        .arg(&image_opts));
+            &image_opts,
+        ],
+    );
     assert!(out.status.success());
     let r = ours(&p);
     assert!(r.is_clean(), "{}", r.human());
@@ -1097,7 +1037,7 @@ fn an_interrupted_repair_leaves_a_sound_image() {
 // ---------------------------------------------------------------- CLI
 
 fn qdedup(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
-    let out = run(Command::new(env!("CARGO_BIN_EXE_qdedup")).args(args));
+    let out = common::qdedup(args);
     (
         out.status.code().expect("exited"),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -1155,13 +1095,12 @@ fn cli_check_prints_like_qemu_img_and_exits_with_its_codes() {
 #[test]
 fn images_qdedup_converts_check_clean_with_their_sharing_measured() {
     let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("dup.raw");
     let block = semi_compressible(256 << 10, 5);
     let mut data = block.clone();
     data.extend(vec![0u8; 128 << 10]);
     data.extend(&block);
     data.extend(&block);
-    fs::write(&raw, &data).unwrap();
+    let raw = write_raw(dir.path(), "dup.raw", &data);
     for compress in [false, true] {
         let out = dir.path().join(format!("out-{compress}.qcow2"));
         let mut args = vec!["convert", "-q", "--force"];

@@ -3,39 +3,9 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use common::*;
-
-fn img(args: &[&str]) {
-    let o = qemu("qemu-img", args);
-    assert!(
-        o.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn io(path: &Path, fmt: &str, cmds: &[&str]) {
-    let mut a: Vec<&OsStr> = vec!["-f".as_ref(), fmt.as_ref()];
-    for c in cmds {
-        a.push("-c".as_ref());
-        a.push(c.as_ref());
-    }
-    a.push(path.as_os_str());
-    let o = qemu("qemu-io", a);
-    assert!(
-        o.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(
-        !err.contains("error") && !String::from_utf8_lossy(&o.stdout).contains("error"),
-        "{err}"
-    );
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -43,25 +13,9 @@ fn s(p: &Path) -> &str {
 
 /// Converts with qdedup (extra args first), then checks and compares with qemu-img.
 fn convert_and_verify(input: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
-    let mut a: Vec<&OsStr> = vec![
-        "convert".as_ref(),
-        "-q".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-    ];
-    a.extend(extra.iter().map(|e| OsStr::new(*e)));
-    a.push(input.as_os_str());
-    a.push(out.as_os_str());
-    let o = qdedup(&a);
-    assert!(
-        o.status.success(),
-        "qdedup convert {}: {}",
-        input.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let r = convert_json(extra, input, out);
     assert_qemu_check_clean(out);
     assert_qemu_compare_same(input, "qcow2", out);
-    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["input-format"], "qcow2");
     r
 }
@@ -77,7 +31,7 @@ fn fill(path: &Path, cs: u64) {
         format!("write -P 0x11 {} {}", 20 * c, c),
     ];
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
-    io(path, "qcow2", &cmds);
+    qemu_io(path, &cmds);
 }
 
 struct Dir(tempfile::TempDir);
@@ -93,17 +47,7 @@ impl Dir {
 #[test]
 fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
     let d = Dir::new();
-    let v2 = d.p("v2.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "compat=0.10",
-        s(&v2),
-        "4M",
-    ]);
+    let v2 = create_qcow2(d.p("v2.qcow2"), Some("4M"), &["-o", "compat=0.10"]);
     fill(&v2, 65536);
     let r = convert_and_verify(&v2, &d.p("v2.out"), &[]);
     assert!(
@@ -111,17 +55,11 @@ fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
         "duplicates shared: {r}"
     );
     for cs in ["512", "4096", "65536", "2M"] {
-        let p = d.p(&format!("v3-{cs}.qcow2"));
-        img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("cluster_size={cs}"),
-            s(&p),
-            "64M",
-        ]);
+        let p = create_qcow2(
+            d.p(&format!("v3-{cs}.qcow2")),
+            Some("64M"),
+            &["-o", &format!("cluster_size={cs}")],
+        );
         fill(&p, 65536);
         convert_and_verify(&p, &d.p(&format!("v3-{cs}.out")), &[]);
     }
@@ -134,16 +72,11 @@ fn compressed_inputs_in_zlib_and_zstd_convert_clean() {
     make_input(&raw, 65536, 40, 0, 1);
     for codec in ["zlib", "zstd"] {
         let c = d.p(&format!("{codec}.qcow2"));
-        img(&[
-            "convert",
-            "-c",
-            "-O",
-            "qcow2",
-            "-o",
-            &format!("compression_type={codec}"),
-            s(&raw),
-            s(&c),
-        ]);
+        qcow2_from_raw(
+            &raw,
+            &c,
+            &["-c", "-o", &format!("compression_type={codec}")],
+        );
         convert_and_verify(&c, &d.p(&format!("{codec}.out")), &[]);
         convert_and_verify(&c, &d.p(&format!("{codec}.c.out")), &["-c"]);
     }
@@ -152,24 +85,11 @@ fn compressed_inputs_in_zlib_and_zstd_convert_clean() {
 #[test]
 fn zero_clusters_with_and_without_unmap_read_as_zero() {
     let d = Dir::new();
-    let base = d.p("base.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
-    io(&base, "qcow2", &["write -P 0x55 0 4M"]);
-    let top = d.p("top.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    io(
+    let base = create_qcow2(d.p("base.qcow2"), Some("4M"), &[]);
+    qemu_io(&base, &["write -P 0x55 0 4M"]);
+    let top = create_qcow2(d.p("top.qcow2"), None, &["-b", s(&base), "-F", "qcow2"]);
+    qemu_io(
         &top,
-        "qcow2",
         &[
             "write -P 0x66 0 1M",
             "write -z 64k 128k",
@@ -185,26 +105,22 @@ fn zero_clusters_with_and_without_unmap_read_as_zero() {
 #[test]
 fn extended_l2_partial_subcluster_writes_over_a_backing_file() {
     let d = Dir::new();
-    let base = d.p("base.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]);
-    io(&base, "qcow2", &["write -P 0x77 0 8M"]);
-    let top = d.p("top.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=64k",
-        "-b",
-        s(&base),
-        "-F",
-        "qcow2",
-        s(&top),
-    ]);
-    io(
+    let base = create_qcow2(d.p("base.qcow2"), Some("8M"), &[]);
+    qemu_io(&base, &["write -P 0x77 0 8M"]);
+    let top = create_qcow2(
+        d.p("top.qcow2"),
+        None,
+        &[
+            "-o",
+            "extended_l2=on,cluster_size=64k",
+            "-b",
+            s(&base),
+            "-F",
+            "qcow2",
+        ],
+    );
+    qemu_io(
         &top,
-        "qcow2",
         &[
             "write -P 0x88 2k 2k",
             "write -P 0x99 70k 5k",
@@ -221,54 +137,16 @@ fn backing_chains_raw_three_levels_and_shorter_backing_are_flattened() {
     // Raw backing.
     let raw = d.p("base.raw");
     make_input(&raw, 65536, 32, 0, 4);
-    let top = d.p("over-raw.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&raw),
-        "-F",
-        "raw",
-        s(&top),
-    ]);
-    io(&top, "qcow2", &["write -P 0x12 64k 64k"]);
+    let top = create_qcow2(d.p("over-raw.qcow2"), None, &["-b", s(&raw), "-F", "raw"]);
+    qemu_io(&top, &["write -P 0x12 64k 64k"]);
     convert_and_verify(&top, &d.p("over-raw.out"), &[]);
     // Three qcow2 levels, relative backing names.
-    let l1 = d.p("l1.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&l1), "8M"]);
-    io(&l1, "qcow2", &["write -P 0x01 0 8M"]);
-    let l2 = d.p("l2.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "l1.qcow2",
-        "-F",
-        "qcow2",
-        s(&l2),
-    ]);
-    io(&l2, "qcow2", &["write -P 0x02 1M 1M"]);
-    let l3 = d.p("l3.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "l2.qcow2",
-        "-F",
-        "qcow2",
-        s(&l3),
-    ]);
-    io(
-        &l3,
-        "qcow2",
-        &["write -P 0x03 1536k 1M", "write -P 0x01 6M 64k"],
-    );
+    let l1 = create_qcow2(d.p("l1.qcow2"), Some("8M"), &[]);
+    qemu_io(&l1, &["write -P 0x01 0 8M"]);
+    let l2 = create_qcow2(d.p("l2.qcow2"), None, &["-b", "l1.qcow2", "-F", "qcow2"]);
+    qemu_io(&l2, &["write -P 0x02 1M 1M"]);
+    let l3 = create_qcow2(d.p("l3.qcow2"), None, &["-b", "l2.qcow2", "-F", "qcow2"]);
+    qemu_io(&l3, &["write -P 0x03 1536k 1M", "write -P 0x01 6M 64k"]);
     let r = convert_and_verify(&l3, &d.p("l3.out"), &[]);
     assert!(
         r["clusters-duplicate"].as_u64().unwrap() > 100,
@@ -285,42 +163,28 @@ fn backing_chains_raw_three_levels_and_shorter_backing_are_flattened() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let view = d.p("alone.raw");
-    let spec = format!(
-        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
-        s(&l3)
-    );
-    img(&["convert", "-O", "raw", &spec, s(&view)]);
+    qemu_raw_view(top_alone_spec(&l3).as_ref(), &view, &[]);
     assert_qemu_compare_same(&view, "raw", &alone);
     assert_qemu_check_clean(&alone);
     // A backing file shorter than the overlay reads as zeros past its end.
-    let short = d.p("short.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&short), "1M"]);
-    io(&short, "qcow2", &["write -P 0x44 0 1M"]);
-    let long = d.p("long.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        s(&short),
-        "-F",
-        "qcow2",
-        s(&long),
-        "4M",
-    ]);
-    io(&long, "qcow2", &["write -P 0x45 3M 64k"]);
+    let short = create_qcow2(d.p("short.qcow2"), Some("1M"), &[]);
+    qemu_io(&short, &["write -P 0x44 0 1M"]);
+    let long = create_qcow2(
+        d.p("long.qcow2"),
+        Some("4M"),
+        &["-b", s(&short), "-F", "qcow2"],
+    );
+    qemu_io(&long, &["write -P 0x45 3M 64k"]);
     convert_and_verify(&long, &d.p("long.out"), &[]);
 }
 
 #[test]
 fn snapshots_convert_the_active_layer_or_a_named_view() {
     let d = Dir::new();
-    let p = d.p("snap.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&p), "4M"]);
-    io(&p, "qcow2", &["write -P 0x21 0 2M"]);
-    img(&["snapshot", "-c", "first", s(&p)]);
-    io(&p, "qcow2", &["write -P 0x22 1M 2M"]);
+    let p = create_qcow2(d.p("snap.qcow2"), Some("4M"), &[]);
+    qemu_io(&p, &["write -P 0x21 0 2M"]);
+    qemu_snapshot(&p, "first");
+    qemu_io(&p, &["write -P 0x22 1M 2M"]);
     convert_and_verify(&p, &d.p("active.out"), &[]);
     for sel in ["first", "1"] {
         let out = d.p(&format!("snap-{sel}.out"));
@@ -333,15 +197,7 @@ fn snapshots_convert_the_active_layer_or_a_named_view() {
         ]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let view = d.p(&format!("view-{sel}.raw"));
-        img(&[
-            "convert",
-            "-l",
-            "snapshot.name=first",
-            "-O",
-            "raw",
-            s(&p),
-            s(&view),
-        ]);
+        qemu_raw_view(p.as_os_str(), &view, &["-l", "snapshot.name=first"]);
         assert_qemu_compare_same(&view, "raw", &out);
         assert_qemu_check_clean(&out);
     }
@@ -391,11 +247,9 @@ fn convert_and_verify_raw(raw: &Path, out: &Path) -> serde_json::Value {
 #[test]
 fn a_mostly_empty_terabyte_qcow2_converts_in_seconds() {
     let d = Dir::new();
-    let p = d.p("big.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&p), "1T"]);
-    io(
+    let p = create_qcow2(d.p("big.qcow2"), Some("1T"), &[]);
+    qemu_io(
         &p,
-        "qcow2",
         &[
             "write -P 0x31 0 1M",
             "write -P 0x32 500G 1M",
@@ -436,29 +290,24 @@ fn assert_refused(input: &Path, d: &Dir, what: &str) {
 #[test]
 fn encrypted_unknown_feature_and_truncated_images_are_refused_by_name() {
     let d = Dir::new();
-    let enc = d.p("enc.qcow2");
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=abc",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        s(&enc),
-        "1M",
-    ]);
+    let enc = create_qcow2(
+        d.p("enc.qcow2"),
+        Some("1M"),
+        &[
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+        ],
+    );
     assert_refused(&enc, &d, "encrypt");
-    let unk = d.p("unknown.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&unk), "1M"]);
+    let unk = create_qcow2(d.p("unknown.qcow2"), Some("1M"), &[]);
     let mut b = std::fs::read(&unk).unwrap();
     b[72 + 7] |= 0x80; // incompatible feature bit 7
     std::fs::write(&unk, &b).unwrap();
     assert_refused(&unk, &d, "incompatible feature");
-    let tr = d.p("truncated.qcow2");
-    img(&["create", "-q", "-f", "qcow2", s(&tr), "4M"]);
-    io(&tr, "qcow2", &["write -P 0x5a 0 4M"]);
+    let tr = create_qcow2(d.p("truncated.qcow2"), Some("4M"), &[]);
+    qemu_io(&tr, &["write -P 0x5a 0 4M"]);
     let len = std::fs::metadata(&tr).unwrap().len();
     std::fs::OpenOptions::new()
         .write(true)

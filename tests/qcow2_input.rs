@@ -5,7 +5,6 @@
 use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
 use qdedup::io::MemFile;
@@ -13,39 +12,13 @@ use qdedup::source::{open, BlockStatus, Format, OpenOptions, Qcow2Source, Source
 use qdedup::Error;
 use tempfile::TempDir;
 
+mod common;
+
+use common::{
+    create_qcow2, qcow2_from_raw, qemu_io, qemu_raw_view, qemu_snapshot, top_alone_spec, write_raw,
+};
+
 // ---------------------------------------------------------------- helpers
-
-fn run(program: &str, args: &[&OsStr]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is required for these tests: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-macro_rules! os {
-    ($($a:expr),* $(,)?) => { &[$(AsRef::<OsStr>::as_ref(&$a)),*] };
-}
-
-fn qemu_img(args: &[&OsStr]) {
-    run("qemu-img", args);
-}
-
-/// Runs qemu-io commands (qemu-io's own command syntax, one per `-c`) on `img`.
-fn qemu_io(img: &Path, format: &str, cmds: &[&str]) {
-    let mut args: Vec<&OsStr> = vec!["-f".as_ref(), format.as_ref()];
-    for c in cmds {
-        args.push("-c".as_ref());
-        args.push(c.as_ref());
-    }
-    args.push(img.as_os_str());
-    run("qemu-io", &args);
-}
 
 /// Deterministic incompressible bytes.
 fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
@@ -102,42 +75,12 @@ fn guest_image(len: usize, compressible: bool) -> Vec<u8> {
     g
 }
 
-fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
-    let p = dir.join(name);
-    fs::write(&p, data).unwrap();
-    p
-}
-
-/// Converts a raw guest into a qcow2 image with `qemu-img convert` and `-o opts`.
-fn qcow2_from_raw(dir: &Path, name: &str, data: &[u8], extra: &[&str]) -> PathBuf {
+/// Writes a raw guest next to `dir/name` and converts it into the qcow2 image
+/// `dir/name` with `qemu-img convert` and `extra`.
+fn qcow2_from_bytes(dir: &Path, name: &str, data: &[u8], extra: &[&str]) -> PathBuf {
     let raw = write_raw(dir, &format!("{name}.src.raw"), data);
     let img = dir.join(name);
-    let mut args: Vec<&OsStr> = vec![
-        "convert".as_ref(),
-        "-f".as_ref(),
-        "raw".as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-    ];
-    args.extend(extra.iter().map(|s| AsRef::<OsStr>::as_ref(*s)));
-    args.push(raw.as_os_str());
-    args.push(img.as_os_str());
-    qemu_img(&args);
-    img
-}
-
-fn create(dir: &Path, name: &str, size: &str, extra: &[&str]) -> PathBuf {
-    let img = dir.join(name);
-    let mut args: Vec<&OsStr> = vec![
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-    ];
-    args.extend(extra.iter().map(|s| AsRef::<OsStr>::as_ref(*s)));
-    args.push(img.as_os_str());
-    args.push(size.as_ref());
-    qemu_img(&args);
+    qcow2_from_raw(&raw, &img, extra);
     img
 }
 
@@ -145,11 +88,7 @@ fn create(dir: &Path, name: &str, size: &str, extra: &[&str]) -> PathBuf {
 fn qemu_view(src: &OsStr, extra: &[&str]) -> Vec<u8> {
     let dir = TempDir::new().unwrap();
     let out = dir.path().join("view.raw");
-    let mut args: Vec<&OsStr> = vec!["convert".as_ref(), "-O".as_ref(), "raw".as_ref()];
-    args.extend(extra.iter().map(|s| AsRef::<OsStr>::as_ref(*s)));
-    args.push(src);
-    args.push(out.as_os_str());
-    qemu_img(&args);
+    qemu_raw_view(src, &out, extra);
     fs::read(&out).unwrap()
 }
 
@@ -213,12 +152,7 @@ fn assert_like_qemu(img: &Path) -> u64 {
 }
 
 fn top_alone_view(img: &Path) -> Vec<u8> {
-    let spec = serde_json::json!({
-        "driver": "qcow2",
-        "backing": null,
-        "file": {"driver": "file", "filename": img.to_str().unwrap()},
-    });
-    qemu_view(format!("json:{spec}").as_ref(), &[])
+    qemu_view(top_alone_spec(img).as_ref(), &[])
 }
 
 fn top_alone() -> OpenOptions {
@@ -264,17 +198,13 @@ fn open_err(path: &Path) -> Error {
 #[test]
 fn version_2_images_read_like_qemu() {
     let dir = TempDir::new().unwrap();
-    let img = qcow2_from_raw(
+    let img = qcow2_from_bytes(
         dir.path(),
         "v2.qcow2",
         &guest_image(3 << 20, false),
         &["-o", "compat=0.10"],
     );
-    qemu_io(
-        &img,
-        "qcow2",
-        &["write -P 0x5a 2500k 100k", "write -P 0xa5 100k 3k"],
-    );
+    qemu_io(&img, &["write -P 0x5a 2500k 100k", "write -P 0xa5 100k 3k"]);
     assert_like_qemu(&img);
     let q = Qcow2Source::open(&img, &OpenOptions::default()).unwrap();
     assert_eq!(q.header().version, 2);
@@ -296,7 +226,7 @@ fn every_cluster_size_reads_like_qemu() {
     let guest = guest_image(5 << 20, false);
     for cs in ["512", "4096", "65536", "2M"] {
         let name = format!("cs{cs}.qcow2");
-        let img = qcow2_from_raw(
+        let img = qcow2_from_bytes(
             dir.path(),
             &name,
             &guest,
@@ -305,7 +235,6 @@ fn every_cluster_size_reads_like_qemu() {
         // Writes in descending guest order: host clusters end up out of order.
         qemu_io(
             &img,
-            "qcow2",
             &[
                 "write -P 0x11 4600k 300k",
                 "write -P 0x22 3000k 64k",
@@ -323,7 +252,7 @@ fn refcount_widths_do_not_matter_for_reading() {
     let dir = TempDir::new().unwrap();
     let guest = guest_image(1 << 20, false);
     for bits in ["1", "64"] {
-        let img = qcow2_from_raw(
+        let img = qcow2_from_bytes(
             dir.path(),
             &format!("rc{bits}.qcow2"),
             &guest,
@@ -345,12 +274,12 @@ fn zlib_and_zstd_compressed_clusters_read_like_qemu() {
         &["-c", "-o", "compression_type=zstd,cluster_size=4096"],
     ];
     for (i, extra) in cases.iter().enumerate() {
-        let img = qcow2_from_raw(dir.path(), &format!("c{i}.qcow2"), &guest, extra);
+        let img = qcow2_from_bytes(dir.path(), &format!("c{i}.qcow2"), &guest, extra);
         let q = Qcow2Source::open(&img, &OpenOptions::default()).unwrap();
         let expected = qemu_view(img.as_os_str(), &[]);
         assert_reads(&q, &expected);
         // Overwrite part of a compressed cluster: the rest stays compressed.
-        qemu_io(&img, "qcow2", &["write -P 0x77 70k 5k"]);
+        qemu_io(&img, &["write -P 0x77 70k 5k"]);
         assert_like_qemu(&img);
     }
 }
@@ -358,18 +287,16 @@ fn zlib_and_zstd_compressed_clusters_read_like_qemu() {
 #[test]
 fn zero_clusters_plain_and_allocated_read_as_zero_without_falling_through() {
     let dir = TempDir::new().unwrap();
-    let base = qcow2_from_raw(dir.path(), "base.qcow2", &random_bytes(1, 2 << 20), &[]);
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "2M",
+    let base = qcow2_from_bytes(dir.path(), "base.qcow2", &random_bytes(1, 2 << 20), &[]);
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("2M"),
         &["-b", "base.qcow2", "-F", "qcow2"],
     );
-    qemu_io(&top, "qcow2", &["write -P 0x66 0 2M"]);
+    qemu_io(&top, &["write -P 0x66 0 2M"]);
     // -u: zero clusters without host clusters; without: preallocated zero clusters.
     qemu_io(
         &top,
-        "qcow2",
         &[
             "write -z -u 64k 128k",
             "write -z 512k 256k",
@@ -377,13 +304,12 @@ fn zero_clusters_plain_and_allocated_read_as_zero_without_falling_through() {
         ],
     );
     // In the base too, under an unallocated top cluster.
-    let top2 = create(
-        dir.path(),
-        "top2.qcow2",
-        "2M",
+    let top2 = create_qcow2(
+        dir.path().join("top2.qcow2"),
+        Some("2M"),
         &["-b", "base.qcow2", "-F", "qcow2"],
     );
-    qemu_io(&base, "qcow2", &["write -z 1536k 64k"]);
+    qemu_io(&base, &["write -z 1536k 64k"]);
     let zero = assert_like_qemu(&top);
     assert!(
         zero >= 128 * 1024 + 256 * 1024,
@@ -396,11 +322,10 @@ fn zero_clusters_plain_and_allocated_read_as_zero_without_falling_through() {
 #[test]
 fn extended_l2_subclusters_read_like_qemu() {
     let dir = TempDir::new().unwrap();
-    let _base = qcow2_from_raw(dir.path(), "base.qcow2", &random_bytes(2, 3 << 20), &[]);
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "3M",
+    let _base = qcow2_from_bytes(dir.path(), "base.qcow2", &random_bytes(2, 3 << 20), &[]);
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("3M"),
         &[
             "-b",
             "base.qcow2",
@@ -412,7 +337,6 @@ fn extended_l2_subclusters_read_like_qemu() {
     );
     qemu_io(
         &top,
-        "qcow2",
         &[
             "write -P 0x11 4k 2k",
             "write -P 0x12 10k 6k",
@@ -430,13 +354,13 @@ fn extended_l2_subclusters_read_like_qemu() {
     let expected = top_alone_view(&top);
     assert_reads(&q, &expected);
     // Extended L2 on its own (no backing) and compressed.
-    let c = qcow2_from_raw(
+    let c = qcow2_from_bytes(
         dir.path(),
         "ext_c.qcow2",
         &guest_image(1 << 20, true),
         &["-c", "-o", "extended_l2=on"],
     );
-    qemu_io(&c, "qcow2", &["write -P 0x21 6k 2k", "write -z -u 300k 8k"]);
+    qemu_io(&c, &["write -P 0x21 6k 2k", "write -z -u 300k 8k"]);
     assert_like_qemu(&c);
 
     // Allocated and zero at once is invalid (QEMU: EIO).
@@ -448,10 +372,9 @@ fn extended_l2_subclusters_read_like_qemu() {
         "{e}"
     );
     // Errors from a backing file name it.
-    let over = create(
-        dir.path(),
-        "over.qcow2",
-        "3M",
+    let over = create_qcow2(
+        dir.path().join("over.qcow2"),
+        Some("3M"),
         &["-b", "top.qcow2", "-F", "qcow2"],
     );
     let e = read_err(&over, &OpenOptions::default());
@@ -478,15 +401,13 @@ fn raw_backing_files_read_like_qemu() {
     let dir = TempDir::new().unwrap();
     // Not a multiple of 512: QEMU rounds the raw size up, the tail reads as zero.
     write_raw(dir.path(), "base.raw", &random_bytes(3, 1_000_001));
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "2M",
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("2M"),
         &["-b", "base.raw", "-F", "raw"],
     );
     qemu_io(
         &top,
-        "qcow2",
         &[
             "write -P 0x31 64k 64k",
             "write -z 192k 64k",
@@ -504,25 +425,23 @@ fn three_level_chains_read_like_qemu_and_top_alone_like_backing_null() {
     let dir = TempDir::new().unwrap();
     let sub = dir.path().join("sub");
     fs::create_dir(&sub).unwrap();
-    let _base = qcow2_from_raw(
+    let _base = qcow2_from_bytes(
         dir.path(),
         "base.qcow2",
         &guest_image(4 << 20, false),
         &["-o", "cluster_size=4096"],
     );
     // mid lives in sub/ and names its backing file relative to sub/.
-    let mid = create(
-        &sub,
-        "mid.qcow2",
-        "4M",
+    let mid = create_qcow2(
+        sub.join("mid.qcow2"),
+        Some("4M"),
         &["-b", "../base.qcow2", "-F", "qcow2"],
     );
-    qemu_io(&mid, "qcow2", &["write -P 0x41 1M 300k", "write -z 3M 64k"]);
+    qemu_io(&mid, &["write -P 0x41 1M 300k", "write -z 3M 64k"]);
     // top names mid relative to its own directory; no backing format: probed.
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "5M",
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("5M"),
         &[
             "-b",
             "sub/mid.qcow2",
@@ -532,11 +451,7 @@ fn three_level_chains_read_like_qemu_and_top_alone_like_backing_null() {
             "cluster_size=2M",
         ],
     );
-    qemu_io(
-        &top,
-        "qcow2",
-        &["write -P 0x42 1200k 8k", "write -P 0x43 4500k 8k"],
-    );
+    qemu_io(&top, &["write -P 0x42 1200k 8k", "write -P 0x43 4500k 8k"]);
     assert_like_qemu(&top);
 
     let expected = top_alone_view(&top);
@@ -551,14 +466,13 @@ fn three_level_chains_read_like_qemu_and_top_alone_like_backing_null() {
 #[test]
 fn backing_formats_are_probed_when_the_extension_is_missing() {
     let dir = TempDir::new().unwrap();
-    let _base = qcow2_from_raw(dir.path(), "base.qcow2", &random_bytes(4, 1 << 20), &[]);
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "1M",
+    let _base = qcow2_from_bytes(dir.path(), "base.qcow2", &random_bytes(4, 1 << 20), &[]);
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("1M"),
         &["-b", "base.qcow2", "-F", "qcow2"],
     );
-    qemu_io(&top, "qcow2", &["write -P 0x51 0 4k"]);
+    qemu_io(&top, &["write -P 0x51 0 4k"]);
     // Remove the backing format extension with an unsafe rebase without -F... not
     // possible with qemu-img 10 (it insists on -F), so patch the extension type
     // to an unknown one: readers then probe (and QEMU ignores unknown extensions).
@@ -578,14 +492,13 @@ fn backing_formats_are_probed_when_the_extension_is_missing() {
 #[test]
 fn a_backing_file_shorter_than_the_overlay_reads_as_zeros_past_its_end() {
     let dir = TempDir::new().unwrap();
-    let _base = qcow2_from_raw(dir.path(), "base.qcow2", &random_bytes(5, 1 << 20), &[]);
-    let top = create(
-        dir.path(),
-        "top.qcow2",
-        "3M",
+    let _base = qcow2_from_bytes(dir.path(), "base.qcow2", &random_bytes(5, 1 << 20), &[]);
+    let top = create_qcow2(
+        dir.path().join("top.qcow2"),
+        Some("3M"),
         &["-b", "base.qcow2", "-F", "qcow2"],
     );
-    qemu_io(&top, "qcow2", &["write -P 0x61 2M 4k"]);
+    qemu_io(&top, &["write -P 0x61 2M 4k"]);
     // The 4k write allocates one 64k cluster; the rest past 1M is Zero.
     let zero = assert_like_qemu(&top);
     assert_eq!(zero, (2 << 20) - (64 << 10));
@@ -594,16 +507,14 @@ fn a_backing_file_shorter_than_the_overlay_reads_as_zeros_past_its_end() {
 #[test]
 fn backing_chain_loops_and_missing_backing_files_are_errors() {
     let dir = TempDir::new().unwrap();
-    let a = create(
-        dir.path(),
-        "a.qcow2",
-        "1M",
+    let a = create_qcow2(
+        dir.path().join("a.qcow2"),
+        Some("1M"),
         &["-u", "-b", "b.qcow2", "-F", "qcow2"],
     );
-    let _b = create(
-        dir.path(),
-        "b.qcow2",
-        "1M",
+    let _b = create_qcow2(
+        dir.path().join("b.qcow2"),
+        Some("1M"),
         &["-u", "-b", "a.qcow2", "-F", "qcow2"],
     );
     let e = open_err(&a);
@@ -619,10 +530,9 @@ fn backing_chain_loops_and_missing_backing_files_are_errors() {
     );
     assert!(e.to_string().contains("loops"), "{e}");
 
-    let c = create(
-        dir.path(),
-        "c.qcow2",
-        "1M",
+    let c = create_qcow2(
+        dir.path().join("c.qcow2"),
+        Some("1M"),
         &["-u", "-b", "missing.qcow2", "-F", "qcow2"],
     );
     let e = open_err(&c);
@@ -641,11 +551,11 @@ fn backing_chain_loops_and_missing_backing_files_are_errors() {
 #[test]
 fn snapshots_read_like_qemu_by_name_and_by_id() {
     let dir = TempDir::new().unwrap();
-    let img = qcow2_from_raw(dir.path(), "s.qcow2", &guest_image(2 << 20, false), &[]);
-    qemu_img(os!["snapshot", "-c", "s1", img]);
-    qemu_io(&img, "qcow2", &["write -P 0x71 0 300k", "write -z 1M 128k"]);
-    qemu_img(os!["snapshot", "-c", "second", img]);
-    qemu_io(&img, "qcow2", &["write -P 0x72 100k 1M"]);
+    let img = qcow2_from_bytes(dir.path(), "s.qcow2", &guest_image(2 << 20, false), &[]);
+    qemu_snapshot(&img, "s1");
+    qemu_io(&img, &["write -P 0x71 0 300k", "write -z 1M 128k"]);
+    qemu_snapshot(&img, "second");
+    qemu_io(&img, &["write -P 0x72 100k 1M"]);
 
     let active = assert_like_qemu(&img);
     let _ = active;
@@ -681,14 +591,10 @@ fn snapshots_read_like_qemu_by_name_and_by_id() {
 fn virtual_sizes_not_multiple_of_the_cluster_size_read_like_qemu() {
     let dir = TempDir::new().unwrap();
     // qemu-img rounds 1000001 up to 1000448.
-    let img = create(dir.path(), "odd.qcow2", "1000001", &[]);
-    qemu_io(
-        &img,
-        "qcow2",
-        &["write -P 0x81 983040 17408", "write -P 0x82 0 512"],
-    );
+    let img = create_qcow2(dir.path().join("odd.qcow2"), Some("1000001"), &[]);
+    qemu_io(&img, &["write -P 0x81 983040 17408", "write -P 0x82 0 512"]);
     assert_like_qemu(&img);
-    let c = qcow2_from_raw(
+    let c = qcow2_from_bytes(
         dir.path(),
         "odd_c.qcow2",
         &text_bytes(9, 1_000_448),
@@ -707,10 +613,9 @@ fn virtual_sizes_not_multiple_of_the_cluster_size_read_like_qemu() {
 #[test]
 fn block_status_over_a_mostly_empty_1_tib_image_is_fast() {
     let dir = TempDir::new().unwrap();
-    let img = create(dir.path(), "big.qcow2", "1T", &[]);
+    let img = create_qcow2(dir.path().join("big.qcow2"), Some("1T"), &[]);
     qemu_io(
         &img,
-        "qcow2",
         &[
             "write -P 0x91 0 1M",
             "write -P 0x92 500G 2M",
@@ -742,13 +647,13 @@ fn block_status_over_a_mostly_empty_1_tib_image_is_fast() {
 #[test]
 fn parallel_reads_agree_with_serial_reads() {
     let dir = TempDir::new().unwrap();
-    let img = qcow2_from_raw(
+    let img = qcow2_from_bytes(
         dir.path(),
         "p.qcow2",
         &guest_image(4 << 20, true),
         &["-c", "-o", "cluster_size=4096"],
     );
-    qemu_io(&img, "qcow2", &["write -P 0xa1 1M 1M"]);
+    qemu_io(&img, &["write -P 0xa1 1M 1M"]);
     let expected = qemu_view(img.as_os_str(), &[]);
     let src = open(&img, &OpenOptions::default()).unwrap();
     let src = src.as_ref();
@@ -790,7 +695,7 @@ impl qdedup::io::ReadAt for CountingFile {
 fn large_reads_of_contiguous_clusters_use_few_preads() {
     let dir = TempDir::new().unwrap();
     let guest = random_bytes(10, 8 << 20);
-    let img = qcow2_from_raw(
+    let img = qcow2_from_bytes(
         dir.path(),
         "seq.qcow2",
         &guest,
@@ -817,7 +722,7 @@ fn format_probe_and_forced_formats() {
     let raw = write_raw(dir.path(), "r.img", &random_bytes(6, 4096));
     let src = open(&raw, &OpenOptions::default()).unwrap();
     assert_eq!(src.format_name(), "raw");
-    let img = create(dir.path(), "q.qcow2", "1M", &[]);
+    let img = create_qcow2(dir.path().join("q.qcow2"), Some("1M"), &[]);
     let forced = OpenOptions {
         format: Some(Format::Raw),
         ..OpenOptions::default()
@@ -843,19 +748,16 @@ fn format_probe_and_forced_formats() {
 #[test]
 fn encrypted_images_are_refused_by_name() {
     let dir = TempDir::new().unwrap();
-    let img = dir.path().join("luks.qcow2");
-    qemu_img(os![
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=sec0,data=abc",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0",
-        img,
-        "1M"
-    ]);
+    let img = create_qcow2(
+        dir.path().join("luks.qcow2"),
+        Some("1M"),
+        &[
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+        ],
+    );
     let e = open_err(&img);
     assert!(
         matches!(&e, Error::Unsupported(s) if s.contains("LUKS")),
@@ -867,7 +769,7 @@ fn encrypted_images_are_refused_by_name() {
 fn feature_bits_are_refused_or_accepted_as_documented() {
     let dir = TempDir::new().unwrap();
     let guest = random_bytes(7, 256 << 10);
-    let make = |name: &str| qcow2_from_raw(dir.path(), name, &guest, &[]);
+    let make = |name: &str| qcow2_from_bytes(dir.path(), name, &guest, &[]);
 
     let unknown = make("unknown.qcow2");
     patch(&unknown, 72, &(1u64 << 40).to_be_bytes());
@@ -913,7 +815,7 @@ fn feature_bits_are_refused_or_accepted_as_documented() {
 fn patched_header_fields_are_refused_naming_the_field() {
     let dir = TempDir::new().unwrap();
     let guest = random_bytes(8, 512 << 10);
-    let img = qcow2_from_raw(dir.path(), "h.qcow2", &guest, &[]);
+    let img = qcow2_from_bytes(dir.path(), "h.qcow2", &guest, &[]);
     let len = fs::metadata(&img).unwrap().len();
     let cases: Vec<(&str, u64, Vec<u8>)> = vec![
         ("l1_size huge", 36, u32::MAX.to_be_bytes().to_vec()),
@@ -963,7 +865,7 @@ fn patched_header_fields_are_refused_naming_the_field() {
 fn truncated_images_fail_naming_the_structure() {
     let dir = TempDir::new().unwrap();
     let guest = random_bytes(9, 2 << 20);
-    let img = qcow2_from_raw(dir.path(), "t.qcow2", &guest, &[]);
+    let img = qcow2_from_bytes(dir.path(), "t.qcow2", &guest, &[]);
     let len = fs::metadata(&img).unwrap().len();
     for cut in [len / 2, len / 2 + 777, len - 70_000] {
         let p = dir.path().join("cut.qcow2");
@@ -1061,14 +963,14 @@ fn truncated_images_fail_naming_the_structure() {
 #[test]
 fn mutated_images_never_panic_or_over_allocate() {
     let dir = TempDir::new().unwrap();
-    let img = qcow2_from_raw(
+    let img = qcow2_from_bytes(
         dir.path(),
         "m.qcow2",
         &guest_image(512 << 10, true),
         &["-c", "-o", "cluster_size=4096"],
     );
-    qemu_img(os!["snapshot", "-c", "s", img]);
-    qemu_io(&img, "qcow2", &["write -P 0x11 0 64k", "write -z 128k 64k"]);
+    qemu_snapshot(&img, "s");
+    qemu_io(&img, &["write -P 0x11 0 64k", "write -z 128k 64k"]);
     let pristine = fs::read(&img).unwrap();
     let mut x = 0x1234_5678_9abc_def0u64;
     let mut next = move || {

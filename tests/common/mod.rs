@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,7 @@ pub fn qdedup_bin() -> PathBuf {
 pub fn qdedup<I, S>(args: I) -> Output
 where
     I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
+    S: AsRef<OsStr>,
 {
     Command::new(qdedup_bin())
         .args(args)
@@ -34,29 +35,142 @@ where
 pub fn qemu<I, S>(tool: &str, args: I) -> Output
 where
     I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
+    S: AsRef<OsStr>,
 {
     Command::new(tool).args(args).output().unwrap_or_else(|e| {
         panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
     })
 }
 
+/// A command line: the fixed words `head`, the caller's options `extra`, then
+/// `tail` (paths, mostly).
+fn argv<'a>(head: &[&'a str], extra: &[&'a str], tail: &[&'a OsStr]) -> Vec<&'a OsStr> {
+    head.iter()
+        .chain(extra)
+        .map(|s| OsStr::new(*s))
+        .chain(tail.iter().copied())
+        .collect()
+}
+
+/// Runs a qemu tool like [`qemu`] and asserts it exits 0, showing the command and
+/// its output if not.
+pub fn qemu_ok<I, S>(tool: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let o = qemu(tool, &args);
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Runs `qemu-img ARGS` and asserts it succeeded.
+pub fn qemu_img<I, S>(args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    qemu_ok("qemu-img", args)
+}
+
+/// Runs qemu-io commands (qemu-io's own syntax, one per `-c`) on the qcow2 image
+/// `img`, and asserts they all succeeded: exit 0 and no "error" or "failed" in
+/// the output.
+pub fn qemu_io(img: &Path, cmds: &[&str]) -> Output {
+    let mut args: Vec<&OsStr> = vec!["-f".as_ref(), "qcow2".as_ref()];
+    for c in cmds {
+        args.push("-c".as_ref());
+        args.push(c.as_ref());
+    }
+    args.push(img.as_os_str());
+    let o = qemu_ok("qemu-io", &args);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !said.contains("error") && !said.contains("failed"),
+        "qemu-io {cmds:?} on {} failed: {said}",
+        img.display()
+    );
+    o
+}
+
+/// `qemu-img create -q -f qcow2 [EXTRA] PATH [SIZE]` (no size: the backing
+/// file's). Returns `path`.
+pub fn create_qcow2(path: PathBuf, size: Option<&str>, extra: &[&str]) -> PathBuf {
+    let mut args = argv(&["create", "-q", "-f", "qcow2"], extra, &[path.as_os_str()]);
+    args.extend(size.map(OsStr::new));
+    qemu_img(args);
+    path
+}
+
+/// `qemu-img convert -f raw -O qcow2 [EXTRA] RAW IMG`.
+pub fn qcow2_from_raw(raw: &Path, img: &Path, extra: &[&str]) {
+    qemu_img(argv(
+        &["convert", "-f", "raw", "-O", "qcow2"],
+        extra,
+        &[raw.as_os_str(), img.as_os_str()],
+    ));
+}
+
+/// `qemu-img convert -O raw [EXTRA] SRC OUT`: QEMU's view of the guest, as a raw
+/// file. `src` may be a `json:` spec.
+pub fn qemu_raw_view(src: &OsStr, out: &Path, extra: &[&str]) {
+    qemu_img(argv(
+        &["convert", "-O", "raw"],
+        extra,
+        &[src, out.as_os_str()],
+    ));
+}
+
+/// A `json:` image spec QEMU reads as the qcow2 image `img` alone, without its
+/// backing file (`"backing": null`).
+pub fn top_alone_spec(img: &Path) -> String {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "backing": null,
+        "file": {"driver": "file", "filename": img.to_str().unwrap()},
+    });
+    format!("json:{spec}")
+}
+
+/// `qemu-img snapshot -c NAME IMG`.
+pub fn qemu_snapshot(img: &Path, name: &str) {
+    qemu_img([
+        "snapshot".as_ref(),
+        "-c".as_ref(),
+        name.as_ref(),
+        img.as_os_str(),
+    ]);
+}
+
+/// Writes `data` to `dir/name` and returns the path.
+pub fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
 /// Runs `qdedup convert -q --output json ARGS INPUT OUTPUT`, asserts success and
 /// returns the parsed report.
 pub fn convert_json(args: &[&str], input: &Path, output: &Path) -> serde_json::Value {
-    let mut a: Vec<std::ffi::OsString> = vec![
-        "convert".into(),
-        "-q".into(),
-        "--output".into(),
-        "json".into(),
-    ];
-    a.extend(args.iter().map(Into::into));
-    a.push(input.into());
-    a.push(output.into());
-    let o = qdedup(&a);
+    let o = qdedup(argv(
+        &["convert", "-q", "--output", "json"],
+        args,
+        &[input.as_os_str(), output.as_os_str()],
+    ));
     assert!(
         o.status.success(),
-        "qdedup convert failed: {}",
+        "qdedup convert {} failed: {}",
+        input.display(),
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).expect("JSON report")
