@@ -481,3 +481,24 @@ fn an_output_behind_a_symlink_is_replaced_through_it_and_devices_are_refused() {
         ]
     );
 }
+
+#[test]
+fn a_pipe_as_input_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.qcow2");
+    let mut child = Command::new(qdedup_bin())
+        .args(["convert".as_ref(), "/dev/stdin".as_ref(), out.as_os_str()])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Write some bytes and close the pipe; qdedup refuses before reading them.
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = std::io::Write::write_all(&mut stdin, &[1u8; 4096]);
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is a pipe"), "{err}");
+    assert!(!out.exists());
+}

@@ -38,6 +38,16 @@ impl Chain {
         let meta = file
             .metadata()
             .ctx(|| format!("cannot stat {}", path.display()))?;
+        {
+            use std::os::unix::fs::FileTypeExt;
+            let t = meta.file_type();
+            if t.is_fifo() || t.is_socket() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} is a pipe: images are read at random offsets, so save it to a file first",
+                    path.display()
+                )));
+            }
+        }
         let key = (meta.dev(), meta.ino());
         if self.seen.contains(&key) {
             return Err(Error::corrupt(
