@@ -177,7 +177,204 @@ impl SubclusterBitmap {
 
     /// Subclusters both allocated and zero (invalid).
     pub fn conflicts(self) -> u32 {
-        ((self.0 & 0xffff_ffff) & (self.0 >> 32)) as u32
+        self.allocation() & self.zeros()
+    }
+
+    /// The "allocated" half (bits 0–31).
+    pub fn allocation(self) -> u32 {
+        self.0 as u32 // the low 32 bits, by definition
+    }
+
+    /// The "reads as zero" half (bits 32–63).
+    pub fn zeros(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+}
+
+/// How one image lays out its L2 tables: the context the entry decoder needs.
+///
+/// This is the one place that turns the bytes of an L2 table into entries; the
+/// reader, `check`, `info`, `map` and `compare` all decode through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L2Layout {
+    /// log2 of the cluster size (validated: 9..=21).
+    pub cluster_bits: u32,
+    /// Extended L2 entries (incompatible bit 4): 16 bytes per entry.
+    pub extended: bool,
+    /// The image has an external data file: offset 0 with `QCOW_OFLAG_COPIED` is a
+    /// data cluster at host offset 0 (QEMU's `qcow2_get_cluster_type`).
+    pub data_file: bool,
+}
+
+/// One stored L2 entry: the descriptor word and, with extended L2 entries, the
+/// subcluster bitmap (0 otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L2Slot {
+    /// The 64-bit descriptor as stored.
+    pub raw: u64,
+    /// The subcluster bitmap (extended L2 only; 0 for standard entries).
+    pub bitmap: SubclusterBitmap,
+}
+
+impl L2Layout {
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    pub fn entry_bytes(self) -> u64 {
+        if self.extended {
+            16
+        } else {
+            8
+        }
+    }
+
+    /// Entries in one L2 table (one cluster).
+    pub fn entries_per_table(self) -> u64 {
+        (1u64 << self.cluster_bits) / self.entry_bytes()
+    }
+
+    /// Guest bytes one L2 table maps.
+    pub fn table_span(self) -> u64 {
+        // ≤ 2^18 entries · 2^21 bytes: no overflow for validated cluster_bits.
+        self.entries_per_table() << self.cluster_bits
+    }
+
+    /// log2 of the guest bytes one allocation unit covers: a subcluster with
+    /// extended L2 entries, a cluster otherwise.
+    pub fn unit_bits(self) -> u32 {
+        if self.extended {
+            self.cluster_bits - SUBCLUSTERS.trailing_zeros()
+        } else {
+            self.cluster_bits
+        }
+    }
+
+    /// Entry `i` of the L2 table `table` (the table's bytes), or `None` if the table
+    /// is too short to hold it.
+    pub fn slot(self, table: &[u8], i: u64) -> Option<L2Slot> {
+        let at = usize::try_from(i.checked_mul(self.entry_bytes())?).ok()?;
+        let raw = super::be64_at(table, at)?;
+        let bitmap = if self.extended {
+            super::be64_at(table, at.checked_add(8)?)?
+        } else {
+            0
+        };
+        Some(L2Slot {
+            raw,
+            bitmap: SubclusterBitmap(bitmap),
+        })
+    }
+
+    /// Classifies a raw entry like QEMU's `qcow2_get_cluster_type`.
+    pub fn decode(self, raw: u64) -> L2Entry {
+        match L2Entry::decode(raw, self.cluster_bits, self.extended) {
+            L2Entry::Unallocated if self.data_file && raw & QCOW_OFLAG_COPIED != 0 => {
+                L2Entry::Normal {
+                    offset: 0,
+                    copied: true,
+                }
+            }
+            e => e,
+        }
+    }
+}
+
+/// What one subcluster (one cluster, without extended L2 entries) reads from:
+/// QEMU's `QCow2SubclusterType` with the host offset of the unit's first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subcluster {
+    /// Not allocated here: reads from the backing file, or zeros. `host` is set
+    /// when the cluster has a host cluster whose subcluster is not allocated
+    /// (QEMU's `UNALLOCATED_ALLOC`).
+    Unallocated {
+        /// Host offset of the unit, if the cluster has one.
+        host: Option<u64>,
+    },
+    /// Reads as zeros; never falls through. `host` is a preallocated host offset.
+    Zero {
+        /// Host offset of the unit, if preallocated.
+        host: Option<u64>,
+    },
+    /// Guest data at this host offset.
+    Data {
+        /// Host offset of the unit.
+        host: u64,
+    },
+    /// Part of a compressed cluster.
+    Compressed(CompressedDescriptor),
+}
+
+/// Why an extended L2 entry's subcluster bitmap is invalid (QEMU's
+/// `QCOW2_SUBCLUSTER_INVALID`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidBitmap {
+    /// These subclusters are marked both allocated and zero.
+    AllocatedAndZero(u32),
+    /// The cluster has no host cluster but these subclusters are marked allocated.
+    AllocatedWithoutHost(u32),
+}
+
+impl std::fmt::Display for InvalidBitmap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InvalidBitmap::AllocatedAndZero(m) => {
+                write!(f, "subclusters {m:#x} are both allocated and zero")
+            }
+            InvalidBitmap::AllocatedWithoutHost(m) => {
+                write!(f, "allocated subclusters {m:#x} without a host cluster")
+            }
+        }
+    }
+}
+
+impl L2Entry {
+    /// What unit `unit` of this entry reads from: subcluster `unit` (0..32) with
+    /// extended L2 entries (`bitmap` given), the whole cluster otherwise (`bitmap`
+    /// `None`, `unit` ignored). QEMU's `qcow2_get_subcluster_type`; the subcluster
+    /// bitmap of a compressed entry is ignored, as QEMU ignores it on reads.
+    /// `host` offsets are those of the cluster; callers add the offset inside it.
+    pub fn subcluster(
+        self,
+        bitmap: Option<SubclusterBitmap>,
+        unit: u32,
+    ) -> Result<Subcluster, InvalidBitmap> {
+        let Some(bm) = bitmap else {
+            return Ok(match self {
+                L2Entry::Unallocated => Subcluster::Unallocated { host: None },
+                L2Entry::ZeroPlain => Subcluster::Zero { host: None },
+                L2Entry::ZeroAlloc { offset, .. } => Subcluster::Zero { host: Some(offset) },
+                L2Entry::Normal { offset, .. } => Subcluster::Data { host: offset },
+                L2Entry::Compressed { desc, .. } => Subcluster::Compressed(desc),
+            });
+        };
+        let unit = unit % SUBCLUSTERS;
+        match self {
+            L2Entry::Compressed { desc, .. } => Ok(Subcluster::Compressed(desc)),
+            // Extended entries never decode as ZeroPlain/ZeroAlloc (bit 0 is not the
+            // zero flag there); a caller that built one gets the standard meaning.
+            L2Entry::ZeroPlain => Ok(Subcluster::Zero { host: None }),
+            L2Entry::ZeroAlloc { offset, .. } => Ok(Subcluster::Zero { host: Some(offset) }),
+            L2Entry::Normal { offset, .. } => {
+                let conflicts = bm.conflicts();
+                if conflicts != 0 {
+                    Err(InvalidBitmap::AllocatedAndZero(conflicts))
+                } else if bm.allocated(unit) {
+                    Ok(Subcluster::Data { host: offset })
+                } else if bm.zero(unit) {
+                    Ok(Subcluster::Zero { host: Some(offset) })
+                } else {
+                    Ok(Subcluster::Unallocated { host: Some(offset) })
+                }
+            }
+            L2Entry::Unallocated => {
+                let alloc = bm.allocation();
+                if alloc != 0 {
+                    Err(InvalidBitmap::AllocatedWithoutHost(alloc))
+                } else if bm.zero(unit) {
+                    Ok(Subcluster::Zero { host: None })
+                } else {
+                    Ok(Subcluster::Unallocated { host: None })
+                }
+            }
+        }
     }
 }
 
@@ -197,6 +394,106 @@ mod tests {
     fn extended_entries_ignore_the_zero_flag() {
         assert_eq!(L2Entry::decode(1, 16, true), L2Entry::Unallocated);
         assert_eq!(L2Entry::decode(1, 16, false), L2Entry::ZeroPlain);
+    }
+
+    #[test]
+    fn subcluster_types_follow_qemu() {
+        let normal = L2Entry::Normal {
+            offset: 0x10000,
+            copied: false,
+        };
+        let bm = |alloc: u32, zero: u32| {
+            Some(SubclusterBitmap(u64::from(alloc) | (u64::from(zero) << 32)))
+        };
+        assert_eq!(
+            normal.subcluster(bm(0b01, 0b10), 0),
+            Ok(Subcluster::Data { host: 0x10000 })
+        );
+        assert_eq!(
+            normal.subcluster(bm(0b01, 0b10), 1),
+            Ok(Subcluster::Zero {
+                host: Some(0x10000)
+            })
+        );
+        assert_eq!(
+            normal.subcluster(bm(0b01, 0b10), 2),
+            Ok(Subcluster::Unallocated {
+                host: Some(0x10000)
+            })
+        );
+        assert_eq!(
+            normal.subcluster(bm(0b11, 0b10), 0),
+            Err(InvalidBitmap::AllocatedAndZero(0b10))
+        );
+        let un = L2Entry::Unallocated;
+        assert_eq!(
+            un.subcluster(bm(0, 1 << 31), 31),
+            Ok(Subcluster::Zero { host: None })
+        );
+        assert_eq!(
+            un.subcluster(bm(0, 1 << 31), 30),
+            Ok(Subcluster::Unallocated { host: None })
+        );
+        assert_eq!(
+            un.subcluster(bm(4, 0), 0),
+            Err(InvalidBitmap::AllocatedWithoutHost(4))
+        );
+        // Standard entries: one unit per cluster.
+        assert_eq!(
+            L2Entry::ZeroAlloc {
+                offset: 0x200,
+                copied: true
+            }
+            .subcluster(None, 7),
+            Ok(Subcluster::Zero { host: Some(0x200) })
+        );
+        assert_eq!(
+            un.subcluster(None, 0),
+            Ok(Subcluster::Unallocated { host: None })
+        );
+    }
+
+    #[test]
+    fn layout_reads_slots_and_honours_the_data_file_rule() {
+        let ext = L2Layout {
+            cluster_bits: 16,
+            extended: true,
+            data_file: false,
+        };
+        assert_eq!(ext.entry_bytes(), 16);
+        assert_eq!(ext.entries_per_table(), 4096);
+        assert_eq!(ext.unit_bits(), 11);
+        let mut table = vec![0u8; 32];
+        table[16..24].copy_from_slice(&0x3_0000u64.to_be_bytes());
+        table[24..32].copy_from_slice(&0xffff_0000_0000_ffffu64.to_be_bytes());
+        assert_eq!(
+            ext.slot(&table, 1),
+            Some(L2Slot {
+                raw: 0x3_0000,
+                bitmap: SubclusterBitmap(0xffff_0000_0000_ffff)
+            })
+        );
+        assert_eq!(ext.slot(&table, 2), None);
+        let std = L2Layout {
+            cluster_bits: 16,
+            extended: false,
+            data_file: true,
+        };
+        assert_eq!(
+            std.decode(QCOW_OFLAG_COPIED),
+            L2Entry::Normal {
+                offset: 0,
+                copied: true
+            }
+        );
+        assert_eq!(
+            L2Layout {
+                data_file: false,
+                ..std
+            }
+            .decode(QCOW_OFLAG_COPIED),
+            L2Entry::Unallocated
+        );
     }
 
     fn entry(cb: u32) -> impl Strategy<Value = L2Entry> {
