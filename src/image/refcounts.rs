@@ -1,0 +1,304 @@
+//! Stored refcounts of an existing image: the one reader and writer of refcount
+//! tables and blocks (`check`, its repairs and `info` use it).
+//!
+//! The refcount table is read once; blocks are read on first use and kept in a
+//! small cache. [`Refcounts::set`] changes a slot in the cached block and marks it
+//! dirty; [`Refcounts::flush`] writes each dirty block with one write of the whole
+//! block (a block is the unit QEMU writes too, so an interrupted flush leaves
+//! every block either old or new). When a cluster has no refcount block yet,
+//! [`Refcounts::set`] places one at the end of the file ([`Refcounts::grow`]);
+//! the table itself is never moved here (callers that need a larger table
+//! rewrite the header, which is the writer's business).
+//!
+//! Lookups follow QEMU: a cluster past the table or under an empty table entry has
+//! refcount 0; a block past the end of the file reads as zeros.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::Header;
+use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::io::{ReadAt, WriteAt};
+
+/// Blocks kept in the cache before clean ones are dropped.
+const CACHE_BLOCKS: usize = 64;
+
+/// What the refcount of one cluster looks like on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// The stored refcount (0 where no block covers the cluster).
+    Count(u64),
+    /// The table entry covering the cluster points at an unaligned offset: no
+    /// block can be read (a corruption `check` reports on its own).
+    Unreadable {
+        /// The refcount table entry's offset field.
+        block: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Block {
+    data: Box<[u8]>,
+    dirty: bool,
+}
+
+/// The stored refcounts of one qcow2 file.
+#[derive(Debug)]
+pub struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    table_offset: u64,
+    /// Raw table entries.
+    table: Vec<u64>,
+    /// Cached blocks by table index.
+    blocks: HashMap<u64, Block>,
+}
+
+impl Refcounts {
+    /// Reads the refcount table of the image whose header is `h` from `file`.
+    /// The part of the table past the end of the file reads as zeros (as in QEMU);
+    /// the header must have been validated (the table's size is bounded).
+    pub fn load(file: &(impl ReadAt + ?Sized), h: &Header) -> Result<Self> {
+        let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
+        let len = usize::try_from(bytes)
+            .map_err(|_| Error::LimitExceeded("refcount table larger than memory".into()))?;
+        let mut raw = vec![0u8; len];
+        file.read_at_zero_fill(&mut raw, h.refcount_table_offset)
+            .ctx(|| {
+                format!(
+                    "cannot read the refcount table at {:#x}",
+                    h.refcount_table_offset
+                )
+            })?;
+        let table = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes")))
+            .collect();
+        Ok(Refcounts {
+            cluster_bits: h.cluster_bits,
+            order: h.refcount_order,
+            table_offset: h.refcount_table_offset,
+            table,
+            blocks: HashMap::new(),
+        })
+    }
+
+    /// The raw refcount table entries.
+    pub fn table(&self) -> &[u64] {
+        &self.table
+    }
+
+    /// log2 of the number of refcounts one block holds.
+    pub fn entries_per_block_bits(&self) -> u32 {
+        self.cluster_bits + 3 - self.order
+    }
+
+    /// The largest refcount the image's width can hold.
+    pub fn max(&self) -> u64 {
+        refcount::max_refcount(self.order)
+    }
+
+    /// Offset of the block covering `cluster` (0 if none), and the table index.
+    fn block_of(&self, cluster: u64) -> (u64, u64) {
+        let b = cluster >> self.entries_per_block_bits();
+        let e = usize::try_from(b)
+            .ok()
+            .and_then(|i| self.table.get(i))
+            .copied()
+            .unwrap_or(0);
+        (b, e & REFT_OFFSET_MASK)
+    }
+
+    fn load_block(
+        &mut self,
+        file: &(impl ReadAt + ?Sized),
+        b: u64,
+        off: u64,
+    ) -> Result<&mut Block> {
+        if !self.blocks.contains_key(&b) {
+            if self.blocks.len() >= CACHE_BLOCKS {
+                self.blocks.retain(|_, blk| blk.dirty);
+            }
+            let mut data = vec![0u8; 1 << self.cluster_bits].into_boxed_slice();
+            file.read_at_zero_fill(&mut data, off)
+                .ctx(|| format!("cannot read the refcount block at {off:#x}"))?;
+            self.blocks.insert(b, Block { data, dirty: false });
+        }
+        Ok(self.blocks.get_mut(&b).expect("inserted above"))
+    }
+
+    /// The stored refcount of host cluster `cluster`.
+    pub fn get(&mut self, file: &(impl ReadAt + ?Sized), cluster: u64) -> Result<Stored> {
+        let (b, off) = self.block_of(cluster);
+        if off == 0 {
+            return Ok(Stored::Count(0));
+        }
+        if off & ((1 << self.cluster_bits) - 1) != 0 {
+            return Ok(Stored::Unreadable { block: off });
+        }
+        let slot = cluster & ((1 << self.entries_per_block_bits()) - 1);
+        let order = self.order;
+        let blk = self.load_block(file, b, off)?;
+        Ok(Stored::Count(refcount::get(&blk.data, order, slot)))
+    }
+
+    /// Sets the stored refcount of `cluster` to `value` (in the cache; see
+    /// [`Refcounts::flush`]). A cluster with no block gets one ([`Refcounts::grow`]).
+    pub fn set(
+        &mut self,
+        file: &(impl ReadAt + WriteAt + ?Sized),
+        cluster: u64,
+        value: u64,
+    ) -> Result<()> {
+        if value > self.max() {
+            return Err(Error::InvalidArgument(format!(
+                "refcount {value} exceeds the image's maximum {}",
+                self.max()
+            )));
+        }
+        let (b, mut off) = self.block_of(cluster);
+        if off == 0 {
+            if value == 0 {
+                return Ok(());
+            }
+            off = self.grow(file, b)?;
+        }
+        if off & ((1 << self.cluster_bits) - 1) != 0 {
+            return Err(Error::corrupt(
+                "refcount table",
+                self.table_offset + 8 * b,
+                format!("refcount block offset {off:#x} is not cluster aligned"),
+            ));
+        }
+        let slot = cluster & ((1 << self.entries_per_block_bits()) - 1);
+        let order = self.order;
+        let blk = self.load_block(file, b, off)?;
+        refcount::set(&mut blk.data, order, slot, value);
+        blk.dirty = true;
+        Ok(())
+    }
+
+    /// Gives table entry `b` a new, zeroed refcount block at the end of the file,
+    /// counting the block itself (its own refcount goes into the block when the
+    /// block covers itself, else into the block that does). The table entry is
+    /// written at once; the block is written by the next [`Refcounts::flush`].
+    /// Fails when the table has no entry `b` (the table would have to grow).
+    pub fn grow(&mut self, file: &(impl ReadAt + WriteAt + ?Sized), b: u64) -> Result<u64> {
+        let idx = usize::try_from(b).ok().filter(|i| *i < self.table.len());
+        let Some(idx) = idx else {
+            return Err(Error::LimitExceeded(format!(
+                "the refcount table ({} entries) has no entry {b}; growing the table is not supported",
+                self.table.len()
+            )));
+        };
+        let cs = 1u64 << self.cluster_bits;
+        let len = file.len().ctx(|| "cannot stat the image".to_string())?;
+        let off = len.div_ceil(cs) * cs;
+        let data = vec![0u8; cs as usize].into_boxed_slice();
+        // The block is allocated by writing it out, so that the file covers it
+        // before the table entry refers to it.
+        file.write_all_at(&data, off)
+            .ctx(|| format!("cannot write a new refcount block at {off:#x}"))?;
+        self.blocks.insert(b, Block { data, dirty: true });
+        self.table[idx] = off;
+        file.write_all_at(&off.to_be_bytes(), self.table_offset + 8 * b)
+            .ctx(|| "cannot write the refcount table".to_string())?;
+        self.set(file, off >> self.cluster_bits, 1)?;
+        Ok(off)
+    }
+
+    /// Writes every changed block (one write per block).
+    pub fn flush(&mut self, file: &(impl ReadAt + WriteAt + ?Sized)) -> Result<()> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, blk)| blk.dirty)
+            .map(|(b, _)| *b)
+            .collect();
+        dirty.sort_unstable();
+        for b in dirty {
+            let (_, off) = self.block_of(b << self.entries_per_block_bits());
+            let blk = self.blocks.get_mut(&b).expect("listed above");
+            file.write_all_at(&blk.data, off)
+                .ctx(|| format!("cannot write the refcount block at {off:#x}"))?;
+            blk.dirty = false;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::header::Header;
+    use crate::io::MemFile;
+
+    /// A 64 KiB-cluster image skeleton: header in cluster 0, refcount table in
+    /// cluster 1, one refcount block in cluster 2 covering clusters 0..2.
+    fn image(order: u32) -> (MemFile, Header) {
+        let cs = 1 << 16;
+        let mut h = Header::new_v3(16, order, 1 << 30);
+        h.refcount_table_offset = cs;
+        h.refcount_table_clusters = 1;
+        let mut bytes = vec![0u8; 3 * cs as usize];
+        bytes[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+        let mut block = vec![0u8; cs as usize];
+        for c in 0..3 {
+            refcount::set(&mut block, order, c, 1);
+        }
+        bytes[2 * cs as usize..].copy_from_slice(&block);
+        (MemFile::new(bytes), h)
+    }
+
+    #[test]
+    fn get_set_flush_round_trip_at_every_width() {
+        for order in 0..=6 {
+            let (f, h) = image(order);
+            let mut r = Refcounts::load(&f, &h).unwrap();
+            assert_eq!(r.get(&f, 1).unwrap(), Stored::Count(1));
+            assert_eq!(r.get(&f, 100).unwrap(), Stored::Count(0));
+            let max = r.max();
+            r.set(&f, 1, max).unwrap();
+            assert!(r.set(&f, 1, max.saturating_add(1)).is_err() || max == u64::MAX);
+            r.flush(&f).unwrap();
+            let mut again = Refcounts::load(&f, &h).unwrap();
+            assert_eq!(
+                again.get(&f, 1).unwrap(),
+                Stored::Count(max),
+                "order {order}"
+            );
+            assert_eq!(again.get(&f, 0).unwrap(), Stored::Count(1));
+        }
+    }
+
+    #[test]
+    fn a_cluster_without_a_block_gets_one_that_counts_itself() {
+        let (f, h) = image(4);
+        let mut r = Refcounts::load(&f, &h).unwrap();
+        // Block 1 covers clusters 32768..65536 at 16-bit refcounts and 64 KiB clusters.
+        let far = 40_000;
+        r.set(&f, far, 3).unwrap();
+        r.flush(&f).unwrap();
+        let mut again = Refcounts::load(&f, &h).unwrap();
+        assert_eq!(again.get(&f, far).unwrap(), Stored::Count(3));
+        // The new block went to the end of the file (cluster 3), counted in block 0.
+        assert_eq!(again.table()[1], 3 << 16);
+        assert_eq!(again.get(&f, 3).unwrap(), Stored::Count(1));
+        // Setting 0 where there is no block allocates nothing.
+        let len = f.len().unwrap();
+        again.set(&f, 1 << 20, 0).unwrap();
+        assert_eq!(f.len().unwrap(), len);
+    }
+
+    #[test]
+    fn unaligned_block_offsets_are_reported_not_read() {
+        let (f, h) = image(4);
+        f.write_all_at(&0x1_0200u64.to_be_bytes(), 1 << 16).unwrap();
+        let mut r = Refcounts::load(&f, &h).unwrap();
+        assert_eq!(
+            r.get(&f, 0).unwrap(),
+            Stored::Unreadable { block: 0x1_0200 }
+        );
+        assert!(matches!(r.set(&f, 0, 1), Err(Error::Corrupt { .. })));
+    }
+}
