@@ -1,0 +1,90 @@
+//! The bytes `convert` writes for the sample inputs are pinned: refactoring the
+//! qcow2 core (issue 12) must not change a single output byte. A change that is
+//! meant to change the output updates these digests in the same commit and says
+//! why.
+
+mod common;
+
+use common::{assert_qemu_check_clean, assert_qemu_compare_same, qdedup};
+use qdedup::sample::{generate, Mix};
+
+const SPARSE: Mix = Mix {
+    sparse: true,
+    ..Mix::MIXED
+};
+
+/// (sample, convert options, BLAKE3 of the output).
+const PINNED: &[(Mix, &[&str], &str)] = &[
+    (
+        Mix::MIXED,
+        &[],
+        "b37931cfe7e6f48179786f33fe6e024f4018b0c7dda42f898d9173dcd61b52cb",
+    ),
+    (
+        Mix::MIXED,
+        &["-c"],
+        "e4430b51ffa9854451f3a7e390e0f9c67f67cb0f1c7e36339102d814ad5ad5bf",
+    ),
+    (
+        Mix::MIXED,
+        &["-c", "-o", "compression_type=zstd"],
+        "cc23d513f8096e7f4138a812dcb1c2dbb8c147fd10589587b95bb0f722b5b9f4",
+    ),
+    (
+        Mix::MIXED,
+        &["-o", "cluster_size=4k,refcount_bits=2"],
+        "ca722e8276f2f7d761fb608bcd8a113ec45efe4c24efc07d67d0b08c0f9def0f",
+    ),
+    (
+        Mix::MIXED,
+        &["-c", "-o", "cluster_size=512"],
+        "b1905e5a4ac9be09526e49510961528edc092762d22a28d69890eec2e76b5793",
+    ),
+    (
+        SPARSE,
+        &["-o", "cluster_size=2M,refcount_bits=64"],
+        "4c7420852a6a16cb0759cf16ce9876ce7224ecb914b5a2c963c5986769710c31",
+    ),
+    (
+        Mix::RANDOM,
+        &["-m", "0"],
+        "d3a81fb25088e08f770bbc364996a867842bd2ee3eca58d2f1fcea62a244c74d",
+    ),
+];
+
+#[test]
+fn convert_output_bytes_for_the_sample_inputs_are_pinned() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    let mut wrong = Vec::new();
+    for (i, (mix, opts, want)) in PINNED.iter().enumerate() {
+        let input = dir.path().join(format!("in{i}.raw"));
+        generate(&input, 6 << 20, 7, *mix).unwrap();
+        let out = dir.path().join(format!("out{i}.qcow2"));
+        let mut args: Vec<&std::ffi::OsStr> = vec!["convert".as_ref()];
+        args.extend(opts.iter().map(std::ffi::OsStr::new));
+        args.push(input.as_os_str());
+        args.push(out.as_os_str());
+        let o = qdedup(&args);
+        assert!(
+            o.status.success(),
+            "convert {opts:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_qemu_check_clean(&out);
+        assert_qemu_compare_same(&input, "raw", &out);
+        let got = blake3::hash(&std::fs::read(&out).unwrap())
+            .to_hex()
+            .to_string();
+        if got != *want {
+            wrong.push(format!("{i} {opts:?}: {got}"));
+        }
+        checked += 1;
+    }
+    assert_eq!(checked, PINNED.len());
+    assert!(
+        wrong.is_empty(),
+        "output bytes changed:\n{}",
+        wrong.join("\n")
+    );
+}
