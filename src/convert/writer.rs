@@ -99,6 +99,83 @@ pub struct WriterStats {
 /// by another batch). Returns `None` when compressing does not save space.
 pub type InlineCompressor = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
 
+/// Where [`Writer::finish`] puts the metadata, in clusters: after the data come
+/// the L2 tables, the L1 table, the refcount blocks and the refcount table. The
+/// one home of this arithmetic (`estimate` predicts sizes with it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetadataLayout {
+    /// Clusters of the L1 table (0 for an empty disk).
+    pub l1_clusters: u64,
+    /// First L2 table.
+    pub l2_start: u64,
+    /// First cluster of the L1 table.
+    pub l1_start: u64,
+    /// First refcount block.
+    pub refblocks_start: u64,
+    /// Number of refcount blocks.
+    pub refblocks: u64,
+    /// First cluster of the refcount table.
+    pub reftable_start: u64,
+    /// Clusters of the refcount table.
+    pub reftable_clusters: u64,
+    /// Clusters in the whole file.
+    pub total_clusters: u64,
+}
+
+impl MetadataLayout {
+    /// The layout of an image of `virtual_size` bytes whose header and data take
+    /// clusters `0..data_end`, with `l2_tables` L2 tables. The refcount structures
+    /// count themselves (a fixpoint). Fails where QEMU's limits or 2^56 bytes
+    /// would be exceeded.
+    pub fn compute(
+        cluster_bits: u32,
+        refcount_order: u32,
+        virtual_size: u64,
+        data_end: u64,
+        l2_tables: u64,
+    ) -> Result<Self> {
+        let cs = 1u64 << cluster_bits;
+        let l1_size = virtual_size.div_ceil(cs).div_ceil(cs / 8);
+        let l1_clusters = (l1_size * 8).div_ceil(cs);
+        let epb = refcount::entries_per_block(cluster_bits, refcount_order);
+        let base = data_end + l2_tables + l1_clusters;
+        let (mut rb, mut rt) = (0u64, 0u64);
+        loop {
+            let nrb = (base + rb + rt).div_ceil(epb);
+            let nrt = (nrb * 8).div_ceil(cs).max(1);
+            if (nrb, nrt) == (rb, rt) {
+                break;
+            }
+            (rb, rt) = (nrb, nrt);
+        }
+        if rt * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::LimitExceeded(
+                "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
+            ));
+        }
+        let l2_start = data_end;
+        let l1_start = l2_start + l2_tables;
+        let refblocks_start = l1_start + l1_clusters;
+        let reftable_start = refblocks_start + rb;
+        let total_clusters = reftable_start + rt;
+        if total_clusters << cluster_bits > MAX_HOST_OFFSET {
+            return Err(Error::LimitExceeded(
+                "output image larger than 2^56 bytes".into(),
+            ));
+        }
+        Ok(MetadataLayout {
+            l1_clusters,
+            l2_start,
+            l1_start,
+            refblocks_start,
+            refblocks: rb,
+            reftable_start,
+            reftable_clusters: rt,
+            total_clusters,
+        })
+    }
+}
+
 /// The output writer.
 pub struct Writer<'a> {
     out: &'a dyn WriteAt,
@@ -432,38 +509,21 @@ impl<'a> Writer<'a> {
         let cb = self.cluster_bits;
         let data_end = self.next_cluster;
         let n_l2 = self.l2.len() as u64;
-        let l1_clusters = (self.l1_size * 8).div_ceil(cs);
+        let MetadataLayout {
+            l1_clusters,
+            l2_start,
+            l1_start,
+            refblocks_start: rb_start,
+            refblocks: rb,
+            reftable_start: rt_start,
+            reftable_clusters: rt,
+            total_clusters: total,
+        } = MetadataLayout::compute(cb, self.refcount_order, self.virtual_size, data_end, n_l2)?;
         let epb = refcount::entries_per_block(cb, self.refcount_order);
-        // Fixpoint: the refcount structures count themselves.
-        let (mut rb, mut rt) = (0u64, 0u64);
-        loop {
-            let total = data_end + n_l2 + l1_clusters + rb + rt;
-            let nrb = total.div_ceil(epb);
-            let nrt = (nrb * 8).div_ceil(cs).max(1);
-            if (nrb, nrt) == (rb, rt) {
-                break;
-            }
-            (rb, rt) = (nrb, nrt);
-        }
-        if rt * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::LimitExceeded(
-                "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
-            ));
-        }
         self.stats.data_end = match self.ctail {
             Some(t) if (t >> cb) + 1 == data_end => t,
             _ => data_end << cb,
         };
-        let l2_start = data_end;
-        let l1_start = l2_start + n_l2;
-        let rb_start = l1_start + l1_clusters;
-        let rt_start = rb_start + rb;
-        let total = rt_start + rt;
-        if total << cb > MAX_HOST_OFFSET {
-            return Err(Error::LimitExceeded(
-                "output image larger than 2^56 bytes".into(),
-            ));
-        }
         self.refcounts.resize(total as usize, 1);
         self.stats.max_refcount = self.refcounts[1..data_end as usize]
             .iter()
