@@ -7,11 +7,11 @@
 use std::collections::HashMap;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use qdedup::convert::pipeline::Stream;
-use qdedup::convert::writer::{ClusterIn, Writer};
 use qdedup::dedup::{hash_cluster, is_zero, DedupIndex, Hash, Target};
 use qdedup::io::MemFile;
 use qdedup::sample::{generate, Mix};
+use qdedup::writer::batch::{Batch, Kind, Stream};
+use qdedup::writer::WriterBuilder;
 
 const SIZE: usize = 64 << 20;
 const BATCH: usize = 2 << 20;
@@ -66,25 +66,29 @@ fn bench_writer(c: &mut Criterion) {
         group.bench_function(format!("mixed/{}k", cs >> 10), |b| {
             b.iter(|| {
                 let out = MemFile::new(Vec::with_capacity(SIZE));
-                let mut w = Writer::new(&out, SIZE as u64, cluster_bits, 4, true, None, None)
+                let mut w = WriterBuilder::new(SIZE as u64)
+                    .cluster_size(cs as u64)
+                    .create(&out)
                     .expect("writer");
                 let per_batch = BATCH / cs;
+                let mut b = Batch::default();
                 for (k, batch) in data.chunks(BATCH).enumerate() {
-                    let clusters: Vec<ClusterIn<'_>> = hashes
-                        [k * per_batch..k * per_batch + batch.len() / cs]
-                        .iter()
-                        .enumerate()
-                        .map(|(i, h)| match h {
-                            None => ClusterIn::Zero,
-                            Some(hash) => ClusterIn::Data {
-                                hash: *hash,
-                                data: &batch[i * cs..(i + 1) * cs],
-                                stream: Stream::NotTried,
-                            },
-                        })
-                        .collect();
-                    w.accept((k * per_batch) as u64, batch, &clusters)
-                        .expect("accept");
+                    b.first_cluster = (k * per_batch) as u64;
+                    b.data.clear();
+                    b.data.extend_from_slice(batch);
+                    b.kinds.clear();
+                    b.kinds.extend(
+                        hashes[k * per_batch..k * per_batch + batch.len() / cs]
+                            .iter()
+                            .map(|h| match h {
+                                None => Kind::Zero,
+                                Some(hash) => Kind::Data {
+                                    hash: *hash,
+                                    stream: Stream::NotTried,
+                                },
+                            }),
+                    );
+                    w.accept_batch(&b).expect("accept");
                 }
                 w.finish().expect("finish").file_size
             });

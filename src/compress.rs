@@ -17,6 +17,30 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 use crate::error::{Error, Result};
 use crate::format::header::CompressionType;
 
+/// Compresses one cluster; `None` when that saves no space. The conversion's
+/// workers and the writer share one such function per conversion.
+pub type CompressFn = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
+
+/// The compressor of a conversion: `codec` at `level` for clusters of `cs`
+/// bytes; with `probe`, zlib clusters that [`looks_incompressible`] are skipped
+/// and counted in `skipped`.
+pub fn compressor(
+    codec: CompressionType,
+    level: Option<i32>,
+    cs: usize,
+    probe: bool,
+    skipped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> std::sync::Arc<CompressFn> {
+    let probe = probe && codec == CompressionType::Zlib;
+    std::sync::Arc::new(move |data: &[u8]| {
+        if probe && looks_incompressible(data) {
+            skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        }
+        compress(codec, level, data, cs, false)
+    })
+}
+
 /// Whether a stream of `len` bytes is worth storing instead of a plain cluster of
 /// `cs` bytes: it must be shorter than the cluster and, for clusters larger than a
 /// sector, save at least one 512-byte sector.

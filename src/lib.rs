@@ -8,6 +8,7 @@ pub mod format;
 pub mod image;
 pub mod io;
 pub mod source;
+pub mod writer;
 
 pub use error::{Error, Result};
 pub mod compress;

@@ -7,22 +7,17 @@
 
 pub mod options;
 pub mod pipeline;
-pub mod writer;
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::writer::{WriterBuilder, WriterStats};
 pub use options::{ConvertOptions, O_OPTIONS};
-use pipeline::CompressFn;
-use writer::{Writer, WriterStats};
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::header::CompressionType;
 use crate::io::WriteAt;
 use crate::source::Source;
 
@@ -166,26 +161,18 @@ impl std::fmt::Display for ConvertReport {
     }
 }
 
-/// Makes the compressor the options ask for, for clusters of `1 << cluster_bits`
-/// bytes (None when not compressing). Each compression the incompressibility
-/// probe skips adds one to `skipped`. `estimate` uses it too.
-pub(crate) fn compressor(
-    opts: &ConvertOptions,
-    cluster_bits: u32,
-    skipped: &Arc<AtomicU64>,
-) -> Option<Box<CompressFn>> {
-    let c = opts.compression?;
-    let cs = 1usize << cluster_bits;
-    let level = opts.compression_level;
-    let probe = opts.compress_probe && c == CompressionType::Zlib;
-    let skipped = Arc::clone(skipped);
-    Some(Box::new(move |data: &[u8]| {
-        if probe && crate::compress::looks_incompressible(data) {
-            skipped.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        crate::compress::compress(c, level, data, cs, false)
-    }))
+impl ConvertOptions {
+    /// The writer settings these options ask for, for a disk of `virtual_size`
+    /// bytes (`estimate` uses them too).
+    pub fn writer(&self, virtual_size: u64) -> WriterBuilder {
+        WriterBuilder::new(virtual_size)
+            .cluster_size(self.cluster_size())
+            .refcount_bits(1 << self.refcount_order)
+            .compression(self.compression)
+            .compression_level(self.compression_level)
+            .compress_probe(self.compress_probe)
+            .dedup(self.dedup)
+    }
 }
 
 /// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
@@ -195,26 +182,11 @@ pub fn convert_to(
     out: &dyn WriteAt,
     opts: &ConvertOptions,
 ) -> Result<(WriterStats, u64, u64)> {
-    let vsize = src.virtual_size();
-    let skipped = Arc::new(AtomicU64::new(0));
-    let inline = compressor(opts, opts.cluster_bits, &skipped);
-    let mut w = Writer::new(
-        out,
-        vsize,
-        opts.cluster_bits,
-        opts.refcount_order,
-        opts.dedup,
-        opts.compression,
-        compressor(opts, opts.cluster_bits, &skipped).map(|f| f as Box<writer::InlineCompressor>),
-    )?;
-    let bytes_read = if opts.workers == 0 {
-        pipeline::run_sequential(src, &mut w, opts, inline.as_deref())?
-    } else {
-        pipeline::run_pipelined(src, &mut w, opts, inline.as_deref())?
-    };
+    let mut w = opts.writer(src.virtual_size()).create(out)?;
+    let compress = w.compressor();
+    let bytes_read = pipeline::run(src, opts, compress.as_deref(), &mut |b| w.accept_batch(b))?;
     let index_bytes = w.index_heap_bytes() as u64;
-    let mut stats = w.finish()?;
-    stats.probe_skipped = skipped.load(Ordering::Relaxed);
+    let stats = w.finish()?;
     Ok((stats, bytes_read, index_bytes))
 }
 

@@ -17,14 +17,14 @@
 //! the worker rather than in a separate reader thread spreads the `pread` copy over
 //! the workers and hashes the data while it is still in the core's cache
 //! (docs/benchmarks.md). The writer reorders batches by sequence number and hands
-//! them to [`Writer`] in guest order, then returns the buffer to the pool.
+//! them to the writer in guest order, then returns the buffer to the pool.
 //!
 //! Every planned batch reaches the writer, even one whose read failed (it carries
 //! the error), so the writer never waits for a batch that will not come. A closed
 //! channel means shutdown; the first error is the one reported; no thread outlives
 //! the call (scoped threads).
 //!
-//! [`run_sequential`] is the reference: the same planning, reading, worker function
+//! [`run_sequential_with`] is the reference: the same planning, reading, worker function
 //! and writer in one thread. Both produce the same bytes.
 
 use std::collections::BTreeMap;
@@ -34,125 +34,10 @@ use std::sync::Mutex;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::options::ConvertOptions;
-use super::writer::{ClusterIn, Writer};
-use crate::dedup::{hash_cluster, is_zero, Hash};
+use crate::compress::CompressFn;
 use crate::error::{Error, Result};
 use crate::source::{BlockStatus, Source};
-
-/// Target size of one batch.
-pub const BATCH_BYTES: usize = 2 << 20;
-
-/// Per-cluster result of the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// Reads as zeros.
-    Zero,
-    /// Not yet looked at by a worker.
-    Unprocessed,
-    /// Data with its hash and what compression made of it.
-    Data {
-        /// BLAKE3 of the cluster.
-        hash: Hash,
-        /// Compression outcome; a stream is a range in `Batch::streams`.
-        stream: Stream<(u32, u32)>,
-    },
-}
-
-/// What a worker's compression attempt gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream<T> {
-    /// Not compressed (compression off, or another worker claimed this content).
-    NotTried,
-    /// Compressed, but the stream would not save space.
-    NotWorth,
-    /// A stream worth storing.
-    Some(T),
-}
-
-/// Contents (by 64-bit hash prefix) some worker has already compressed.
-pub type Claims = dashmap::DashSet<u64>;
-
-/// A run of consecutive guest clusters travelling through the pipeline.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Order of the batch (the writer consumes them by `seq`).
-    pub seq: u64,
-    /// Guest cluster index of the first cluster.
-    pub first_cluster: u64,
-    /// The clusters' bytes (`kinds.len()` clusters).
-    pub data: Vec<u8>,
-    /// Per-cluster state.
-    pub kinds: Vec<Kind>,
-    /// Compressed streams, concatenated.
-    pub streams: Vec<u8>,
-    /// Runs of the batch as planned: (guest offset, length, holds data).
-    runs: Vec<(u64, u64, bool)>,
-    /// Guest bytes read from the source for this batch.
-    bytes_read: u64,
-    /// A read error, carried to the writer so that it still gets this batch.
-    error: Option<Error>,
-}
-
-/// Compresses one cluster; `None` if that saves no space.
-pub type CompressFn = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
-
-/// The worker's job: detect zeros, hash, and compress the first occurrence of each
-/// content (the first worker to claim its hash prefix in `claims`; every cluster
-/// when `claims` is `None`).
-pub fn process(
-    batch: &mut Batch,
-    cs: usize,
-    compress: Option<&CompressFn>,
-    claims: Option<&Claims>,
-) {
-    batch.streams.clear();
-    for (i, k) in batch.kinds.iter_mut().enumerate() {
-        if *k != Kind::Unprocessed {
-            continue;
-        }
-        let c = &batch.data[i * cs..(i + 1) * cs];
-        if is_zero(c) {
-            *k = Kind::Zero;
-            continue;
-        }
-        let hash = hash_cluster(c);
-        let prefix = u64::from_le_bytes(hash[..8].try_into().expect("8 bytes"));
-        let stream = match compress {
-            Some(f) if claims.is_none_or(|cl| cl.insert(prefix)) => match f(c) {
-                Some(s) => {
-                    let start = batch.streams.len() as u32;
-                    batch.streams.extend_from_slice(&s);
-                    Stream::Some((start, s.len() as u32))
-                }
-                None => Stream::NotWorth,
-            },
-            _ => Stream::NotTried,
-        };
-        *k = Kind::Data { hash, stream };
-    }
-}
-
-/// Hands a processed batch to the writer.
-fn deliver_to_writer(writer: &mut Writer<'_>, b: &Batch, cs: usize) -> Result<()> {
-    let clusters: Vec<ClusterIn<'_>> = b
-        .kinds
-        .iter()
-        .enumerate()
-        .map(|(i, k)| match *k {
-            Kind::Zero | Kind::Unprocessed => ClusterIn::Zero,
-            Kind::Data { hash, stream } => ClusterIn::Data {
-                hash,
-                data: &b.data[i * cs..(i + 1) * cs],
-                stream: match stream {
-                    Stream::Some((s, l)) => Stream::Some(&b.streams[s as usize..(s + l) as usize]),
-                    Stream::NotWorth => Stream::NotWorth,
-                    Stream::NotTried => Stream::NotTried,
-                },
-            },
-        })
-        .collect();
-    writer.accept(b.first_cluster, &b.data, &clusters)
-}
+use crate::writer::batch::{process, Batch, Claims, Kind, BATCH_BYTES};
 
 /// Walks the guest disk and fills batches.
 pub struct BatchReader<'a> {
@@ -314,30 +199,20 @@ fn cancelled(opts: &ConvertOptions) -> bool {
         .is_some_and(|c| c.load(Ordering::Relaxed))
 }
 
-/// The sequential reference converter.
-pub fn run_sequential(
+/// Runs the sequential reference (`opts.workers == 0`) or the pipelined
+/// converter, handing each processed batch to `deliver` in guest order on the
+/// calling thread. Returns the guest bytes read.
+pub fn run(
     src: &dyn Source,
-    writer: &mut Writer<'_>,
     opts: &ConvertOptions,
     compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
 ) -> Result<u64> {
-    let cs = opts.cluster_size() as usize;
-    run_sequential_with(src, opts, compress, &mut |b| {
-        deliver_to_writer(writer, b, cs)
-    })
-}
-
-/// The pipelined converter with `opts.workers` worker threads.
-pub fn run_pipelined(
-    src: &dyn Source,
-    writer: &mut Writer<'_>,
-    opts: &ConvertOptions,
-    compress: Option<&CompressFn>,
-) -> Result<u64> {
-    let cs = opts.cluster_size() as usize;
-    run_pipelined_with(src, opts, compress, &mut |b| {
-        deliver_to_writer(writer, b, cs)
-    })
+    if opts.workers == 0 {
+        run_sequential_with(src, opts, compress, deliver)
+    } else {
+        run_pipelined_with(src, opts, compress, deliver)
+    }
 }
 
 /// Receives processed batches in guest order (on the calling thread).

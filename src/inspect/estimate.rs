@@ -22,14 +22,15 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::convert::pipeline::{self, Batch, Kind, Stream};
-use crate::convert::writer::{ClusterIn, Writer};
+use crate::convert::pipeline;
 use crate::convert::ConvertOptions;
 use crate::dedup::{hash_cluster, is_zero, Hash};
 use crate::error::{Error, Result};
 use crate::format::refcount;
 use crate::io::WriteAt;
 use crate::source::{BlockStatus, Source};
+use crate::writer::batch::{Batch, Stream};
+use crate::writer::{ClusterIn, ImageWriter, MetadataLayout};
 
 /// A [`WriteAt`] that discards data and remembers how long the file would be.
 #[derive(Debug, Default)]
@@ -191,7 +192,8 @@ pub fn qemu_img_size(
     }
 }
 
-/// qdedup's own layout (as [`Writer::finish`] lays it out), for the sampling model.
+/// qdedup's own layout ([`MetadataLayout`], as the writer lays it out), for the
+/// sampling model.
 fn qdedup_size(
     cluster_bits: u32,
     refcount_order: u32,
@@ -199,24 +201,17 @@ fn qdedup_size(
     data_clusters: u64,
     l2_tables: u64,
 ) -> u64 {
-    let cs = 1u64 << cluster_bits;
-    let l1_entries = virtual_size.div_ceil(cs).div_ceil(cs / 8);
-    let l1_clusters = (l1_entries * 8).div_ceil(cs);
-    let epb = refcount::entries_per_block(cluster_bits, refcount_order);
-    let base = 1 + data_clusters + l2_tables + l1_clusters;
-    let (mut rb, mut rt) = (0u64, 0u64);
-    loop {
-        let nrb = (base + rb + rt).div_ceil(epb);
-        let nrt = (nrb * 8).div_ceil(cs).max(1);
-        if (nrb, nrt) == (rb, rt) {
-            break;
-        }
-        (rb, rt) = (nrb, nrt);
-    }
-    (base + rb + rt) * cs
+    let l = MetadataLayout::compute(
+        cluster_bits,
+        refcount_order,
+        virtual_size,
+        1 + data_clusters,
+        l2_tables,
+    );
+    l.total_clusters << cluster_bits
 }
 
-type Compressor = Box<crate::convert::pipeline::CompressFn>;
+type Compressor = std::sync::Arc<crate::compress::CompressFn>;
 
 /// Sample statistics of one cluster size.
 #[derive(Default)]
@@ -232,7 +227,7 @@ struct SizeState<'a> {
     cb: u32,
     /// Primary clusters per cluster of this size.
     k: u64,
-    writers: Option<(Writer<'a>, Writer<'a>)>,
+    writers: Option<(ImageWriter<'a>, ImageWriter<'a>)>,
     compressor: Option<Compressor>,
     memo: HashMap<Hash, Option<u32>>,
     scratch: Vec<u8>,
@@ -288,9 +283,9 @@ impl SizeState<'_> {
                 Some(None) => Stream::NotWorth,
                 Some(Some(len)) => Stream::Some(&self.scratch[..len as usize]),
             };
-            let c = [ClusterIn::Data { hash, data, stream }];
-            dw.accept(j, data, &c)?;
-            pw.accept(j, data, &c)?;
+            let c = ClusterIn::Data { hash, data, stream };
+            dw.accept(j, data, [c])?;
+            pw.accept(j, data, [c])?;
         } else {
             let e = self.stats.counts.entry(hash).or_insert((0, stored));
             e.0 += 1;
@@ -591,16 +586,24 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
     });
     let sinks: Vec<(NullSink, NullSink)> = bits.iter().map(|_| Default::default()).collect();
     let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let make_compressor =
-        |cb: u32| -> Option<Compressor> { crate::convert::compressor(copts, cb, &skipped) };
+    let make_compressor = |cb: u32| -> Option<Compressor> {
+        copts.compression.map(|c| {
+            crate::compress::compressor(
+                c,
+                copts.compression_level,
+                1 << cb,
+                copts.compress_probe,
+                std::sync::Arc::clone(&skipped),
+            )
+        })
+    };
     let mut states = Vec::with_capacity(bits.len());
     for (&cb, (ds, ps)) in bits.iter().zip(&sinks) {
         let writers = if sampled.is_none() {
-            let order = copts.refcount_order;
-            let c = copts.compression;
+            let w = copts.writer(vsize).cluster_size(1 << cb);
             Some((
-                Writer::new(ds, vsize, cb, order, true, c, None)?,
-                Writer::new(ps, vsize, cb, order, false, c, None)?,
+                w.clone().dedup(true).create(ds)?,
+                w.dedup(false).create(ps)?,
             ))
         } else {
             None
@@ -630,22 +633,14 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
     let inline = make_compressor(min_bits);
     let pcs = 1usize << min_bits;
     let mut deliver = |b: &Batch| -> Result<()> {
-        for (i, k) in b.kinds.iter().enumerate() {
-            let Kind::Data { hash, stream } = *k else {
+        for (i, c) in b.clusters(pcs).enumerate() {
+            let ClusterIn::Data { hash, data, stream } = c else {
                 continue;
             };
             let g = b.first_cluster + i as u64;
-            let data = &b.data[i * pcs..(i + 1) * pcs];
             for st in &mut states {
                 if st.cb == min_bits {
-                    let hint = match stream {
-                        Stream::Some((s, l)) => {
-                            Stream::Some(&b.streams[s as usize..(s + l) as usize])
-                        }
-                        Stream::NotWorth => Stream::NotWorth,
-                        Stream::NotTried => Stream::NotTried,
-                    };
-                    st.feed(g, data, Some(hash), hint)?;
+                    st.feed(g, data, Some(hash), stream)?;
                 } else {
                     st.assemble(g, pcs, data)?;
                 }
@@ -657,11 +652,7 @@ pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateRepo
         Some(s) => s,
         None => src,
     };
-    let bytes_read = if popts.workers == 0 {
-        pipeline::run_sequential_with(input, &popts, inline.as_deref(), &mut deliver)?
-    } else {
-        pipeline::run_pipelined_with(input, &popts, inline.as_deref(), &mut deliver)?
-    };
+    let bytes_read = pipeline::run(input, &popts, inline.as_deref(), &mut deliver)?;
     let mut table = Vec::new();
     for mut st in states {
         st.flush()?;

@@ -1,10 +1,38 @@
-//! The output side of a conversion: host cluster allocation, the dedup index,
-//! refcounts, and the final metadata layout.
+//! New qcow2 images: the one writer, public. `convert` and `estimate` are its
+//! clients; other programs can embed it.
+//!
+//! A [`WriterBuilder`] sets the image up (cluster size, refcount width,
+//! compression, deduplication) and creates an [`ImageWriter`] over any
+//! [`WriteAt`] output. The caller hands it clusters in guest order
+//! ([`ImageWriter::write_cluster`], [`ImageWriter::write_zero_clusters`]); each
+//! is checked for zeros, hashed (BLAKE3), deduplicated, compressed and placed;
+//! [`ImageWriter::finish`] writes the metadata and returns [`WriterStats`].
+//! The conversion pipeline hashes and compresses on its workers and hands whole
+//! batches to the same writer ([`ImageWriter::accept_batch`]).
+//!
+//! ```
+//! use qdedup::io::MemFile;
+//! use qdedup::writer::WriterBuilder;
+//!
+//! // A 1 MiB disk of 64 KiB clusters: the same block four times, then zeros.
+//! let out = MemFile::new(Vec::new());
+//! let mut w = WriterBuilder::new(1 << 20).cluster_size(65536).create(&out)?;
+//! let block = vec![0xabu8; 65536];
+//! for _ in 0..4 {
+//!     w.write_cluster(&block)?;
+//! }
+//! w.write_zero_clusters(12)?;
+//! let stats = w.finish()?;
+//! assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (1, 3));
+//! assert_eq!(stats.zero_clusters, 12);
+//! assert_eq!(&out.contents()[..4], b"QFI\xfb");
+//! # Ok::<(), qdedup::Error>(())
+//! ```
 //!
 //! One writer owns the output. It takes clusters in guest order and appends every
 //! new host cluster (or compressed stream) after the previous one, so host offsets
 //! follow guest order and the output is the same whatever the number of workers.
-//! When all data is written, [`Writer::finish`] lays out the metadata after the
+//! When all data is written, [`ImageWriter::finish`] lays out the metadata after the
 //! data and writes the header last:
 //!
 //! ```text
@@ -20,9 +48,13 @@
 //! +1 per touched cluster per compressed reference) and `QCOW_OFLAG_COPIED` is set
 //! iff the refcount is 1, so `qemu-img check` finds the output clean.
 
-use std::collections::BTreeMap;
+pub mod batch;
 
-use super::pipeline::Stream;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::compress::CompressFn;
 use crate::dedup::{DedupIndex, Hash, Target};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
@@ -34,6 +66,7 @@ use crate::format::header::{
 use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
 use crate::format::refcount;
 use crate::io::WriteAt;
+use batch::{Batch, Kind, Stream};
 
 /// Write requests smaller than this are gathered into one buffer.
 const WRITE_BUFFER: usize = 4 << 20;
@@ -89,17 +122,12 @@ pub struct WriterStats {
     /// Byte offset just past the data area: the end of the last compressed stream
     /// when it ends inside the last data cluster, else the end of that cluster.
     pub data_end: u64,
-    /// Compressions the incompressibility probe skipped (filled in by the caller
-    /// that owns the compressor; the writer does not count them).
+    /// Compressions the incompressibility probe skipped (the writer's and the
+    /// pipeline workers' together: they share one compressor).
     pub probe_skipped: u64,
 }
 
-/// Compresses a cluster inside the writer, for the rare cases where no worker did
-/// (a saturated compressed copy, or a content whose first occurrence was claimed
-/// by another batch). Returns `None` when compressing does not save space.
-pub type InlineCompressor = dyn Fn(&[u8]) -> Option<Vec<u8>> + Send + Sync;
-
-/// Where [`Writer::finish`] puts the metadata, in clusters: after the data come
+/// Where [`ImageWriter::finish`] puts the metadata, in clusters: after the data come
 /// the L2 tables, the L1 table, the refcount blocks and the refcount table. The
 /// one home of this arithmetic (`estimate` predicts sizes with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,15 +153,14 @@ pub struct MetadataLayout {
 impl MetadataLayout {
     /// The layout of an image of `virtual_size` bytes whose header and data take
     /// clusters `0..data_end`, with `l2_tables` L2 tables. The refcount structures
-    /// count themselves (a fixpoint). Fails where QEMU's limits or 2^56 bytes
-    /// would be exceeded.
+    /// count themselves (a fixpoint). See [`MetadataLayout::check`] for the limits.
     pub fn compute(
         cluster_bits: u32,
         refcount_order: u32,
         virtual_size: u64,
         data_end: u64,
         l2_tables: u64,
-    ) -> Result<Self> {
+    ) -> Self {
         let cs = 1u64 << cluster_bits;
         let l1_size = virtual_size.div_ceil(cs).div_ceil(cs / 8);
         let l1_clusters = (l1_size * 8).div_ceil(cs);
@@ -148,22 +175,12 @@ impl MetadataLayout {
             }
             (rb, rt) = (nrb, nrt);
         }
-        if rt * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::LimitExceeded(
-                "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
-            ));
-        }
         let l2_start = data_end;
         let l1_start = l2_start + l2_tables;
         let refblocks_start = l1_start + l1_clusters;
         let reftable_start = refblocks_start + rb;
         let total_clusters = reftable_start + rt;
-        if total_clusters << cluster_bits > MAX_HOST_OFFSET {
-            return Err(Error::LimitExceeded(
-                "output image larger than 2^56 bytes".into(),
-            ));
-        }
-        Ok(MetadataLayout {
+        MetadataLayout {
             l1_clusters,
             l2_start,
             l1_start,
@@ -172,18 +189,154 @@ impl MetadataLayout {
             reftable_start,
             reftable_clusters: rt,
             total_clusters,
-        })
+        }
+    }
+
+    /// Fails where the layout exceeds QEMU's refcount table limit or 2^56 bytes.
+    pub fn check(&self, cluster_bits: u32) -> Result<()> {
+        if self.reftable_clusters << cluster_bits > MAX_REFTABLE_BYTES {
+            return Err(Error::LimitExceeded(
+                "the refcount table would exceed QEMU's 8 MiB limit; use a larger cluster_size or fewer refcount_bits".into(),
+            ));
+        }
+        if self.total_clusters << cluster_bits > MAX_HOST_OFFSET {
+            return Err(Error::LimitExceeded(
+                "output image larger than 2^56 bytes".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
-/// The output writer.
-pub struct Writer<'a> {
+/// The settings of a new image. Defaults: 64 KiB clusters, 16-bit refcounts,
+/// deduplication on, no compression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriterBuilder {
+    virtual_size: u64,
+    cluster_size: u64,
+    refcount_bits: u32,
+    compression: Option<CompressionType>,
+    compression_level: Option<i32>,
+    compress_probe: bool,
+    dedup: bool,
+}
+
+impl WriterBuilder {
+    /// An image of `virtual_size` bytes, rounded up to a multiple of 512 (QEMU
+    /// counts disks in 512-byte sectors and ignores a partial last sector).
+    pub fn new(virtual_size: u64) -> Self {
+        WriterBuilder {
+            virtual_size,
+            cluster_size: 1 << 16,
+            refcount_bits: 16,
+            compression: None,
+            compression_level: None,
+            compress_probe: true,
+            dedup: true,
+        }
+    }
+
+    /// Cluster size in bytes: a power of two from 512 B to 2 MiB.
+    #[must_use]
+    pub fn cluster_size(mut self, bytes: u64) -> Self {
+        self.cluster_size = bytes;
+        self
+    }
+
+    /// Refcount width in bits: 1, 2, 4, 8, 16, 32 or 64. Narrow refcounts
+    /// saturate sooner; a content shared more often gets a new copy.
+    #[must_use]
+    pub fn refcount_bits(mut self, bits: u32) -> Self {
+        self.refcount_bits = bits;
+        self
+    }
+
+    /// Compress clusters with this codec (`None`: store them plainly). A stream
+    /// is stored only where it saves space.
+    #[must_use]
+    pub fn compression(mut self, codec: Option<CompressionType>) -> Self {
+        self.compression = codec;
+        self
+    }
+
+    /// The codec's level (`None`: QEMU's defaults, zlib 6 and zstd 3).
+    #[must_use]
+    pub fn compression_level(mut self, level: Option<i32>) -> Self {
+        self.compression_level = level;
+        self
+    }
+
+    /// Skip deflate on clusters that look incompressible (default on; zstd
+    /// needs no probe).
+    #[must_use]
+    pub fn compress_probe(mut self, on: bool) -> Self {
+        self.compress_probe = on;
+        self
+    }
+
+    /// Share identical clusters (default on).
+    #[must_use]
+    pub fn dedup(mut self, on: bool) -> Self {
+        self.dedup = on;
+        self
+    }
+
+    /// Checks the settings and creates the writer over `out`, a fresh, empty file.
+    pub fn create<'a>(&self, out: &'a dyn WriteAt) -> Result<ImageWriter<'a>> {
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return Err(Error::InvalidArgument(format!(
+                "cluster size {cs} is not a power of two from 512 to 2097152"
+            )));
+        }
+        let rb = self.refcount_bits;
+        if !rb.is_power_of_two() || rb > 64 {
+            return Err(Error::InvalidArgument(format!(
+                "refcount width {rb} is not a power of two from 1 to 64"
+            )));
+        }
+        let cluster_bits = cs.trailing_zeros();
+        let virtual_size = self
+            .virtual_size
+            .checked_next_multiple_of(512)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!("virtual size {} is too large", self.virtual_size))
+            })?;
+        let skipped = Arc::new(AtomicU64::new(0));
+        let compressor = self.compression.map(|c| {
+            crate::compress::compressor(
+                c,
+                self.compression_level,
+                cs as usize,
+                self.compress_probe,
+                Arc::clone(&skipped),
+            )
+        });
+        ImageWriter::new(
+            out,
+            virtual_size,
+            cluster_bits,
+            rb.trailing_zeros(),
+            self.dedup,
+            self.compression,
+            compressor,
+            skipped,
+        )
+    }
+}
+
+/// The writer of one new image (see the module documentation).
+pub struct ImageWriter<'a> {
     out: &'a dyn WriteAt,
     cluster_bits: u32,
     refcount_order: u32,
     virtual_size: u64,
     compression: Option<CompressionType>,
-    compressor: Option<Box<InlineCompressor>>,
+    /// Compresses clusters no worker compressed (the streaming API's clusters, a
+    /// saturated compressed copy, a content whose first occurrence another batch
+    /// claimed); the pipeline's workers use the same function.
+    compressor: Option<Arc<CompressFn>>,
+    probe_skipped: Arc<AtomicU64>,
     dedup: bool,
     max_ref: u64,
     index: DedupIndex,
@@ -194,6 +347,10 @@ pub struct Writer<'a> {
     l2_entries: u64,
     l1_size: u64,
     next_cluster: u64,
+    /// The next guest cluster the writer expects (clusters come in guest order).
+    next_guest: u64,
+    /// Clusters given to the streaming API, not yet processed.
+    pending: Batch,
     /// Bytes of the output reserved so far (see [`PREALLOCATE_STEP`]).
     reserved: std::cell::Cell<u64>,
     /// Where the next compressed stream may start, inside the last allocated cluster.
@@ -204,16 +361,28 @@ pub struct Writer<'a> {
     stats: WriterStats,
 }
 
-impl<'a> Writer<'a> {
-    /// A writer for a fresh image of `virtual_size` bytes.
-    pub fn new(
+impl std::fmt::Debug for ImageWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageWriter")
+            .field("cluster_bits", &self.cluster_bits)
+            .field("virtual_size", &self.virtual_size)
+            .field("next_guest", &self.next_guest)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> ImageWriter<'a> {
+    #[allow(clippy::too_many_arguments)] // private; the builder is the interface
+    fn new(
         out: &'a dyn WriteAt,
         virtual_size: u64,
         cluster_bits: u32,
         refcount_order: u32,
         dedup: bool,
         compression: Option<CompressionType>,
-        compressor: Option<Box<InlineCompressor>>,
+        compressor: Option<Arc<CompressFn>>,
+        probe_skipped: Arc<AtomicU64>,
     ) -> Result<Self> {
         let cs = 1u64 << cluster_bits;
         let l2_entries = cs / 8;
@@ -223,13 +392,14 @@ impl<'a> Writer<'a> {
                 "virtual size {virtual_size} needs an L1 table of {l1_size} entries, more than QEMU's 32 MiB limit; use a larger cluster_size"
             )));
         }
-        Ok(Writer {
+        Ok(ImageWriter {
             out,
             cluster_bits,
             refcount_order,
             virtual_size,
             compression,
             compressor,
+            probe_skipped,
             dedup,
             max_ref: refcount::max_refcount(refcount_order).min(u64::from(u32::MAX)),
             index: DedupIndex::new(),
@@ -238,6 +408,8 @@ impl<'a> Writer<'a> {
             l2_entries,
             l1_size,
             next_cluster: 1,
+            next_guest: 0,
+            pending: Batch::default(),
             reserved: std::cell::Cell::new(0),
             ctail: None,
             wbuf: Vec::new(),
@@ -245,6 +417,114 @@ impl<'a> Writer<'a> {
             run: None,
             stats: WriterStats::default(),
         })
+    }
+
+    /// The compressor, for workers that compress ahead of the writer (the same
+    /// function the writer uses; `None` without compression).
+    pub fn compressor(&self) -> Option<Arc<CompressFn>> {
+        self.compressor.clone()
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs()
+    }
+
+    /// Guest clusters of the disk.
+    pub fn total_clusters(&self) -> u64 {
+        self.virtual_size.div_ceil(self.cs())
+    }
+
+    /// Guest byte offset of the next cluster the writer takes.
+    pub fn position(&self) -> u64 {
+        ((self.next_guest + self.pending.kinds.len() as u64) << self.cluster_bits)
+            .min(self.virtual_size)
+    }
+
+    /// Takes the next guest cluster: `data` is one cluster, or for the last
+    /// cluster of a disk whose size is not a multiple of the cluster size, any
+    /// shorter piece of it (the rest reads as zeros).
+    pub fn write_cluster(&mut self, data: &[u8]) -> Result<()> {
+        let cs = self.cs() as usize;
+        let g = self.next_guest + self.pending.kinds.len() as u64;
+        if g >= self.total_clusters() {
+            return Err(Error::InvalidArgument(format!(
+                "cluster {g} is past the end of the {}-byte disk",
+                self.virtual_size
+            )));
+        }
+        let last = g + 1 == self.total_clusters();
+        let room = (self.virtual_size - (g << self.cluster_bits)).min(cs as u64) as usize;
+        if data.len() != cs && !(last && data.len() <= room) {
+            return Err(Error::InvalidArgument(format!(
+                "cluster {g} has {} bytes; clusters are {cs} bytes",
+                data.len()
+            )));
+        }
+        if self.pending.kinds.is_empty() {
+            self.pending.first_cluster = g;
+            self.pending.data.clear();
+        }
+        self.pending.data.extend_from_slice(data);
+        self.pending
+            .data
+            .resize(self.pending.kinds.len() * cs + cs, 0);
+        self.pending.kinds.push(Kind::Unprocessed);
+        if self.pending.data.len() >= batch::BATCH_BYTES {
+            self.flush_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Takes the next `n` guest clusters as zeros (left unallocated: they read as
+    /// zeros, or through a backing file's zeros).
+    pub fn write_zero_clusters(&mut self, n: u64) -> Result<()> {
+        self.flush_pending()?;
+        let end = self
+            .next_guest
+            .checked_add(n)
+            .filter(|e| *e <= self.total_clusters());
+        let Some(end) = end else {
+            return Err(Error::InvalidArgument(format!(
+                "{n} zero clusters from cluster {} run past the end of the {}-byte disk",
+                self.next_guest, self.virtual_size
+            )));
+        };
+        self.stats.zero_clusters += n;
+        self.next_guest = end;
+        Ok(())
+    }
+
+    /// Hashes, compresses and places the clusters of the streaming API.
+    fn flush_pending(&mut self) -> Result<()> {
+        if self.pending.kinds.is_empty() {
+            return Ok(());
+        }
+        let mut b = std::mem::take(&mut self.pending);
+        let cs = self.cs() as usize;
+        batch::process(&mut b, cs, self.compressor.as_deref(), None);
+        let r = self.accept_batch(&b);
+        b.kinds.clear();
+        self.pending = b;
+        r
+    }
+
+    /// Takes a batch the conversion pipeline processed: consecutive guest
+    /// clusters from `b.first_cluster`, which must not precede clusters taken
+    /// before.
+    pub fn accept_batch(&mut self, b: &Batch) -> Result<()> {
+        let cs = self.cs() as usize;
+        let end = b.first_cluster.checked_add(b.kinds.len() as u64);
+        if b.first_cluster < self.next_guest || end.is_none_or(|e| e > self.total_clusters()) {
+            return Err(Error::InvalidArgument(format!(
+                "batch of {} clusters at cluster {} is out of guest order or past the disk's end",
+                b.kinds.len(),
+                b.first_cluster
+            )));
+        }
+        self.accept(b.first_cluster, &b.data, b.clusters(cs))?;
+        self.next_guest = b.first_cluster + b.kinds.len() as u64;
+        Ok(())
     }
 
     fn cs(&self) -> u64 {
@@ -263,15 +543,16 @@ impl<'a> Writer<'a> {
 
     /// Takes a batch of consecutive guest clusters starting at `first_cluster`.
     /// `data` holds the batch's bytes (the clusters' `data` slices point into it).
-    pub fn accept(
+    /// Callers check the range (`accept_batch`).
+    pub(crate) fn accept<'b>(
         &mut self,
         first_cluster: u64,
         data: &[u8],
-        clusters: &[ClusterIn<'_>],
+        clusters: impl IntoIterator<Item = ClusterIn<'b>>,
     ) -> Result<()> {
-        for (i, c) in clusters.iter().enumerate() {
+        for (i, c) in clusters.into_iter().enumerate() {
             let guest = first_cluster + i as u64;
-            match *c {
+            match c {
                 ClusterIn::Zero => self.stats.zero_clusters += 1,
                 ClusterIn::Data {
                     hash,
@@ -502,13 +783,18 @@ impl<'a> Writer<'a> {
             .or_insert_with(|| vec![0u64; n].into_boxed_slice())[l2i] = entry;
     }
 
-    /// Writes the metadata and the header; returns the final counters.
+    /// Writes the metadata and the header; returns the final counters. Clusters
+    /// never given read as zeros.
     pub fn finish(mut self) -> Result<WriterStats> {
+        self.flush_pending()?;
         self.flush_wbuf()?;
         let cs = self.cs();
         let cb = self.cluster_bits;
         let data_end = self.next_cluster;
         let n_l2 = self.l2.len() as u64;
+        let layout =
+            MetadataLayout::compute(cb, self.refcount_order, self.virtual_size, data_end, n_l2);
+        layout.check(cb)?;
         let MetadataLayout {
             l1_clusters,
             l2_start,
@@ -518,7 +804,7 @@ impl<'a> Writer<'a> {
             reftable_start: rt_start,
             reftable_clusters: rt,
             total_clusters: total,
-        } = MetadataLayout::compute(cb, self.refcount_order, self.virtual_size, data_end, n_l2)?;
+        } = layout;
         let epb = refcount::entries_per_block(cb, self.refcount_order);
         self.stats.data_end = match self.ctail {
             Some(t) if (t >> cb) + 1 == data_end => t,
@@ -603,6 +889,7 @@ impl<'a> Writer<'a> {
 
         self.stats.metadata_clusters = 1 + n_l2 + l1_clusters + rb + rt;
         self.stats.file_size = total << cb;
+        self.stats.probe_skipped = self.probe_skipped.load(Ordering::Relaxed);
         Ok(self.stats)
     }
 }
