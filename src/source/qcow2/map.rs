@@ -16,9 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::format::compressed::CompressedDescriptor;
-use crate::format::l1l2::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO, SUBCLUSTERS,
-};
+use crate::format::l1l2::{L1Entry, L2Entry, L2Layout, Subcluster, SUBCLUSTERS};
 use crate::io::ReadAt;
 
 /// Memory the L2 cache may use.
@@ -52,11 +50,11 @@ pub(crate) enum Extent {
 struct L2Cache {
     capacity: usize,
     tick: u64,
-    tables: HashMap<u64, (Arc<[u64]>, u64)>,
+    tables: HashMap<u64, (Arc<[u8]>, u64)>,
 }
 
 impl L2Cache {
-    fn get(&mut self, offset: u64) -> Option<Arc<[u64]>> {
+    fn get(&mut self, offset: u64) -> Option<Arc<[u8]>> {
         self.tick += 1;
         let tick = self.tick;
         self.tables.get_mut(&offset).map(|(t, used)| {
@@ -65,7 +63,7 @@ impl L2Cache {
         })
     }
 
-    fn insert(&mut self, offset: u64, table: Arc<[u64]>) {
+    fn insert(&mut self, offset: u64, table: Arc<[u8]>) {
         if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
             let oldest = self
                 .tables
@@ -84,8 +82,7 @@ impl L2Cache {
 /// The mapping of one qcow2 layer (one L1 table).
 #[derive(Debug)]
 pub(crate) struct Mapper {
-    cluster_bits: u32,
-    extended: bool,
+    layout: L2Layout,
     version: u32,
     l1: Vec<u64>,
     l1_offset: u64,
@@ -108,8 +105,11 @@ impl Mapper {
         let capacity = (L2_CACHE_BYTES >> cluster_bits)
             .clamp(L2_CACHE_MIN_TABLES, L2_CACHE_MAX_TABLES) as usize;
         Mapper {
-            cluster_bits,
-            extended,
+            layout: L2Layout {
+                cluster_bits,
+                extended,
+                data_file: false,
+            },
             version,
             l1,
             l1_offset,
@@ -124,7 +124,7 @@ impl Mapper {
     }
 
     fn cluster_size(&self) -> u64 {
-        1 << self.cluster_bits
+        1 << self.layout.cluster_bits
     }
 
     /// Records metadata ranges (header, L1 and refcount tables) that no L2 table may
@@ -134,22 +134,9 @@ impl Mapper {
         self.metadata = ranges;
     }
 
-    /// 8-byte words per L2 entry.
-    fn words_per_entry(&self) -> u64 {
-        if self.extended {
-            2
-        } else {
-            1
-        }
-    }
-
-    fn l2_entries(&self) -> u64 {
-        self.cluster_size() / (8 * self.words_per_entry())
-    }
-
     /// Loads (or finds in the cache) the L2 table at `l2_off`, referenced by L1
     /// entry `l1_index`.
-    fn l2_table(&self, file: &dyn ReadAt, l2_off: u64, l1_index: u64) -> Result<Arc<[u64]>> {
+    fn l2_table(&self, file: &dyn ReadAt, l2_off: u64, l1_index: u64) -> Result<Arc<[u8]>> {
         if let Some(t) = self.cache.lock().expect("L2 cache lock").get(l2_off) {
             return Ok(t);
         }
@@ -187,10 +174,7 @@ impl Mapper {
         let mut raw = vec![0u8; cs as usize];
         file.read_exact_at(&mut raw, l2_off)
             .map_err(|e| Error::io(format!("cannot read the L2 table at {l2_off:#x}"), e))?;
-        let table: Arc<[u64]> = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
-            .collect();
+        let table: Arc<[u8]> = raw.into();
         self.cache
             .lock()
             .expect("L2 cache lock")
@@ -206,10 +190,9 @@ impl Mapper {
         guest: u64,
         max_len: u64,
     ) -> Result<(Extent, u64)> {
-        let cb = self.cluster_bits;
-        let l2_entries = self.l2_entries();
-        // ≤ 2^18 entries · 2^21 bytes: no overflow.
-        let l2_span = l2_entries << cb;
+        let cb = self.layout.cluster_bits;
+        let l2_entries = self.layout.entries_per_table();
+        let l2_span = self.layout.table_span();
         let l1_index = guest / l2_span;
         let span_end = (l1_index + 1).saturating_mul(l2_span);
         let end = guest.saturating_add(max_len).min(span_end);
@@ -217,22 +200,17 @@ impl Mapper {
             // Past the L1 table (a snapshot's shorter table): unallocated, as in QEMU.
             return Ok((Extent::Unallocated { host: None }, end - guest));
         };
-        let l2_off = l1_raw & L1E_OFFSET_MASK;
+        let l2_off = L1Entry::decode(l1_raw).l2_offset;
         if l2_off == 0 {
             return Ok((Extent::Unallocated { host: None }, end - guest));
         }
         let table = self.l2_table(file, l2_off, l1_index)?;
 
-        let unit_bits = if self.extended {
-            cb - SUBCLUSTERS.trailing_zeros()
-        } else {
-            cb
-        };
         let mut pos = guest;
         let mut first: Option<Extent> = None;
         while pos < end {
             let ci = (pos >> cb) & (l2_entries - 1);
-            let (kind, unit_end) = self.classify(&table, l2_off, ci, pos, unit_bits)?;
+            let (kind, unit_end) = self.classify(&table, l2_off, ci, pos)?;
             let next = unit_end.min(end);
             match first {
                 None => first = Some(kind),
@@ -266,108 +244,64 @@ impl Mapper {
 
     /// Classifies the unit (cluster or subcluster) holding `pos`; returns its kind
     /// (for data, the host offset of `pos` itself) and the guest end of the unit.
-    fn classify(
-        &self,
-        table: &[u64],
-        l2_off: u64,
-        ci: u64,
-        pos: u64,
-        unit_bits: u32,
-    ) -> Result<(Extent, u64)> {
-        let cb = self.cluster_bits;
+    fn classify(&self, table: &[u8], l2_off: u64, ci: u64, pos: u64) -> Result<(Extent, u64)> {
+        let lay = self.layout;
+        let cb = lay.cluster_bits;
         let cs = self.cluster_size();
-        let wpe = self.words_per_entry();
-        // ci < l2_entries, so these indexes are inside the table.
-        let raw = table[(ci * wpe) as usize];
-        let entry = l2_off + ci * wpe * 8;
+        // ci < entries_per_table and the table is one whole cluster.
+        let slot = lay.slot(table, ci).expect("entry inside the table");
+        let entry = l2_off + ci * lay.entry_bytes();
         let cluster_end = ((pos >> cb) + 1) << cb;
+        let unit_bits = lay.unit_bits();
         let unit_end = ((pos >> unit_bits) + 1) << unit_bits;
         let in_cluster = pos & (cs - 1);
         let corrupt = |detail: String| Error::corrupt("L2 entry", entry, detail);
 
-        if raw & QCOW_OFLAG_COMPRESSED != 0 {
+        let e = lay.decode(slot.raw);
+        if let L2Entry::Compressed { desc, .. } = e {
             // The subcluster bitmap of a compressed entry is ignored on reads (QEMU).
-            let desc = CompressedDescriptor::decode(raw, cb);
             return Ok((Extent::Compressed { desc, entry }, cluster_end));
         }
-        let host = raw & L2E_OFFSET_MASK;
-        let check_host = |host: u64| -> Result<()> {
+        if matches!(e, L2Entry::ZeroPlain | L2Entry::ZeroAlloc { .. }) && self.version < 3 {
+            return Err(corrupt(
+                "zero cluster entry in a version 2 image".to_string(),
+            ));
+        }
+        if let Some(host) = e.host_offset() {
             if host & (cs - 1) != 0 {
                 return Err(corrupt(format!(
                     "cluster offset {host:#x} is not cluster aligned"
                 )));
             }
-            Ok(())
-        };
-        let data = |host: u64| -> Result<Extent> {
-            check_host(host)?;
-            if host >= self.file_len {
-                return Err(corrupt(format!(
-                    "data cluster at file offset {host:#x} lies past the end of the file ({} bytes)",
-                    self.file_len
-                )));
-            }
-            Ok(Extent::Data {
-                host: host + in_cluster,
-            })
-        };
-
-        if !self.extended {
-            let kind = if raw & QCOW_OFLAG_ZERO != 0 {
-                if self.version < 3 {
-                    return Err(corrupt(
-                        "zero cluster entry in a version 2 image".to_string(),
-                    ));
-                }
-                if host != 0 {
-                    check_host(host)?;
-                }
-                Extent::Zero {
-                    host: (host != 0).then_some(host + in_cluster),
-                }
-            } else if host != 0 {
-                data(host)?
-            } else {
-                Extent::Unallocated { host: None }
-            };
-            return Ok((kind, cluster_end));
         }
-
-        let bitmap = table[(ci * wpe + 1) as usize];
-        let alloc = bitmap & 0xffff_ffff;
-        let zero = bitmap >> 32;
-        let sc = (pos >> unit_bits) & u64::from(SUBCLUSTERS - 1);
-        let kind = if host != 0 {
-            check_host(host)?;
-            if alloc & zero != 0 {
+        let unit = ((pos >> unit_bits) & u64::from(SUBCLUSTERS - 1)) as u32;
+        let kind = match e.subcluster(lay.extended.then_some(slot.bitmap), unit) {
+            Err(invalid) => {
                 return Err(corrupt(format!(
-                    "subclusters both allocated and zero (bitmap {bitmap:#018x})"
-                )));
+                    "{invalid} (bitmap {:#018x})",
+                    slot.bitmap.0
+                )))
             }
-            if alloc & (1 << sc) != 0 {
-                data(host)?
-            } else if zero & (1 << sc) != 0 {
-                Extent::Zero {
-                    host: Some(host + in_cluster),
+            Ok(Subcluster::Data { host }) => {
+                if host >= self.file_len {
+                    return Err(corrupt(format!(
+                        "data cluster at file offset {host:#x} lies past the end of the file ({} bytes)",
+                        self.file_len
+                    )));
                 }
-            } else {
-                Extent::Unallocated {
-                    host: Some(host + in_cluster),
+                Extent::Data {
+                    host: host + in_cluster,
                 }
             }
-        } else {
-            if alloc != 0 {
-                return Err(corrupt(format!(
-                    "allocated subclusters without a host cluster (bitmap {bitmap:#018x})"
-                )));
-            }
-            if zero & (1 << sc) != 0 {
-                Extent::Zero { host: None }
-            } else {
-                Extent::Unallocated { host: None }
-            }
+            Ok(Subcluster::Zero { host }) => Extent::Zero {
+                host: host.map(|h| h + in_cluster),
+            },
+            Ok(Subcluster::Unallocated { host }) => Extent::Unallocated {
+                host: host.map(|h| h + in_cluster),
+            },
+            Ok(Subcluster::Compressed(desc)) => Extent::Compressed { desc, entry },
         };
-        Ok((kind, unit_end))
+        Ok((kind, if lay.extended { unit_end } else { cluster_end }))
     }
 }
 
@@ -383,7 +317,7 @@ mod tests {
             tick: 0,
             tables: HashMap::new(),
         };
-        let t = |v: u64| -> Arc<[u64]> { vec![v].into() };
+        let t = |v: u8| -> Arc<[u8]> { vec![v].into() };
         c.insert(1, t(1));
         c.insert(2, t(2));
         assert!(c.get(1).is_some()); // 2 is now the oldest
