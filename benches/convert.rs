@@ -55,8 +55,8 @@ fn convert_once(path: &Path, opts: &ConvertOptions, out_capacity: usize) -> u64 
     let src = RawSource::open(path).expect("open the input");
     // Preallocated so that growing the in-memory file does not dominate.
     let out = MemFile::new(Vec::with_capacity(out_capacity));
-    let (stats, _, _) = convert_to(&src, &out, opts).expect("convert");
-    stats.file_size
+    let stats = convert_to(&src, &out, opts).expect("convert");
+    stats.writer.file_size
 }
 
 fn bench_convert(c: &mut Criterion) {

@@ -1,6 +1,8 @@
 //! Fuzzing oracles, shared by the cargo-fuzz targets under `fuzz/` and by
 //! `tests/fuzz_regressions.rs`, which replays committed inputs with plain
 //! `cargo test`. Each function panics if (and only if) its oracle is violated.
+//!
+//! Hidden from the documentation: not part of the library's API.
 #![allow(clippy::missing_panics_doc)]
 
 use crate::check::{check_image, repair_image, CheckOptions, RepairMode};

@@ -3,6 +3,8 @@
 //! An image is made of 64 KiB blocks, each drawn (from a seeded PRNG) as zeros,
 //! a repeat of one of a few template blocks, compressible text, or random bytes,
 //! in proportions given by a [`Mix`].
+//!
+//! Hidden from the documentation: not part of the library's API.
 
 use std::fs::File;
 use std::io::Write;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use qdedup::convert::{self, ConvertOptions};
-use qdedup::source::{BlockStatus, Source};
+use qdedup::source::{BlockStatus, Input, Source};
 
 /// Writes `mib` MiB of unique (non-repeating, non-zero) 4 KiB blocks, quickly.
 fn big_unique_input(path: &Path, mib: usize) {
@@ -268,7 +268,8 @@ fn a_failing_read_at_any_point_fails_the_conversion_and_leaves_nothing() {
                 max_in_flight: 4 << 20,
                 ..ConvertOptions::default()
             };
-            let e = convert::convert(Path::new("in"), &out, &src, &opts).unwrap_err();
+            let input = Input::from_source(Box::new(src));
+            let e = convert::convert_input(&input, &out, &opts).unwrap_err();
             assert!(e.to_string().contains("injected read failure"), "{e}");
             assert!(
                 dir_entries(dir.path()).is_empty(),

@@ -4,8 +4,8 @@
 //! stricter checks, and optionally repairs leaks and COPIED flags in place.
 //!
 //! ```no_run
-//! use qdedup::check::{check_file, CheckOptions};
-//! let report = check_file("disk.qcow2".as_ref(), &CheckOptions::default())?;
+//! use qdedup::check::{check, CheckOptions};
+//! let report = check("disk.qcow2".as_ref(), &CheckOptions::default())?;
 //! print!("{}", report.human());
 //! std::process::exit(report.exit_code());
 //! # Ok::<(), qdedup::Error>(())
@@ -50,7 +50,7 @@ use report::Tally;
 pub struct CheckOptions {
     /// Count refcount-1 entries without COPIED as corruptions (QEMU's rule).
     pub strict: bool,
-    /// Repair in place ([`check_file`] opens the file read-write).
+    /// Repair in place ([`check`] opens the file read-write).
     pub repair: Option<RepairMode>,
     /// Decompress every compressed cluster (on by default).
     pub verify_compressed: bool,
@@ -74,7 +74,8 @@ impl Default for CheckOptions {
 /// Returns an error only if the image cannot be checked at all: it cannot be
 /// opened or read, is not qcow2, or its header is invalid or uses features QEMU
 /// would refuse (callers report that like `qemu-img check`'s exit code 1).
-pub fn check_file(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
+/// [`check_image`] and [`repair_image`] do the same through a reader.
+pub fn check(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let name = path.display().to_string();
     let file = OpenOptions::new()
         .read(true)
@@ -87,6 +88,10 @@ pub fn check_file(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
         check_image(&file, &name, opts)
     }
 }
+
+/// The former name of [`check`].
+#[doc(hidden)]
+pub use self::check as check_file;
 
 /// Checks an image read through `img`; `opts.repair` must be `None`.
 pub fn check_image<R: ReadAt + ?Sized>(

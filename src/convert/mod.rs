@@ -1,6 +1,15 @@
 //! `convert`: an input image to a deduplicated qcow2 v3 image.
 //!
-//! The output appears only when complete: it is written to a temporary file
+//! Three levels, each built on the next:
+//!
+//! - [`convert`]: paths in, [`ConvertReport`] out; opens the input as
+//!   [`ConvertOptions::input`] says.
+//! - [`convert_input`]: an input already opened ([`Input`]; also any [`Source`]
+//!   through [`Input::from_source`]) into the file at a path.
+//! - [`convert_to`]: any [`Source`] into any [`WriteAt`] (an in-memory file in
+//!   tests), returning the raw [`ConvertStats`].
+//!
+//! The output file appears only when complete: it is written to a temporary file
 //! beside `OUT` (named `.OUT.XXXXXX.qdedup-tmp`), synced, and renamed into place;
 //! on any error or interruption the temporary file is removed. The input is only
 //! ever opened read-only.
@@ -14,18 +23,19 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+pub use options::{ConvertOptions, ProgressFn, O_OPTIONS};
+
 use crate::writer::{WriterBuilder, WriterStats};
-pub use options::{ConvertOptions, O_OPTIONS};
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::WriteAt;
-use crate::source::Source;
+use crate::source::{Input, Source};
 
 /// What a conversion did, for humans (`Display`) and JSON.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ConvertReport {
-    /// Input path.
+    /// Input path (empty for an [`Input::from_source`] input).
     pub input: String,
     /// Output path.
     pub output: String,
@@ -175,19 +185,35 @@ impl ConvertOptions {
     }
 }
 
+/// What [`convert_to`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvertStats {
+    /// The writer's counters: clusters by kind, compressed bytes, file size.
+    pub writer: WriterStats,
+    /// Guest bytes read from the source (zero runs are skipped, not read).
+    pub bytes_read: u64,
+    /// Heap bytes of the dedup index at the end.
+    pub index_bytes: u64,
+}
+
 /// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
-/// This is the core used by [`convert`]; tests call it with in-memory files.
+/// This is the core of [`convert`]; tests and benchmarks call it with in-memory
+/// files. `opts.input`, `sync` and `force` do not apply here.
 pub fn convert_to(
     src: &dyn Source,
     out: &dyn WriteAt,
     opts: &ConvertOptions,
-) -> Result<(WriterStats, u64, u64)> {
+) -> Result<ConvertStats> {
     let mut w = opts.writer(src.virtual_size()).create(out)?;
     let compress = w.compressor();
     let bytes_read = pipeline::run(src, opts, compress.as_deref(), &mut |b| w.accept_batch(b))?;
     let index_bytes = w.index_heap_bytes() as u64;
     let stats = w.finish()?;
-    Ok((stats, bytes_read, index_bytes))
+    Ok(ConvertStats {
+        writer: stats,
+        bytes_read,
+        index_bytes,
+    })
 }
 
 /// Refuses an output that is the input (same file, whatever the path).
@@ -226,15 +252,21 @@ fn remove_stale_temporaries(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
     removed
 }
 
-/// Converts the image at `input` into a deduplicated qcow2 image at `output`.
-pub fn convert(
-    input: &Path,
-    output: &Path,
-    src: &dyn Source,
-    opts: &ConvertOptions,
-) -> Result<ConvertReport> {
+/// Converts the image at `input` (opened as `opts.input` says: format probed or
+/// forced, backing chain, snapshot) into a deduplicated qcow2 image at `output`.
+///
+/// `output` is refused if it is the input, a directory or a device, or exists
+/// without `opts.force`; it appears only when complete (see the module docs).
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
+    convert_input(&Input::open(input, &opts.input)?, output, opts)
+}
+
+/// Converts an opened input into a deduplicated qcow2 image at `output`, as
+/// [`convert`] does (`opts.input` is not used: the input is open already).
+pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let start = Instant::now();
-    if same_file(input, output) {
+    let src = input.source();
+    if input.path().is_some_and(|input| same_file(input, output)) {
         return Err(Error::InvalidArgument(format!(
             "output {} is the input file",
             output.display()
@@ -306,7 +338,11 @@ pub fn convert(
     let file: &File = tmp.as_file();
     // Held until the file is closed: tells later runs this temporary file is live.
     let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
-    let (stats, bytes_read, index_bytes) = convert_to(src, file, opts)?;
+    let ConvertStats {
+        writer: stats,
+        bytes_read,
+        index_bytes,
+    } = convert_to(src, file, opts)?;
     if opts.sync {
         file.sync_all()
             .ctx(|| "cannot sync the output".to_string())?;
@@ -340,7 +376,10 @@ pub fn convert(
         );
     }
     Ok(ConvertReport {
-        input: input.display().to_string(),
+        input: input
+            .path()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
         output: output.display().to_string(),
         input_format: src.format_name().to_string(),
         virtual_size: vsize,

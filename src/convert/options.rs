@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+use crate::source::OpenOptions;
 
 /// Called with (guest bytes done, guest bytes total).
 pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
@@ -12,6 +13,9 @@ pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
 /// Options of a conversion.
 #[derive(Clone)]
 pub struct ConvertOptions {
+    /// How [`convert`](super::convert) opens the input (format probed by default,
+    /// through the backing chain, the active layer).
+    pub input: OpenOptions,
     /// log2 of the output cluster size (9..=21); default 16 (64 KiB).
     pub cluster_bits: u32,
     /// log2 of the refcount width (0..=6); default 4 (16 bits).
@@ -33,15 +37,18 @@ pub struct ConvertOptions {
     pub sync: bool,
     /// Replace an existing output file.
     pub force: bool,
-    /// Progress callback.
+    /// Called with (guest bytes done, guest bytes total) as the conversion
+    /// advances (the command line draws its progress bar with it).
     pub progress: Option<Arc<ProgressFn>>,
-    /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion.
+    /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion: it then
+    /// fails with [`Error::Interrupted`] and leaves no output behind.
     pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl std::fmt::Debug for ConvertOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConvertOptions")
+            .field("input", &self.input)
             .field("cluster_bits", &self.cluster_bits)
             .field("refcount_order", &self.refcount_order)
             .field("dedup", &self.dedup)
@@ -58,6 +65,7 @@ impl std::fmt::Debug for ConvertOptions {
 impl Default for ConvertOptions {
     fn default() -> Self {
         ConvertOptions {
+            input: OpenOptions::default(),
             cluster_bits: 16,
             refcount_order: 4,
             dedup: true,

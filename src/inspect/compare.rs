@@ -28,7 +28,7 @@ const SECTOR: u64 = 512;
 /// What [`compare`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct CompareResult {
+pub struct CompareReport {
     /// The virtual sizes differ.
     pub size_mismatch: bool,
     /// The smaller of the two virtual sizes.
@@ -99,7 +99,7 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 }
 
 /// Compares the guest contents of the images at `a` and `b`.
-pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareResult> {
+pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareReport> {
     let sa = open_src(a, opts.format_a)?;
     let sb = open_src(b, opts.format_b)?;
     let (ta, tb) = (top(a, opts.format_a)?, top(b, opts.format_b)?);
@@ -109,7 +109,7 @@ pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareResul
     };
     let (size_a, size_b) = (sa.virtual_size(), sb.virtual_size());
     let common = size_a.min(size_b);
-    let mut r = CompareResult {
+    let mut r = CompareReport {
         size_mismatch: size_a != size_b,
         common_size: common,
         mismatch_offset: None,

@@ -560,8 +560,15 @@ fn row(
     }
 }
 
+/// Estimates the conversion of the image at `input`, opened as
+/// `opts.convert.input` says (see the module docs).
+pub fn estimate(input: &std::path::Path, opts: &EstimateOptions) -> Result<EstimateReport> {
+    let src = crate::source::open(input, &opts.convert.input)?;
+    estimate_source(src.as_ref(), opts)
+}
+
 /// Estimates the conversion of `src` (see the module docs).
-pub fn estimate(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateReport> {
+pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<EstimateReport> {
     let start = Instant::now();
     let copts = &opts.convert;
     let mut bits: Vec<u32> = opts.extra_cluster_bits.clone();

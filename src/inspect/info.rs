@@ -115,7 +115,7 @@ pub struct DedupInfo {
 /// What `info` reports.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct ImageInfo {
+pub struct InfoReport {
     /// Virtual size.
     pub virtual_size: u64,
     /// The path as given.
@@ -250,14 +250,21 @@ fn snapshot_infos(q: &Qcow2Source) -> Result<Vec<SnapshotInfo>> {
     Ok(out)
 }
 
-/// Describes the image at `path` (format probed unless given).
-pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
+/// Options of [`info`].
+#[derive(Debug, Clone, Default)]
+pub struct InfoOptions {
+    /// Force the format of the image (probed when `None`).
+    pub format: Option<Format>,
+}
+
+/// Describes the image at `path`.
+pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
     let meta = std::fs::metadata(path).ctx(|| format!("cannot stat {}", path.display()))?;
-    let mut layers = open_layers_top(path, format)?;
+    let mut layers = open_layers_top(path, opts.format)?;
     let filename = path.display().to_string();
     let actual_size = meta.blocks() * 512;
     match layers.remove(0).kind {
-        LayerKind::Raw(r) => Ok(ImageInfo {
+        LayerKind::Raw(r) => Ok(InfoReport {
             virtual_size: r.virtual_size(),
             filename,
             cluster_size: None,
@@ -285,7 +292,7 @@ pub fn info(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
                 extended_l2: v3.then_some(h.extended_l2()),
             };
             let backing = q.backing_file().map(Path::to_path_buf);
-            Ok(ImageInfo {
+            Ok(InfoReport {
                 virtual_size: q.virtual_size(),
                 filename,
                 cluster_size: Some(h.cluster_size()),
@@ -334,7 +341,7 @@ fn open_layers_top(path: &Path, format: Option<Format>) -> Result<Vec<super::lay
     }])
 }
 
-impl std::fmt::Display for ImageInfo {
+impl std::fmt::Display for InfoReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(f, "image: {}", self.filename)?;
         writeln!(f, "file format: {}", self.format)?;

@@ -58,7 +58,7 @@ pub struct MapOptions {
 
 /// A mapped image: its extents and the names of its layers (by depth).
 #[derive(Debug, Clone)]
-pub struct ImageMap {
+pub struct MapReport {
     /// Extents covering the virtual size, in guest order.
     pub entries: Vec<MapEntry>,
     /// File name of each layer (top first), as QEMU prints them.
@@ -202,7 +202,7 @@ fn metadata_preallocated(path: &Path, q: &Qcow2Source) -> bool {
 }
 
 /// Maps the image at `path` through its backing chain.
-pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
+pub fn map(path: &Path, opts: &MapOptions) -> Result<MapReport> {
     let layers = open_layers(path, opts.format)?;
     let readers = layers
         .iter()
@@ -235,7 +235,7 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<ImageMap> {
         LayerKind::Qcow2(q) => Some(q.header().cluster_size()),
         LayerKind::Raw(_) => None,
     };
-    Ok(ImageMap {
+    Ok(MapReport {
         entries,
         files: layers
             .iter()
@@ -281,7 +281,7 @@ fn hex16(v: u64) -> String {
 
 /// qemu-img map's default table: data extents only. Compressed extents (which
 /// qemu-img refuses to print) show "compressed" instead of a host offset.
-pub fn to_human(m: &ImageMap, shared: bool) -> String {
+pub fn to_human(m: &MapReport, shared: bool) -> String {
     let mut s = format!(
         "{:<16}{:<16}{:<16}{}",
         "Offset", "Length", "Mapped to", "File"

@@ -2,9 +2,10 @@
 //!
 //! A source exposes the guest view (virtual size, block status, reads). The
 //! converter never asks how the data is stored. [`open`] probes the format and
-//! opens a qcow2 image with its backing chain.
+//! opens a qcow2 image with its backing chain; [`Input::open`] does the same and
+//! keeps the path, for `convert` and `estimate`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Result;
 use crate::format::header::QCOW_MAGIC;
@@ -113,4 +114,48 @@ pub fn probe(file: &dyn ReadAt) -> std::io::Result<Format> {
 /// directory, at most [`qcow2::MAX_CHAIN_DEPTH`] levels, loops refused).
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Source>> {
     qcow2::open_chain(path, opts)
+}
+
+/// An input image for `convert` or `estimate`: a [`Source`] and the file it was
+/// opened from. The conversion names the input by this path in its report and
+/// refuses to write its output over it.
+pub struct Input {
+    path: Option<PathBuf>,
+    source: Box<dyn Source>,
+}
+
+impl Input {
+    /// Opens the image at `path` as [`open`] does.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Input> {
+        Ok(Input {
+            path: Some(path.to_path_buf()),
+            source: open(path, opts)?,
+        })
+    }
+
+    /// An input that is not a file (generated data, a test source): reports
+    /// name it by an empty string.
+    pub fn from_source(source: Box<dyn Source>) -> Input {
+        Input { path: None, source }
+    }
+
+    /// The file the input was opened from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The guest view.
+    pub fn source(&self) -> &dyn Source {
+        self.source.as_ref()
+    }
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Input")
+            .field("path", &self.path)
+            .field("format", &self.source.format_name())
+            .field("virtual_size", &self.source.virtual_size())
+            .finish()
+    }
 }

@@ -1,0 +1,228 @@
+//! The command line as typed: flat clap structs that mirror the flags, one per
+//! subcommand. Nothing here is validated beyond what clap checks;
+//! [`Command::from_args`](super::command::Command::from_args) turns them into
+//! library options.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "qdedup",
+    version,
+    about = "Deduplicating qcow2 converter and verifier"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum InputFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum BackingChain {
+    Full,
+    None,
+}
+
+/// How the output image is laid out: shared by `convert` and `estimate`.
+#[derive(clap::Args)]
+pub(crate) struct ImageArgs {
+    /// Compress clusters (codec from -o compression_type, default zlib).
+    #[arg(short = 'c', long = "compress")]
+    pub(crate) compress: bool,
+    /// Compression level (zlib 0-9, zstd 1-22).
+    #[arg(long)]
+    pub(crate) compression_level: Option<i32>,
+    /// Try deflate on every distinct cluster, also those the incompressibility
+    /// probe would store plain untried (slower on random data; rarely smaller).
+    #[arg(long)]
+    pub(crate) no_compress_probe: bool,
+    /// qemu-img style options: cluster_size=64k,refcount_bits=16,compression_type=zlib|zstd.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub(crate) options: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ConvertArgs {
+    /// Input format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub(crate) format: Option<InputFormat>,
+    /// Read through the backing chain (full, default) or the top layer alone (none).
+    #[arg(long, value_enum, default_value = "full")]
+    pub(crate) backing_chain: BackingChain,
+    /// Convert this snapshot's view (ID or name) instead of the active layer.
+    #[arg(short = 'l', long = "snapshot", value_name = "ID|NAME")]
+    pub(crate) snapshot: Option<String>,
+    /// Output format; only qcow2 (accepted for qemu-img compatibility).
+    #[arg(short = 'O', value_parser = ["qcow2"], default_value = "qcow2")]
+    pub(crate) out_format: String,
+    #[command(flatten)]
+    pub(crate) image: ImageArgs,
+    /// Store every cluster, even when its content was already written.
+    #[arg(long)]
+    pub(crate) no_dedup: bool,
+    /// Hash/compress worker threads (default: available cores; 0 = sequential).
+    #[arg(short = 'm', long = "workers")]
+    pub(crate) workers: Option<usize>,
+    /// Guest bytes in flight in the pipeline, e.g. 64M.
+    #[arg(long, default_value = "64M")]
+    pub(crate) max_in_flight: String,
+    /// Do not fsync the output (like qemu-img convert's default cache=unsafe).
+    #[arg(long)]
+    pub(crate) no_sync: bool,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Input image.
+    pub(crate) input: PathBuf,
+    /// Output qcow2 image.
+    pub(crate) output_image: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct InfoArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub(crate) format: Option<InputFormat>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Image.
+    pub(crate) image: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct MapArgs {
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub(crate) format: Option<InputFormat>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Add the refcount of each extent's host cluster (extents split where it changes).
+    #[arg(long)]
+    pub(crate) shared: bool,
+    /// Also draw the image (zero / unique / shared / compressed) into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) svg: Option<PathBuf>,
+    /// Image.
+    pub(crate) image: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct CompareArgs {
+    /// Format of the first image (probed when omitted).
+    #[arg(short = 'f', value_enum)]
+    pub(crate) format_a: Option<InputFormat>,
+    /// Format of the second image (probed when omitted).
+    #[arg(short = 'F', value_enum)]
+    pub(crate) format_b: Option<InputFormat>,
+    /// Print nothing; the exit code says it all (0 same, 1 different, 2 error).
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
+    /// First image.
+    pub(crate) a: PathBuf,
+    /// Second image.
+    pub(crate) b: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct EstimateArgs {
+    /// Input format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub(crate) format: Option<InputFormat>,
+    #[command(flatten)]
+    pub(crate) image: ImageArgs,
+    /// Tabulate several cluster sizes in one pass, e.g. 4k,64k,2m.
+    #[arg(long, value_name = "LIST")]
+    pub(crate) cluster_sizes: Option<String>,
+    /// Read only this fraction of the input (e.g. 0.05) and estimate with an interval.
+    #[arg(long, value_name = "P")]
+    pub(crate) sample: Option<f64>,
+    /// Seed of --sample.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// Hash/compress worker threads (default: available cores; 0 = sequential).
+    #[arg(short = 'm', long = "workers")]
+    pub(crate) workers: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Input image.
+    pub(crate) input: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum RepairArg {
+    /// Set COPIED on active entries with refcount 1, clear it where the refcount is not 1.
+    Copied,
+    /// Lower stored refcounts that exceed the number of references.
+    Leaks,
+    /// Both (leaks first).
+    All,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct CheckArgs {
+    /// Report format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Count refcount-1 entries without COPIED as corruptions (qemu-img's rule).
+    #[arg(long)]
+    pub(crate) strict: bool,
+    /// Repair in place what is safe to repair (refused if other corruptions exist).
+    #[arg(short = 'r', long, value_enum)]
+    pub(crate) repair: Option<RepairArg>,
+    /// Do not decompress compressed clusters (faster; qemu-img check does not either).
+    #[arg(long)]
+    pub(crate) no_verify_compressed: bool,
+    /// List at most this many findings (the counts stay exact).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) max_findings: usize,
+    /// The qcow2 image to check.
+    pub(crate) image: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Convert an image to a deduplicated qcow2 v3 image.
+    Convert(ConvertArgs),
+    /// Describe an image like `qemu-img info`, plus dedup figures.
+    Info(InfoArgs),
+    /// Show the guest-to-host mapping like `qemu-img map`.
+    Map(MapArgs),
+    /// Compare the guest contents of two images like `qemu-img compare`.
+    Compare(CompareArgs),
+    /// Predict the size of a conversion (and of `qemu-img convert`) without writing.
+    Estimate(EstimateArgs),
+    /// Check a qcow2 image like qemu-img check (exit 0 clean, 1 check failed,
+    /// 2 corruptions, 3 leaks only).
+    Check(CheckArgs),
+    /// Generate a sample disk image, convert it and verify the result with qemu-img.
+    Demo {
+        /// Size of the sample image, e.g. 256M.
+        #[arg(long, default_value = "256M")]
+        size: String,
+        /// Keep the sample and output in this directory instead of a temporary one.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,268 @@
+//! The one conversion from the arguments as typed ([`args`](super::args)) to a
+//! validated [`Command`]: library options plus what only the command line needs
+//! (report format, quiet, SVG file). It reads and writes nothing, so every
+//! argument error is reported before any file is touched.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use qdedup::check::RepairMode;
+use qdedup::convert::options::parse_size;
+use qdedup::format::header::CompressionType;
+use qdedup::source::{Format, OpenOptions};
+use qdedup::{CheckOptions, CompareOptions, ConvertOptions, EstimateOptions};
+use qdedup::{InfoOptions, MapOptions};
+
+pub(crate) use super::args::OutputFormat;
+use super::args::{
+    BackingChain, CheckArgs, Cli, Cmd, CompareArgs, ConvertArgs, EstimateArgs, ImageArgs, InfoArgs,
+    InputFormat, MapArgs, RepairArg,
+};
+
+/// A subcommand with its options validated.
+pub(crate) enum Command {
+    Convert(Convert),
+    Info(Info),
+    Map(Map),
+    Compare(Compare),
+    Estimate(Estimate),
+    Check(Check),
+    Demo(Demo),
+    /// `-o help` (convert, estimate): list the `-o` options and stop.
+    ImageOptionsHelp,
+}
+
+/// `qdedup convert`.
+pub(crate) struct Convert {
+    pub(crate) input: PathBuf,
+    pub(crate) output: PathBuf,
+    /// Everything but `progress` and `cancel`, which belong to the terminal.
+    pub(crate) opts: ConvertOptions,
+    /// No progress bar.
+    pub(crate) quiet: bool,
+    pub(crate) report: OutputFormat,
+}
+
+/// `qdedup info`.
+pub(crate) struct Info {
+    pub(crate) image: PathBuf,
+    pub(crate) opts: InfoOptions,
+    pub(crate) report: OutputFormat,
+}
+
+/// `qdedup map`.
+pub(crate) struct Map {
+    pub(crate) image: PathBuf,
+    /// `shared` is also on when only the SVG picture needs refcounts.
+    pub(crate) opts: MapOptions,
+    /// The listing shows refcounts (`--shared`).
+    pub(crate) list_shared: bool,
+    pub(crate) svg: Option<PathBuf>,
+    pub(crate) report: OutputFormat,
+}
+
+/// `qdedup compare`.
+pub(crate) struct Compare {
+    pub(crate) a: PathBuf,
+    pub(crate) b: PathBuf,
+    pub(crate) opts: CompareOptions,
+    pub(crate) quiet: bool,
+}
+
+/// `qdedup estimate`.
+pub(crate) struct Estimate {
+    pub(crate) input: PathBuf,
+    pub(crate) opts: EstimateOptions,
+    pub(crate) report: OutputFormat,
+}
+
+/// `qdedup check`.
+pub(crate) struct Check {
+    pub(crate) image: PathBuf,
+    pub(crate) opts: CheckOptions,
+    pub(crate) report: OutputFormat,
+}
+
+/// `qdedup demo`.
+pub(crate) struct Demo {
+    /// Bytes of the sample disk.
+    pub(crate) size: u64,
+    pub(crate) keep: Option<PathBuf>,
+}
+
+impl Command {
+    /// Validates the parsed arguments into library options.
+    pub(crate) fn from_args(cli: Cli) -> Result<Command> {
+        Ok(match cli.cmd {
+            Cmd::Convert(a) => match convert(a)? {
+                Some(c) => Command::Convert(c),
+                None => Command::ImageOptionsHelp,
+            },
+            Cmd::Info(a) => Command::Info(info(a)),
+            Cmd::Map(a) => Command::Map(map(a)),
+            Cmd::Compare(a) => Command::Compare(compare(a)),
+            Cmd::Estimate(a) => match estimate(a)? {
+                Some(e) => Command::Estimate(e),
+                None => Command::ImageOptionsHelp,
+            },
+            Cmd::Check(a) => Command::Check(check(a)),
+            Cmd::Demo { size, keep } => Command::Demo(Demo {
+                size: parse_size(&size)?,
+                keep,
+            }),
+        })
+    }
+}
+
+fn input_format(f: Option<InputFormat>) -> Option<Format> {
+    f.map(|f| match f {
+        InputFormat::Raw => Format::Raw,
+        InputFormat::Qcow2 => Format::Qcow2,
+    })
+}
+
+/// Conversion options from `-o`, `-c` and the compression flags; `None` when
+/// `-o help` asks for the list of options instead.
+fn image_options(a: &ImageArgs) -> Result<Option<ConvertOptions>> {
+    if a.options
+        .iter()
+        .any(|o| o.split(',').any(|i| i.trim() == "help"))
+    {
+        // Like `qemu-img create -o help`.
+        return Ok(None);
+    }
+    let mut opts = ConvertOptions::default();
+    for o in &a.options {
+        opts.apply_o(o)?;
+    }
+    if a.compress && opts.compression.is_none() {
+        opts.compression = Some(CompressionType::Zlib);
+    }
+    if !a.compress && opts.compression.is_some() {
+        // compression_type alone only selects the codec, as in qemu-img.
+        if opts.compression == Some(CompressionType::Zlib) {
+            opts.compression = None;
+        } else {
+            bail!(
+                "-o compression_type=zstd needs -c (this image would have no compressed clusters)"
+            );
+        }
+    }
+    opts.compression_level = a.compression_level;
+    opts.compress_probe = !a.no_compress_probe;
+    Ok(Some(opts))
+}
+
+fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
+    let Some(mut opts) = image_options(&a.image)? else {
+        return Ok(None);
+    };
+    opts.dedup = !a.no_dedup;
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    opts.max_in_flight = usize::try_from(parse_size(&a.max_in_flight)?)?;
+    opts.sync = !a.no_sync;
+    opts.force = a.force;
+    opts.input = OpenOptions {
+        format: input_format(a.format),
+        backing_chain: a.backing_chain == BackingChain::Full,
+        snapshot: a.snapshot,
+    };
+    Ok(Some(Convert {
+        input: a.input,
+        output: a.output_image,
+        opts,
+        quiet: a.quiet,
+        report: a.output,
+    }))
+}
+
+fn info(a: InfoArgs) -> Info {
+    Info {
+        image: a.image,
+        opts: InfoOptions {
+            format: input_format(a.format),
+        },
+        report: a.output,
+    }
+}
+
+fn map(a: MapArgs) -> Map {
+    Map {
+        image: a.image,
+        opts: MapOptions {
+            format: input_format(a.format),
+            shared: a.shared || a.svg.is_some(),
+        },
+        list_shared: a.shared,
+        svg: a.svg,
+        report: a.output,
+    }
+}
+
+fn compare(a: CompareArgs) -> Compare {
+    Compare {
+        a: a.a,
+        b: a.b,
+        opts: CompareOptions {
+            format_a: input_format(a.format_a),
+            format_b: input_format(a.format_b),
+        },
+        quiet: a.quiet,
+    }
+}
+
+fn estimate(a: EstimateArgs) -> Result<Option<Estimate>> {
+    let Some(mut opts) = image_options(&a.image)? else {
+        return Ok(None);
+    };
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    let mut extra = Vec::new();
+    if let Some(list) = &a.cluster_sizes {
+        for item in list.split(',').filter(|s| !s.trim().is_empty()) {
+            let mut probe = ConvertOptions::default();
+            probe.apply_o(&format!("cluster_size={}", item.trim()))?;
+            extra.push(probe.cluster_bits);
+        }
+        // Without -o cluster_size, the first listed size is the primary one.
+        if !a.image.options.iter().any(|o| o.contains("cluster_size")) {
+            if let Some(&first) = extra.first() {
+                opts.cluster_bits = first;
+            }
+        }
+    }
+    opts.input = OpenOptions {
+        format: input_format(a.format),
+        ..OpenOptions::default()
+    };
+    Ok(Some(Estimate {
+        input: a.input,
+        opts: EstimateOptions {
+            convert: opts,
+            extra_cluster_bits: extra,
+            sample: a.sample,
+            seed: a.seed,
+        },
+        report: a.output,
+    }))
+}
+
+fn check(a: CheckArgs) -> Check {
+    Check {
+        image: a.image,
+        opts: CheckOptions {
+            strict: a.strict,
+            repair: a.repair.map(|r| match r {
+                RepairArg::Copied => RepairMode::Copied,
+                RepairArg::Leaks => RepairMode::Leaks,
+                RepairArg::All => RepairMode::All,
+            }),
+            verify_compressed: !a.no_verify_compressed,
+            max_findings: a.max_findings,
+        },
+        report: a.output,
+    }
+}
