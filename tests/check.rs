@@ -880,6 +880,7 @@ fn mutated_images_never_panic() {
         repair: Some(RepairMode::All),
         ..CheckOptions::default()
     };
+    let (mut checked, mut refused, mut repaired, mut corrupt) = (0, 0, 0, 0);
     for round in 0..400 {
         let mut b = orig.clone();
         for _ in 0..=rnd() % 8 {
@@ -890,18 +891,33 @@ fn mutated_images_never_panic() {
             b.truncate((rnd() % orig.len() as u64) as usize);
         }
         let Ok(before) = check_image(&MemFile::new(b.clone()), "fuzz", &opts) else {
+            // Refused as QEMU refuses to open it: also a verdict, not a panic.
+            refused += 1;
             continue;
         };
+        checked += 1;
+        if before.corruptions > 0 {
+            corrupt += 1;
+        }
         // The fuzz target's oracles: a repair never panics, leaves a clean image
         // untouched and never adds corruptions.
         let f = MemFile::new(b.clone());
         if let Ok(after) = repair_image(&f, "fuzz", &repair) {
+            repaired += 1;
             if before.is_clean() && before.relaxed_copied == 0 {
                 assert_eq!(f.contents(), b);
             }
             assert!(after.corruptions <= before.corruptions, "{}", after.human());
         }
     }
+    // The mutations must reach the checker and the repair, and find damage: a
+    // run in which every round is refused at open would show nothing.
+    eprintln!("checked {checked}, refused {refused}, repaired {repaired}, corrupt {corrupt}");
+    assert_eq!(checked + refused, 400);
+    assert!(
+        checked >= 200 && repaired >= 200 && corrupt >= 50,
+        "checked {checked}, refused {refused}, repaired {repaired}, corrupt {corrupt}"
+    );
 }
 
 #[test]

@@ -311,9 +311,10 @@ fn force_replaces_an_existing_output() {
 }
 
 #[test]
-fn human_report_names_the_figures() {
+fn human_report_gives_the_same_figures_as_the_json_report() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.raw");
+    // 20 clusters drawn from a few contents, some of them zero.
     make_input(&input, 65536, 20, 0, 2);
     let out = dir.path().join("out.qcow2");
     let o = qdedup([
@@ -322,19 +323,57 @@ fn human_report_names_the_figures() {
         out.as_os_str(),
     ]);
     assert!(o.status.success());
-    let s = String::from_utf8_lossy(&o.stdout);
-    for w in [
-        "virtual size",
-        "zero",
-        "unique",
-        "duplicate",
-        "read",
-        "written",
-        "saved",
-        "MB/s",
-    ] {
-        assert!(s.contains(w), "missing {w} in {s}");
+    let human = String::from_utf8_lossy(&o.stdout).to_string();
+    let j = convert_json(&["--force"], &input, &out);
+    let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{k} in {j}"));
+    let mib = |k: &str| format!("{:.1} MiB", n(k) as f64 / f64::from(1 << 20));
+    assert!(n("clusters-unique") > 0 && n("clusters-duplicate") > 0 && n("clusters-zero") > 0);
+    let want = [
+        format!(
+            "virtual size:      {} ({} bytes), cluster size {}, refcount bits {}",
+            mib("virtual-size"),
+            n("virtual-size"),
+            n("cluster-size"),
+            n("refcount-bits")
+        ),
+        format!(
+            "clusters:          {} total, {} zero, {} unique, {} duplicate",
+            n("clusters-total"),
+            n("clusters-zero"),
+            n("clusters-unique"),
+            n("clusters-duplicate")
+        ),
+        format!(
+            "read:              {}   written: {}",
+            mib("bytes-read"),
+            mib("bytes-written")
+        ),
+        format!(
+            "saved by sharing:  {} ({:.1}% of the non-zero data), max refcount {}",
+            mib("saved-bytes"),
+            j["saved-percent"].as_f64().unwrap(),
+            n("max-refcount")
+        ),
+    ];
+    for w in &want {
+        assert!(
+            human.lines().any(|l| l == w),
+            "missing line {w:?} in:\n{human}"
+        );
     }
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("time:") && l.ends_with("MB/s read")),
+        "{human}"
+    );
+    // The figures are the image's: clusters add up, and the file holds the
+    // unique clusters plus metadata.
+    assert_eq!(
+        n("clusters-zero") + n("clusters-unique") + n("clusters-duplicate"),
+        n("clusters-total")
+    );
+    assert_eq!(std::fs::metadata(&out).unwrap().len(), n("bytes-written"));
 }
 
 /// The writer reserves the output ahead of its writes (`fallocate`, 64 MiB at a
