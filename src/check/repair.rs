@@ -14,7 +14,7 @@
 
 use super::refcounts::{Checker, CopiedFix};
 use crate::error::{IoContext, Result};
-use crate::format::l1l2::QCOW_OFLAG_COPIED;
+use crate::format::l1l2::with_copied;
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::io::{ReadAt, WriteAt};
 
@@ -95,11 +95,7 @@ pub(crate) fn repair_copied<F: ReadAt + WriteAt + ?Sized>(
                 continue;
             };
             let raw = u64::from_be_bytes(word.try_into().expect("8 bytes"));
-            let new = if f.set {
-                raw | QCOW_OFLAG_COPIED
-            } else {
-                raw & !QCOW_OFLAG_COPIED
-            };
+            let new = with_copied(raw, f.set);
             if new != raw {
                 word.copy_from_slice(&new.to_be_bytes());
                 dirty = true;

@@ -43,6 +43,16 @@ pub const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
 
+/// `raw` (an L1 or standard L2 entry) with `QCOW_OFLAG_COPIED` set or cleared;
+/// every other bit is kept (repairs change nothing else).
+pub fn with_copied(raw: u64, copied: bool) -> u64 {
+    if copied {
+        raw | QCOW_OFLAG_COPIED
+    } else {
+        raw & !QCOW_OFLAG_COPIED
+    }
+}
+
 /// A decoded L1 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct L1Entry {

@@ -63,7 +63,7 @@ use crate::format::header::{
     CompressionType, Header, MAX_HOST_OFFSET, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
     QCOW2_INCOMPAT_COMPRESSION,
 };
-use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
+use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount;
 use crate::io::WriteAt;
 use batch::{Batch, Kind, Stream};
@@ -822,12 +822,14 @@ impl<'a> ImageWriter<'a> {
         let mut table = vec![0u8; cs as usize];
         for (k, (&l1i, entries)) in self.l2.iter().enumerate() {
             for (slot, &e) in table.chunks_exact_mut(8).zip(entries.iter()) {
-                let mut e = e;
-                if let L2Entry::Normal { offset, .. } = L2Entry::decode(e, cb, false) {
-                    if self.refcounts[(offset >> cb) as usize] == 1 {
-                        e |= QCOW_OFLAG_COPIED;
+                let e = match L2Entry::decode(e, cb, false) {
+                    L2Entry::Normal { offset, .. } => L2Entry::Normal {
+                        offset,
+                        copied: self.refcounts[(offset >> cb) as usize] == 1,
                     }
-                }
+                    .encode(cb),
+                    _ => e,
+                };
                 slot.copy_from_slice(&e.to_be_bytes());
             }
             let off = (l2_start + k as u64) << cb;
