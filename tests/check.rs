@@ -2,8 +2,7 @@
 //! as the oracle. Corruption cases patch a named field at an offset read from the
 //! image's own header and tables. A missing qemu-img fails these tests.
 
-use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use qdedup::check::{
@@ -11,17 +10,15 @@ use qdedup::check::{
     RepairMode,
 };
 use qdedup::format::compressed::CompressedDescriptor;
-use qdedup::format::header::Header;
-use qdedup::format::l1l2::{
-    L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED,
-};
-use qdedup::format::refcount;
+use qdedup::format::l1l2::{L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED};
 use qdedup::io::MemFile;
 use serde_json::Value;
 
 mod common;
 
-use common::{create_qcow2, qcow2_from_raw, qemu, qemu_img, qemu_io, qemu_snapshot, write_raw};
+use common::{
+    create_qcow2, qcow2_from_raw, qemu, qemu_img, qemu_io, qemu_snapshot, write_raw, Img,
+};
 
 // ---------------------------------------------------------------- qemu tools
 
@@ -93,73 +90,6 @@ fn fields(path: &Path) -> (i32, u64, u64) {
 }
 
 // ---------------------------------------------------------------- raw patching
-
-struct Img {
-    path: PathBuf,
-    h: Header,
-}
-
-impl Img {
-    fn open(path: &Path) -> Img {
-        let b = fs::read(path).unwrap();
-        let h = Header::decode(&b).unwrap();
-        Img {
-            path: path.to_path_buf(),
-            h,
-        }
-    }
-    fn cs(&self) -> u64 {
-        self.h.cluster_size()
-    }
-    fn u64_at(&self, off: u64) -> u64 {
-        let f = fs::File::open(&self.path).unwrap();
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, off).unwrap();
-        u64::from_be_bytes(b)
-    }
-    fn put_u64(&self, off: u64, v: u64) {
-        let f = OpenOptions::new().write(true).open(&self.path).unwrap();
-        f.write_all_at(&v.to_be_bytes(), off).unwrap();
-    }
-    fn len(&self) -> u64 {
-        fs::metadata(&self.path).unwrap().len()
-    }
-    /// File offset of active L1 entry `i`.
-    fn l1_entry(&self, i: u64) -> u64 {
-        self.h.l1_table_offset + 8 * i
-    }
-    /// File offset of L2 entry `i` of the L2 table under L1 entry `l1i`.
-    fn l2_entry(&self, l1i: u64, i: u64) -> u64 {
-        let l2 = self.u64_at(self.l1_entry(l1i)) & L1E_OFFSET_MASK;
-        assert_ne!(l2, 0, "no L2 table under L1 entry {l1i}");
-        l2 + i * self.h.l2_entry_size()
-    }
-    /// (file offset of the slot's refcount block, the block bytes) for `cluster`.
-    fn refblock_of(&self, cluster: u64) -> (u64, Vec<u8>) {
-        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
-        let rt = self.u64_at(self.h.refcount_table_offset + 8 * (cluster / epb));
-        let off = rt & !0x1ff;
-        assert_ne!(off, 0, "no refcount block for cluster {cluster}");
-        let mut b = vec![0u8; self.cs() as usize];
-        fs::File::open(&self.path)
-            .unwrap()
-            .read_exact_at(&mut b, off)
-            .unwrap();
-        (off, b)
-    }
-    fn refcount(&self, cluster: u64) -> u64 {
-        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
-        let (_, b) = self.refblock_of(cluster);
-        refcount::get(&b, self.h.refcount_order, cluster % epb)
-    }
-    fn set_refcount(&self, cluster: u64, v: u64) {
-        let epb = refcount::entries_per_block(self.h.cluster_bits, self.h.refcount_order);
-        let (off, mut b) = self.refblock_of(cluster);
-        refcount::set(&mut b, self.h.refcount_order, cluster % epb, v);
-        let f = OpenOptions::new().write(true).open(&self.path).unwrap();
-        f.write_all_at(&b, off).unwrap();
-    }
-}
 
 /// Bytes that deflate to roughly a third of their size.
 fn semi_compressible(len: usize, seed: u64) -> Vec<u8> {

@@ -3,10 +3,15 @@
 //! Runs both images report as zero are skipped without reading; a run one image
 //! reports as zero is checked by reading the other image only. When both top
 //! layers are qcow2 files with the same cluster size, data clusters are compared
-//! one at a time and the pair of host clusters is remembered: a pair already found
-//! equal (deduplicated images repeat pairs) or the same host cluster of the same
-//! file is not read again. Images of different sizes compare like qemu-img: the
-//! common part must be equal and the longer image must read as zeros past it.
+//! one at a time, and a guest cluster that a top layer serves wholly from its own
+//! file is identified by what decides its bytes (a [`ClusterSource`]): one plain
+//! host cluster with every subcluster allocated, or one compressed stream (start
+//! and length). A pair of such sources already found equal (deduplicated images
+//! repeat pairs), or the same plain host cluster of the same file, is not read
+//! again. Clusters that are partly allocated, zero or fall through to a backing
+//! file are always read: their bytes depend on more than the host cluster.
+//! Images of different sizes compare like qemu-img: the common part must be equal
+//! and the longer image must read as zeros past it.
 
 use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
@@ -37,7 +42,9 @@ pub struct CompareReport {
     pub mismatch_offset: Option<u64>,
     /// Guest bytes read from either image.
     pub bytes_read: u64,
-    /// Clusters skipped because their host clusters were already compared (or identical).
+    /// Clusters not read because both images serve them wholly from host data
+    /// (plain clusters or compressed streams) already compared, or from the same
+    /// plain host cluster of the same file.
     pub clusters_skipped_shared: u64,
 }
 
@@ -65,6 +72,35 @@ struct Top {
     layer: Layer,
     cluster_size: u64,
     file_id: (u64, u64),
+}
+
+/// Everything that decides the bytes of one whole guest cluster that a qcow2
+/// layer serves from its own file, without its backing file: within one file (of
+/// fixed cluster size and compression type) equal sources read as equal bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ClusterSource {
+    /// The plain host cluster at this offset, every subcluster allocated.
+    Plain(u64),
+    /// The compressed stream at `host`, `len` bytes read (the full descriptor:
+    /// a shorter count can turn the same start into a stream that fails).
+    Compressed { host: u64, len: u64 },
+}
+
+impl Top {
+    /// What serves the guest cluster at `off` (cluster aligned, inside the image),
+    /// when it comes wholly from this file: `None` for clusters that are partly
+    /// allocated, zero, or fall through to the backing file.
+    fn cluster_source(&self, off: u64) -> Result<Option<ClusterSource>> {
+        let cs = self.cluster_size;
+        let (e, len) = self.layer.extent(off, cs)?;
+        Ok(match e {
+            // A data run is contiguous on the host: a full-cluster run is one host
+            // cluster with every subcluster allocated.
+            LayerExtent::Data { host } if len == cs => Some(ClusterSource::Plain(host)),
+            LayerExtent::Compressed { host, len } => Some(ClusterSource::Compressed { host, len }),
+            _ => None,
+        })
+    }
 }
 
 fn top(p: &Path, f: Option<Format>) -> Result<Option<Top>> {
@@ -118,7 +154,7 @@ pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareRepor
     };
     let mut ba = vec![0u8; CHUNK as usize];
     let mut bb = vec![0u8; CHUNK as usize];
-    let mut equal_pairs: HashSet<(u64, u64)> = HashSet::new();
+    let mut equal_pairs: HashSet<(ClusterSource, ClusterSource)> = HashSet::new();
     let mut off = 0u64;
     while off < common {
         let (st_a, len_a) = sa.block_status(off, common - off)?;
@@ -128,22 +164,25 @@ pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareRepor
             off += len_a.min(len_b);
             continue;
         }
-        // Host clusters of both top layers, when the whole cluster at `off` is data in both.
+        // What serves the cluster at `off` in both top layers, when both serve it
+        // wholly from their own file.
         let mut pair = None;
         if let (Some((x, y)), BlockStatus::Data, BlockStatus::Data) = (&tops, st_a, st_b) {
             let cs = x.cluster_size;
             n = n.min(cs - (off & (cs - 1)));
             if off & (cs - 1) == 0 && n == cs {
-                let (ea, _) = x.layer.extent(off, cs)?;
-                let (eb, _) = y.layer.extent(off, cs)?;
-                if let (LayerExtent::Data { host: ha }, LayerExtent::Data { host: hb }) = (ea, eb) {
-                    let (ka, kb) = ((x.file_id, ha), (y.file_id, hb));
-                    if ka == kb || equal_pairs.contains(&(ha, hb)) {
+                if let (Some(ka), Some(kb)) = (x.cluster_source(off)?, y.cluster_source(off)?) {
+                    // The same plain cluster of the same file reads the same bytes;
+                    // a compressed stream is read once (it may fail to decompress).
+                    let same = x.file_id == y.file_id && ka == kb;
+                    if (same && matches!(ka, ClusterSource::Plain(_)))
+                        || equal_pairs.contains(&(ka, kb))
+                    {
                         r.clusters_skipped_shared += 1;
                         off += n;
                         continue;
                     }
-                    pair = Some((ha, hb));
+                    pair = Some((ka, kb));
                 }
             }
         }

@@ -128,7 +128,7 @@ fn block_status(
                 }
                 Some(host)
             }
-            LayerExtent::Compressed { host } => {
+            LayerExtent::Compressed { host, .. } => {
                 e.data = true;
                 e.compressed = true;
                 Some(host)

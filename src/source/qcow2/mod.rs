@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use super::{BlockStatus, OpenOptions, Source};
 use crate::compress;
 use crate::error::{Error, Result};
+use crate::format::compressed::CompressedDescriptor;
 use crate::format::header::{CompressionType, Header};
 use crate::format::snapshot::Snapshot;
 use crate::io::ReadAt;
@@ -59,9 +60,10 @@ pub struct Qcow2Source {
     backing: Option<Box<dyn Source>>,
     /// Set for backing files: named in errors this layer raises while reading.
     label: Option<std::path::PathBuf>,
-    /// The last decompressed cluster (keyed by its stream offset), for reads that
-    /// cover a compressed cluster in several pieces.
-    last_compressed: Mutex<Option<(u64, Arc<[u8]>)>>,
+    /// The last decompressed cluster, for reads that cover a compressed cluster in
+    /// several pieces. Keyed by the whole descriptor: entries sharing a stream start
+    /// may read different lengths, and a shorter one may fail to decompress.
+    last_compressed: Mutex<Option<(CompressedDescriptor, Arc<[u8]>)>>,
 }
 
 impl std::fmt::Debug for Qcow2Source {
@@ -228,12 +230,7 @@ impl Qcow2Source {
     }
 
     /// Decompresses the cluster described by `desc` into `out` (one cluster).
-    fn decompress(
-        &self,
-        desc: crate::format::compressed::CompressedDescriptor,
-        entry: u64,
-        out: &mut [u8],
-    ) -> Result<()> {
+    fn decompress(&self, desc: CompressedDescriptor, entry: u64, out: &mut [u8]) -> Result<()> {
         // read_len ≤ 2^(cluster_bits − 8) · 512 = 2 clusters (≤ 4 MiB).
         let mut input = vec![0u8; desc.read_len() as usize];
         // QEMU reads past the end of the file as zeros here; so do we.
@@ -266,7 +263,7 @@ impl Qcow2Source {
         &self,
         buf: &mut [u8],
         guest: u64,
-        desc: crate::format::compressed::CompressedDescriptor,
+        desc: CompressedDescriptor,
         entry: u64,
     ) -> Result<()> {
         let cs = self.header.cluster_size() as usize;
@@ -274,7 +271,7 @@ impl Qcow2Source {
         if start == 0 && buf.len() == cs {
             return self.decompress(desc, entry, buf);
         }
-        let key = desc.host_offset;
+        let key = desc;
         let cached = self
             .last_compressed
             .lock()
@@ -306,8 +303,9 @@ pub(crate) enum LayerExtent {
     Zero { host: Option<u64> },
     /// Plain data at this host offset (of the run's first byte); contiguous.
     Data { host: u64 },
-    /// One compressed cluster whose stream starts at `host` (a byte offset).
-    Compressed { host: u64 },
+    /// One compressed cluster whose stream starts at `host` (a byte offset);
+    /// `len` bytes are read from there (the descriptor's sector count).
+    Compressed { host: u64, len: u64 },
 }
 
 impl Qcow2Source {
@@ -323,6 +321,7 @@ impl Qcow2Source {
             Extent::Data { host } => LayerExtent::Data { host },
             Extent::Compressed { desc, .. } => LayerExtent::Compressed {
                 host: desc.host_offset,
+                len: desc.read_len(),
             },
         };
         Ok((e, len))
