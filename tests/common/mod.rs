@@ -152,6 +152,22 @@ pub fn qemu_snapshot(img: &Path, name: &str) {
     ]);
 }
 
+/// `qemu-img resize [EXTRA] IMG SIZE` (e.g. `--shrink` in `extra`).
+pub fn qemu_resize(img: &Path, size: &str, extra: &[&str]) {
+    qemu_img(argv(
+        &["resize", "-q"],
+        extra,
+        &[img.as_os_str(), OsStr::new(size)],
+    ));
+}
+
+/// The virtual size `qemu-img info` reports for `img` (format probed).
+pub fn qemu_virtual_size(img: &Path) -> u64 {
+    let o = qemu_img(["info".as_ref(), "--output=json".as_ref(), img.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("qemu-img info JSON");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
 /// Writes `data` to `dir/name` and returns the path.
 pub fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
