@@ -729,3 +729,36 @@ fn map_json_equals_qemu_img_on_preallocated_images() {
         assert_map_equals_qemu(&img);
     }
 }
+
+#[test]
+fn map_of_a_zero_byte_image_prints_qemu_img_s_one_empty_entry() {
+    let d = tempfile::tempdir().unwrap();
+    let raw = common::write_raw(d.path(), "empty.raw", &[]);
+    let qcow2 = common::create_qcow2(d.path().join("empty.qcow2"), Some("0"), &[]);
+    let over_raw = common::create_qcow2(
+        d.path().join("over-raw.qcow2"),
+        Some("0"),
+        &["-b", raw.to_str().unwrap(), "-F", "raw"],
+    );
+    let over_qcow2 = common::create_qcow2(
+        d.path().join("over-qcow2.qcow2"),
+        Some("0"),
+        &["-b", qcow2.to_str().unwrap(), "-F", "qcow2"],
+    );
+    for img in [&raw, &qcow2, &over_raw, &over_qcow2] {
+        assert_map_equals_qemu(img);
+        let m = qdedup_map(img, &[]);
+        assert_eq!(m.as_array().unwrap().len(), 1, "{}", img.display());
+        assert_eq!(m[0]["length"], 0);
+        // The table has only its heading (no data extents), byte for byte.
+        let ours = ok(&qdedup(["map".as_ref(), img.as_os_str()]), "qdedup map");
+        let theirs = ok(
+            &qemu("qemu-img", ["map".as_ref(), img.as_os_str()]),
+            "qemu-img map",
+        );
+        assert_eq!(ours, theirs, "{}", img.display());
+        // --shared adds no refcount to an extent without a host cluster.
+        let shared = qdedup_map(img, &["--shared"]);
+        assert_eq!(shared, m, "{}", img.display());
+    }
+}
