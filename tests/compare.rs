@@ -13,7 +13,7 @@ use common::{
 };
 use qdedup::format::compressed::CompressedDescriptor;
 use qdedup::format::l1l2::{L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO};
-use qdedup::inspect::compare::{compare, CompareOptions, CompareResult};
+use qdedup::inspect::compare::{compare, CompareOptions, CompareReport};
 use qdedup::sample::Rng;
 
 /// Exit code and stdout of a command.
@@ -31,7 +31,7 @@ fn both_compares(a: &Path, b: &Path) -> ((Option<i32>, String), (Option<i32>, St
 }
 
 /// The library's figures for the same comparison.
-fn library_compare(a: &Path, b: &Path) -> CompareResult {
+fn library_compare(a: &Path, b: &Path) -> CompareReport {
     compare(a, b, &CompareOptions::default()).expect("compare runs")
 }
 

@@ -317,3 +317,55 @@ fn encrypted_unknown_feature_and_truncated_images_are_refused_by_name() {
         .unwrap();
     assert_refused(&tr, &d, "corrupt");
 }
+
+/// `qdedup convert -l SNAP` of `img` equals `qemu-img convert -l SNAP`, size included.
+fn assert_snapshot_view_like_qemu(img: &Path, snap: &str, out: &Path) {
+    let r = convert_json(&["-l", snap], img, out);
+    let view = out.with_extension("view.raw");
+    qemu_raw_view(img.as_os_str(), &view, &["-l", snap]);
+    assert_eq!(
+        r["virtual-size"].as_u64().unwrap(),
+        std::fs::metadata(&view).unwrap().len(),
+        "{} -l {snap}: virtual size",
+        img.display()
+    );
+    assert_eq!(qemu_virtual_size(out), qemu_virtual_size(&view));
+    assert_qemu_compare_same(&view, "raw", out);
+    assert_qemu_check_clean(out);
+}
+
+#[test]
+fn a_snapshot_view_keeps_the_current_size_like_qemu_img_after_a_resize() {
+    let d = Dir::new();
+    // The recipe: the image grew after the snapshot; past the snapshot's
+    // 1 MiB the backing file shows through (qemu-img: 2 MiB of 0x11).
+    let base = write_raw(d.0.path(), "base.raw", &vec![0x11; 2 << 20]);
+    let top = create_qcow2(d.p("top.qcow2"), Some("1M"), &["-b", s(&base), "-F", "raw"]);
+    qemu_io(&top, &["write -P 0x22 64k 64k"]);
+    qemu_snapshot(&top, "s1");
+    qemu_resize(&top, "2M", &[]);
+    qemu_io(&top, &["write -P 0x33 1536k 64k"]);
+    assert_snapshot_view_like_qemu(&top, "s1", &d.p("grown.out"));
+    let r = convert_json(&["-l", "1"], &top, &d.p("grown-id.out"));
+    assert_eq!(r["virtual-size"], 2 << 20);
+
+    // Without a backing file the grown part reads as zeros; a snapshot taken
+    // after the resize is unaffected.
+    let alone = create_qcow2(d.p("alone.qcow2"), Some("1M"), &[]);
+    qemu_io(&alone, &["write -P 0x44 0 1M"]);
+    qemu_snapshot(&alone, "small");
+    qemu_resize(&alone, "3M", &[]);
+    qemu_io(&alone, &["write -P 0x45 2M 64k"]);
+    qemu_snapshot(&alone, "big");
+    assert_snapshot_view_like_qemu(&alone, "small", &d.p("small.out"));
+    assert_snapshot_view_like_qemu(&alone, "big", &d.p("big.out"));
+
+    // QEMU also shrinks images with snapshots: the view is cut to the current
+    // size, even below the snapshot's own.
+    let shrunk = create_qcow2(d.p("shrunk.qcow2"), Some("2M"), &[]);
+    qemu_io(&shrunk, &["write -P 0x55 0 2M"]);
+    qemu_snapshot(&shrunk, "full");
+    qemu_resize(&shrunk, "768k", &["--shrink"]);
+    assert_snapshot_view_like_qemu(&shrunk, "full", &d.p("shrunk.out"));
+    assert_eq!(qemu_virtual_size(&d.p("shrunk.out")), 768 << 10);
+}

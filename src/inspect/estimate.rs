@@ -32,6 +32,8 @@ use crate::source::{BlockStatus, Source};
 use crate::writer::batch::{Batch, Stream};
 use crate::writer::{ClusterIn, ImageWriter, MetadataLayout};
 
+use super::qemu_writes::QemuWrites;
+
 /// A [`WriteAt`] that discards data and remembers how long the file would be.
 #[derive(Debug, Default)]
 pub struct NullSink {
@@ -158,7 +160,8 @@ pub struct EstimateReport {
 
 /// Size of a fresh `qemu-img convert -O qcow2` output: header, refcount table
 /// and first refcount block, L1 table (clusters 0..3+, as `qcow2_co_create`
-/// lays them out), then L2 tables and data clusters interleaved, and further
+/// lays them out), then L2 tables and data clusters (the clusters qemu-img
+/// writes, see [`qemu_writes`](super::qemu_writes)) interleaved, and further
 /// self-describing refcount blocks as the file grows. Assumes the refcount table
 /// does not have to grow (true up to 2^(2·cluster_bits − 3 − refcount_order + 3)
 /// clusters, e.g. 16 TiB at 64 KiB clusters and 16-bit refcounts).
@@ -176,7 +179,8 @@ pub fn qemu_img_size(
 ) -> u64 {
     let cs = 1u64 << cluster_bits;
     let l1_entries = virtual_size.div_ceil(cs).div_ceil(cs / 8);
-    let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+    // A 0-byte image has no L1 cluster.
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
     let epb = refcount::entries_per_block(cluster_bits, refcount_order);
     let fixed = 2 + l1_clusters + l2_tables + data_clusters;
     let mut rb = 1u64;
@@ -184,6 +188,11 @@ pub fn qemu_img_size(
         rb = (fixed + rb).div_ceil(epb);
     }
     let rt = (rb * 8).div_ceil(cs).max(1);
+    if data_clusters == 0 && l2_tables == 0 && rb == 1 && rt == 1 {
+        // Nothing written after qcow2_co_create: the file ends with the L1
+        // table's last entry, not with its cluster.
+        return 3 * cs + l1_entries * 8;
+    }
     let size = (fixed - 1 + rt + rb) * cs;
     if data_clusters > 0 && data_tail > 0 && data_tail < cs {
         size - cs + data_tail.div_ceil(512) * 512
@@ -219,12 +228,18 @@ struct SampleStats {
     /// Sample multiplicity of each content, and its stored bytes.
     counts: HashMap<Hash, (u32, u32)>,
     nonzero: u64,
+    /// Clusters `qemu-img convert -S 4k` writes: the non-zero ones, and for
+    /// clusters under 4 KiB every cluster of a 4 KiB block holding data.
+    qemu_written: u64,
     l2_ranges: HashSet<u64>,
 }
 
 /// Per cluster size: two writers, the compression memo, and the assembly buffer.
 struct SizeState<'a> {
     cb: u32,
+    /// log2 of the sampling unit (the largest cluster size).
+    unit_bits: u32,
+    vsize: u64,
     /// Primary clusters per cluster of this size.
     k: u64,
     writers: Option<(ImageWriter<'a>, ImageWriter<'a>)>,
@@ -237,6 +252,9 @@ struct SizeState<'a> {
     l2_tables: u64,
     last_l1: Option<u64>,
     stats: SampleStats,
+    /// Sampling, clusters under 4 KiB: the 4 KiB block last counted in
+    /// `stats.qemu_written`.
+    last_block: Option<u64>,
 }
 
 impl SizeState<'_> {
@@ -291,8 +309,28 @@ impl SizeState<'_> {
             e.0 += 1;
             self.stats.nonzero += 1;
             self.stats.l2_ranges.insert(l1);
+            self.stats.qemu_written += self.qemu_block_clusters(j);
         }
         Ok(())
+    }
+
+    /// Sampling: the clusters `qemu-img convert` writes because non-zero cluster
+    /// `j` is (see [`qemu_writes`](super::qemu_writes)): `j` itself, or with
+    /// clusters under 4 KiB the whole 4 KiB block around it once (exact when every
+    /// request qemu-img makes is 4 KiB-aligned, as for raw files). Needs sampling
+    /// units of at least 4 KiB; smaller ones count `j` alone.
+    fn qemu_block_clusters(&mut self, j: u64) -> u64 {
+        if self.cb >= QEMU_SPARSE_BITS || self.unit_bits < QEMU_SPARSE_BITS {
+            return 1;
+        }
+        let block = j >> (QEMU_SPARSE_BITS - self.cb);
+        if self.last_block == Some(block) {
+            return 0;
+        }
+        self.last_block = Some(block);
+        let start = block << QEMU_SPARSE_BITS;
+        let len = (1u64 << QEMU_SPARSE_BITS).min(self.vsize.saturating_sub(start));
+        len.div_ceil(self.cs())
     }
 
     /// Adds primary cluster `g` (of `pcs` bytes) to the cluster being assembled.
@@ -322,6 +360,10 @@ impl SizeState<'_> {
         Ok(())
     }
 }
+
+/// log2 of qemu-img convert's default `-S` (4 KiB): with smaller clusters it
+/// writes zero clusters next to data.
+const QEMU_SPARSE_BITS: u32 = 12;
 
 /// Reports unsampled units as zeros, so the pipeline skips them unread.
 struct SampledSource<'a> {
@@ -456,6 +498,8 @@ fn from_sample(
     let unique_singletons = (f1 - f1_rep).max(0.0);
     let distinct = unique_singletons / p + seen_rep + f1_rep + unseen;
     let nonzero = s.nonzero as f64 / p;
+    // Without compression qemu-img writes clusters, -S 4k included.
+    let qemu_written = s.qemu_written as f64 / p;
     // Stored bytes: mean over sampled contents (dedup) and over sampled clusters (qemu).
     let n_contents = s.counts.len().max(1) as f64;
     let (mut comp_c, mut comp_b, mut comp_cl, mut comp_clb) = (0f64, 0f64, 0f64, 0f64);
@@ -491,14 +535,12 @@ fn from_sample(
         data_clusters(distinct, d_frac, d_mean),
         l2,
     );
-    let qemu = qemu_img_size(
-        st.cb,
-        order,
-        vsize,
-        data_clusters(nonzero, q_frac, q_mean),
-        l2,
-        0,
-    );
+    let qemu_clusters = if opts.compression.is_some() {
+        data_clusters(nonzero, q_frac, q_mean)
+    } else {
+        qemu_written.ceil() as u64
+    };
+    let qemu = qemu_img_size(st.cb, order, vsize, qemu_clusters, l2, 0);
     // The dominant variance: unique singletons are a binomial sample of the unique contents.
     // The fit of the hidden repeats adds its own error (f2 is a Poisson count and
     // λ is fitted from `fit_n` contents); it too is scaled by 1/p.
@@ -617,6 +659,8 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
         };
         states.push(SizeState {
             cb,
+            unit_bits: max_bits,
+            vsize,
             k: 1 << (cb - min_bits),
             writers,
             compressor: make_compressor(cb),
@@ -632,8 +676,17 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             l2_tables: 0,
             last_l1: None,
             stats: SampleStats::default(),
+            last_block: None,
         });
     }
+    // Exact mode, uncompressed, clusters under 4 KiB: replay qemu-img's writes.
+    let small: Vec<u32> = bits
+        .iter()
+        .copied()
+        .filter(|&b| b < QEMU_SPARSE_BITS)
+        .collect();
+    let mut replay = (sampled.is_none() && copts.compression.is_none() && !small.is_empty())
+        .then(|| QemuWrites::new(src, &small));
     let mut popts = copts.clone();
     popts.cluster_bits = min_bits;
     popts.dedup = true;
@@ -645,6 +698,9 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
                 continue;
             };
             let g = b.first_cluster + i as u64;
+            if let Some(r) = &mut replay {
+                r.add(g * pcs as u64, data);
+            }
             for st in &mut states {
                 if st.cb == min_bits {
                     st.feed(g, data, Some(hash), stream)?;
@@ -653,6 +709,9 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
                 }
             }
         }
+        if let Some(r) = &mut replay {
+            r.advance((b.first_cluster + b.kinds.len() as u64) * pcs as u64)?;
+        }
         Ok(())
     };
     let input: &dyn Source = match &sampled {
@@ -660,6 +719,10 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
         None => src,
     };
     let bytes_read = pipeline::run(input, &popts, inline.as_deref(), &mut deliver)?;
+    let written: Vec<(u32, u64)> = match replay {
+        Some(r) => small.iter().copied().zip(r.finish()?).collect(),
+        None => Vec::new(),
+    };
     let mut table = Vec::new();
     for mut st in states {
         st.flush()?;
@@ -669,11 +732,16 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             let d = dw.finish()?;
             let p = pw.finish()?;
             let nonzero = d.unique_clusters + d.duplicate_clusters;
+            // Clusters under 4 KiB: the replay's count (≥ the non-zero ones).
+            let data_clusters = written
+                .iter()
+                .find(|(b, _)| *b == st.cb)
+                .map_or(p.host_data_clusters, |&(_, n)| n);
             let qemu = qemu_img_size(
                 st.cb,
                 copts.refcount_order,
                 vsize,
-                p.host_data_clusters,
+                data_clusters,
                 st.l2_tables,
                 p.data_end % cs,
             );

@@ -59,7 +59,8 @@ pub struct MapOptions {
 /// A mapped image: its extents and the names of its layers (by depth).
 #[derive(Debug, Clone)]
 pub struct MapReport {
-    /// Extents covering the virtual size, in guest order.
+    /// Extents covering the virtual size, in guest order. A 0-byte image has one
+    /// 0-length entry with every flag false, as `qemu-img map` prints it.
     pub entries: Vec<MapEntry>,
     /// File name of each layer (top first), as QEMU prints them.
     pub files: Vec<String>,
@@ -230,6 +231,20 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<MapReport> {
             Some(c) if mergeable(c, &e) => c.length += e.length,
             _ => entries.push(e),
         }
+    }
+    if entries.is_empty() {
+        // A 0-byte image: qemu-img's img_map prints its initial, empty entry.
+        entries.push(MapEntry {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            refcount: None,
+        });
     }
     let cluster_size = match &layers[0].kind {
         LayerKind::Qcow2(q) => Some(q.header().cluster_size()),

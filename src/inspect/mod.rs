@@ -16,4 +16,5 @@ pub mod estimate;
 pub mod info;
 mod layers;
 pub mod map;
+mod qemu_writes;
 pub mod svg;

@@ -38,6 +38,23 @@ pub trait Source: Send + Sync {
     /// virtual size.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
 
+    /// Like [`Source::block_status`], but the run ends where QEMU's
+    /// `bdrv_block_status_above` ends it, without merging: for qcow2 at every
+    /// change of kind or of host contiguity, at L2 table and compressed cluster
+    /// boundaries, and at the backing file's own extents. `estimate` replays the
+    /// requests of `qemu-img convert` with it. The default is
+    /// [`Source::block_status`], which for raw files already is QEMU's answer (the
+    /// file's `SEEK_DATA`/`SEEK_HOLE` extents).
+    fn qemu_block_status(&self, offset: u64, max_len: u64) -> Result<(BlockStatus, u64)> {
+        self.block_status(offset, max_len)
+    }
+
+    /// The cluster size QEMU's `bdrv_get_info` reports for the image: qcow2's
+    /// cluster size, `None` for raw files.
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+
     /// Short description for reports, e.g. "raw" or "qcow2".
     fn format_name(&self) -> &'static str;
 }

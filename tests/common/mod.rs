@@ -155,6 +155,22 @@ pub fn qemu_snapshot(img: &Path, name: &str) {
     ]);
 }
 
+/// `qemu-img resize [EXTRA] IMG SIZE` (e.g. `--shrink` in `extra`).
+pub fn qemu_resize(img: &Path, size: &str, extra: &[&str]) {
+    qemu_img(argv(
+        &["resize", "-q"],
+        extra,
+        &[img.as_os_str(), OsStr::new(size)],
+    ));
+}
+
+/// The virtual size `qemu-img info` reports for `img` (format probed).
+pub fn qemu_virtual_size(img: &Path) -> u64 {
+    let o = qemu_img(["info".as_ref(), "--output=json".as_ref(), img.as_os_str()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("qemu-img info JSON");
+    v["virtual-size"].as_u64().expect("virtual-size")
+}
+
 /// Writes `data` to `dir/name` and returns the path.
 pub fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
     let p = dir.join(name);
@@ -250,6 +266,46 @@ pub fn make_input(path: &Path, cs: usize, n_clusters: usize, tail: usize, seed: 
     data.extend_from_slice(&t);
     std::fs::write(path, &data).unwrap();
     distinct_nonzero(&data, cs)
+}
+
+/// Writes a sparse raw file of `size` bytes with `pieces` random writes: at
+/// sector-aligned or unaligned offsets, of 1 byte to 70 KB, most of random bytes,
+/// some of zeros (allocated zeros, not holes). The rest are holes.
+pub fn random_sparse_raw(path: &Path, size: u64, pieces: u64, rng: &mut Rng) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let lens = [1u64, 512, 1024, 3000, 4096, 5000, 20_000, 70_000];
+    for _ in 0..pieces {
+        let mut off = rng.below(size / 512) * 512;
+        if rng.below(5) == 0 {
+            off += rng.below(512);
+        }
+        let len = lens[rng.below(lens.len() as u64) as usize].min(size - off);
+        let mut buf = vec![0u8; len as usize];
+        if rng.below(5) != 0 {
+            rng.fill(&mut buf);
+        }
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+/// qemu-io commands for `n` random requests into an image of `size` bytes:
+/// pattern writes (mostly), zero writes, writes of zero bytes and discards, of
+/// 512 B to 64 KiB at sector-aligned offsets.
+pub fn random_qemu_io_cmds(size: u64, n: u64, rng: &mut Rng) -> Vec<String> {
+    let lens = [512u64, 1024, 2048, 3072, 4096, 6144, 8192, 65536];
+    (0..n)
+        .map(|_| {
+            let off = rng.below(size / 512) * 512;
+            let len = lens[rng.below(lens.len() as u64) as usize].min(size - off);
+            match rng.below(10) {
+                0..=5 => format!("write -P {} {off} {len}", 1 + rng.below(255)),
+                6 | 7 => format!("write -z {off} {len}"),
+                8 => format!("write -P 0 {off} {len}"),
+                _ => format!("discard {off} {len}"),
+            }
+        })
+        .collect()
 }
 
 /// Distinct non-zero cluster contents of `data` (last cluster zero-padded).

@@ -27,8 +27,8 @@ const MAX_BACKING_FORMAT: usize = 16;
 pub(crate) struct Meta {
     pub header: Header,
     pub file_len: u64,
-    /// Guest size: the header's (or the snapshot's) size floored to 512 bytes,
-    /// as QEMU does (`total_sectors = size / 512`).
+    /// Guest size: the header's size floored to 512 bytes, as QEMU does
+    /// (`total_sectors = size / 512`); also for a snapshot's view.
     pub virtual_size: u64,
     /// Raw L1 entries of the view being read.
     pub l1: Vec<u64>,
@@ -131,25 +131,16 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
         None
     };
 
-    let (l1_offset, l1_size, size, snap) = match snapshot {
-        None => (header.l1_table_offset, header.l1_size, header.size, None),
+    // A snapshot's view keeps the image's current size, as `qemu-img convert -l`
+    // does (`qcow2_snapshot_load_tmp` switches the L1 table only): the image may
+    // have been resized since, and L1 entries past the snapshot's table read as
+    // unallocated (the backing file shows through).
+    let (l1_offset, l1_size, snap) = match snapshot {
+        None => (header.l1_table_offset, header.l1_size, None),
         Some(want) => {
             let snap = find_snapshot(file, &header, file_len, want)?;
             check_snapshot_l1(&header, &snap, file_len)?;
-            let size = match snap.disk_size {
-                Some(s) => {
-                    let max = (MAX_L1_BYTES / 8) * header.l2_entries() * cs;
-                    if s > max {
-                        return Err(Error::LimitExceeded(format!(
-                            "snapshot {}: disk size {s} exceeds the largest qcow2 disk ({max} bytes)",
-                            snap.id
-                        )));
-                    }
-                    s
-                }
-                None => header.size,
-            };
-            (snap.l1_table_offset, snap.l1_size, size, Some(snap))
+            (snap.l1_table_offset, snap.l1_size, Some(snap))
         }
     };
     // l1_size is bounded (validate / check_snapshot_l1) to 32 MiB inside the file.
@@ -163,7 +154,7 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
         .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
         .collect();
     Ok(Meta {
-        virtual_size: size / 512 * 512,
+        virtual_size: header.size / 512 * 512,
         header,
         file_len,
         l1,

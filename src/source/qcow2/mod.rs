@@ -407,4 +407,32 @@ impl Source for Qcow2Source {
     fn format_name(&self) -> &'static str {
         "qcow2"
     }
+
+    fn qemu_block_status(&self, offset: u64, max_len: u64) -> Result<(BlockStatus, u64)> {
+        if max_len == 0 || offset >= self.virtual_size {
+            return Err(Error::InvalidArgument(format!(
+                "block status at {offset:#x} (length {max_len}) outside the virtual size {:#x}",
+                self.virtual_size
+            )));
+        }
+        let end = offset.saturating_add(max_len).min(self.virtual_size);
+        // One extent of this layer, as qcow2_get_host_offset counts it; an
+        // unallocated one is answered by the backing file for its length
+        // (bdrv_co_common_block_status_above), zeros past its end.
+        let (ext, len) = self.own(self.mapper.extent(self.file.as_ref(), offset, end - offset))?;
+        match ext {
+            Extent::Zero { .. } => Ok((BlockStatus::Zero, len)),
+            Extent::Data { .. } | Extent::Compressed { .. } => Ok((BlockStatus::Data, len)),
+            Extent::Unallocated { .. } => match &self.backing {
+                Some(b) if offset < b.virtual_size() => {
+                    b.qemu_block_status(offset, len.min(b.virtual_size() - offset))
+                }
+                _ => Ok((BlockStatus::Zero, len)),
+            },
+        }
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(self.header.cluster_size())
+    }
 }
