@@ -5,6 +5,7 @@
 pub mod check;
 pub mod error;
 pub mod format;
+pub mod image;
 pub mod io;
 pub mod source;
 

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::l1l2::{L1Entry, L2Entry};
-use crate::format::refcount;
+use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
+use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::image::Image;
 use crate::io::ReadAt;
 use crate::source::qcow2::{LayerExtent, MAX_CHAIN_DEPTH};
 use crate::source::raw::RawSource;
@@ -129,15 +130,16 @@ impl<'a> RefcountReader<'a> {
     pub fn new(q: &'a Qcow2Source) -> Result<Self> {
         let h = q.header();
         let cs = h.cluster_size();
-        // validate() bounded the table by QEMU's 8 MiB limit and the file size.
+        // The opener bounded the table by QEMU's 8 MiB limit; past the end of the file
+        // it reads as zeros (no refcount blocks), as in QEMU.
         let len = u64::from(h.refcount_table_clusters) * cs;
         let mut raw = vec![0u8; len as usize];
         q.file()
-            .read_exact_at(&mut raw, h.refcount_table_offset)
+            .read_at_zero_fill(&mut raw, h.refcount_table_offset)
             .map_err(|e| Error::io("cannot read the refcount table", e))?;
         let table = raw
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")) & !0x1ff)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")) & REFT_OFFSET_MASK)
             .collect();
         Ok(RefcountReader {
             file: q.file(),
@@ -190,22 +192,27 @@ pub(crate) enum ClusterEntry {
     Compressed { offset: u64, max_len: u64 },
 }
 
-/// Calls `f(guest_cluster, entry)` for every guest cluster of the active L1/L2
-/// tree of `q` that has an L2 table (clusters under empty L1 entries are skipped:
-/// they are unallocated).
-pub(crate) fn walk_l2(q: &Qcow2Source, mut f: impl FnMut(u64, ClusterEntry)) -> Result<()> {
-    let h = q.header();
-    let cb = h.cluster_bits;
-    let cs = h.cluster_size();
-    let extended = h.extended_l2();
+/// Calls `f(guest_cluster, entry)` for every guest cluster below `virtual_size`
+/// of the active L1/L2 tree of the image `im` opened from `file` that has an L2
+/// table (clusters under empty L1 entries are skipped: they are unallocated).
+pub(crate) fn walk_l2(
+    file: &dyn ReadAt,
+    im: &Image,
+    virtual_size: u64,
+    mut f: impl FnMut(u64, ClusterEntry),
+) -> Result<()> {
+    let h = &im.header;
+    let cb = im.cluster_bits;
+    let cs = im.cluster_size;
+    let extended = im.extended_l2;
     let wpe: u64 = if extended { 2 } else { 1 };
-    let l2_entries = cs / (8 * wpe);
-    let n_clusters = q.virtual_size().div_ceil(cs);
-    let file = q.file();
-    let file_len = q.file_len();
-    // validate() bounded the L1 table by QEMU's 32 MiB limit and the file size.
+    let l2_entries = im.l2_entries;
+    let n_clusters = virtual_size.div_ceil(cs);
+    let file_len = im.file_len;
+    // The opener bounded the L1 table by QEMU's 32 MiB limit; past the end of the
+    // file it reads as zeros, as in QEMU.
     let mut l1 = vec![0u8; h.l1_size as usize * 8];
-    file.read_exact_at(&mut l1, h.l1_table_offset)
+    file.read_at_zero_fill(&mut l1, h.l1_table_offset)
         .map_err(|e| Error::io("cannot read the L1 table", e))?;
     let mut table = vec![0u8; cs as usize];
     for (i, e) in l1.chunks_exact(8).enumerate() {
@@ -235,6 +242,11 @@ pub(crate) fn walk_l2(q: &Qcow2Source, mut f: impl FnMut(u64, ClusterEntry)) -> 
             let w = (j * wpe * 8) as usize;
             let raw = u64::from_be_bytes(table[w..w + 8].try_into().expect("8 bytes"));
             let entry = match L2Entry::decode(raw, cb, extended) {
+                // With an external data file, offset 0 is a real host offset,
+                // told from "unallocated" by COPIED (QEMU's qcow2_get_cluster_type).
+                L2Entry::Unallocated if im.data_file && raw & QCOW_OFLAG_COPIED != 0 => {
+                    ClusterEntry::Normal(0)
+                }
                 L2Entry::Unallocated => {
                     if extended {
                         let bm =

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::Qcow2Source;
 use crate::error::{Error, IoContext, Result};
+use crate::format::header;
 use crate::source::raw::RawSource;
 use crate::source::{probe, Format, OpenOptions, Source};
 
@@ -17,7 +18,7 @@ use crate::source::{probe, Format, OpenOptions, Source};
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// File offset of the backing_file_offset header field (for error messages).
-const BACKING_FILE_OFFSET_FIELD: u64 = 8;
+const BACKING_FILE_OFFSET_FIELD: u64 = header::off::BACKING_FILE_OFFSET as u64;
 
 /// Files already in the chain, by (device, inode).
 #[derive(Default)]

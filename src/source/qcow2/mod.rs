@@ -55,6 +55,7 @@ pub struct Qcow2Source {
     backing_name: Option<Vec<u8>>,
     backing_format: Option<String>,
     snapshot: Option<Snapshot>,
+    snapshots: Vec<Snapshot>,
     mapper: Mapper,
     backing: Option<Box<dyn Source>>,
     /// Set for backing files: named in errors this layer raises while reading.
@@ -124,6 +125,7 @@ impl Qcow2Source {
             backing_name: m.backing_name,
             backing_format: m.backing_format,
             snapshot: m.snapshot,
+            snapshots: m.snapshots,
             header: m.header,
             mapper,
             backing: None,
@@ -178,9 +180,9 @@ impl Qcow2Source {
         self.snapshot.as_ref()
     }
 
-    /// Reads the image's snapshot table.
+    /// The image's snapshot table (read when the image was opened, as QEMU does).
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        meta::read_snapshots(self.file.as_ref(), &self.header, self.file_len)
+        Ok(self.snapshots.clone())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -331,11 +333,6 @@ impl Qcow2Source {
     /// The image file, for metadata walks (refcounts, L2 tables).
     pub(crate) fn file(&self) -> &dyn ReadAt {
         self.file.as_ref()
-    }
-
-    /// Length of the image file.
-    pub(crate) fn file_len(&self) -> u64 {
-        self.file_len
     }
 }
 
