@@ -671,6 +671,69 @@ mod tests {
         ));
     }
 
+    /// A valid 1 MiB image layout: L1 at 3 clusters, refcount table at 1.
+    fn sound() -> Header {
+        let mut h = Header::new_v3(16, 4, 1 << 20);
+        h.l1_size = 1;
+        h.l1_table_offset = 0x30000;
+        h.refcount_table_offset = 0x10000;
+        h.refcount_table_clusters = 1;
+        h
+    }
+
+    fn refused_at(r: &Result<()>, field: usize) -> bool {
+        matches!(r, Err(Error::Corrupt { structure: "header", offset, .. }) if *offset == field as u64)
+    }
+
+    #[test]
+    fn an_invalid_snapshot_table_offset_is_refused_without_snapshots() {
+        let mut h = sound();
+        h.snapshots_offset = 0xc000_0000_0000_0000;
+        for mode in [OpenMode::Read, OpenMode::Check] {
+            assert!(refused_at(&h.validate_open(mode), off::SNAPSHOTS_OFFSET));
+        }
+        // Aligned and addressable: QEMU accepts it when there is nothing to read.
+        h.snapshots_offset = 0x7fff_ffff_ffff_0000;
+        assert!(h.validate_open(OpenMode::Read).is_ok());
+    }
+
+    #[test]
+    fn an_unaligned_l1_offset_is_refused_even_for_an_empty_table() {
+        let mut h = Header::new_v3(16, 4, 0);
+        h.refcount_table_offset = 0x10000;
+        h.refcount_table_clusters = 1;
+        h.l1_table_offset = 0x30200;
+        assert!(refused_at(
+            &h.validate_open(OpenMode::Read),
+            off::L1_TABLE_OFFSET
+        ));
+    }
+
+    #[test]
+    fn a_refcount_table_of_zero_clusters_is_opened_only_for_checking() {
+        let mut h = sound();
+        h.refcount_table_clusters = 0;
+        assert!(refused_at(
+            &h.validate_open(OpenMode::Read),
+            off::REFCOUNT_TABLE_CLUSTERS
+        ));
+        assert!(h.validate_open(OpenMode::Check).is_ok());
+    }
+
+    #[test]
+    fn only_the_l1_table_is_bounded_by_the_file_for_reading() {
+        let mut h = sound();
+        h.refcount_table_offset = 1 << 40;
+        h.refcount_table_clusters = 2;
+        h.nb_snapshots = 3;
+        h.snapshots_offset = 1 << 41;
+        assert!(h.validate(0x40000).is_ok());
+        assert!(refused_at(&h.validate(0x30004), off::L1_TABLE_OFFSET));
+        h.l1_table_offset = 0;
+        assert!(refused_at(&h.validate(1 << 20), off::L1_TABLE_OFFSET));
+        assert!(h.validate_open(OpenMode::Check).is_ok());
+    }
+
     proptest! {
         #[test]
         fn decode_inverts_encode(
