@@ -309,6 +309,28 @@ fn recipes() -> Vec<Recipe> {
             }),
             refused,
         ),
+        // Persistent bitmaps, which QEMU loads at every open.
+        (
+            "a reserved bit in the table of a bitmap not in use",
+            Box::new(|d: &Path| {
+                let p = plain(d, "bitmap.qcow2");
+                qemu_img(["bitmap", "--add", p.to_str().unwrap(), "b0"]);
+                qemu_io(&p, &["write -P 0x12 0 64k"]);
+                let (_, dir) = bitmaps_extension(&p);
+                let f = std::fs::read(&p).unwrap();
+                let be = |at: u64| {
+                    u64::from_be_bytes(f[at as usize..at as usize + 8].try_into().unwrap())
+                };
+                let table = be(dir);
+                let entry = (0..512)
+                    .map(|i| table + 8 * i)
+                    .find(|&at| be(at) != 0)
+                    .unwrap();
+                patch_be(&p, entry, 8, be(entry) | 2);
+                p
+            }),
+            refused,
+        ),
         // External data files and the corrupt bit (H).
         (
             "data file bit without a data file name",
@@ -390,7 +412,7 @@ fn every_command_gives_qemus_verdict_on_damaged_headers() {
         assert_eq!(ours, want, "{what}:\nqdedup\n{log}\nqemu-img\n{qlog}");
         exercised += 1;
     }
-    assert_eq!(exercised, 19, "every recipe ran");
+    assert_eq!(exercised, 20, "every recipe ran");
 }
 
 /// The fields both tools print for a qcow2 image.
@@ -472,6 +494,37 @@ fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
         );
         assert!(!out.exists());
     }
+    // An encrypted image: described (its metadata is not encrypted), not read.
+    let luks = create_qcow2(
+        d.join("luks.qcow2"),
+        Some("1M"),
+        &[
+            "--object",
+            "secret,id=sec0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        ],
+    );
+    let q = qemu_img(["info".as_ref(), "--output=json".as_ref(), luks.as_os_str()]);
+    let q: Value = serde_json::from_slice(&q.stdout).unwrap();
+    let o = qdedup([
+        "info".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        luks.as_os_str(),
+    ]);
+    let ours: Value = serde_json::from_slice(&o.stdout).expect("info describes it");
+    assert_eq!(ours["encrypted"], Value::Bool(true));
+    assert_eq!(ours["encrypted"], q["encrypted"]);
+    assert_eq!(ours["virtual-size"], q["virtual-size"]);
+    assert!(ours["problems"][0].as_str().unwrap().contains("encrypted"));
+    let c = qdedup([
+        "convert".as_ref(),
+        luks.as_os_str(),
+        d.join("o.qcow2").as_os_str(),
+    ]);
+    assert!(said(&c).contains("encrypted image (LUKS)"), "{}", said(&c));
+
     let c = &cases[0].0;
     let ours: Value = serde_json::from_slice(
         &qdedup([
@@ -524,4 +577,60 @@ fn a_cut_refcount_table_tail_is_read_by_every_command_like_qemu() {
         img.as_os_str(),
     ]);
     assert!(m.status.success(), "{}", said(&m));
+}
+
+/// `map` and `compare` find backing files as `convert` does: the same name
+/// resolution, format names ("file" is raw, as in QEMU) and loop detection.
+#[test]
+fn every_command_opens_a_backing_chain_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut data = vec![0u8; 1 << 20];
+    Rng::new(7).fill(&mut data);
+    let base = write_raw(d, "base.raw", &data);
+    let top = create_qcow2(
+        d.join("top.qcow2"),
+        Some("1M"),
+        &["-b", base.to_str().unwrap(), "-F", "file"],
+    );
+    qemu_io(&top, &["write -P 0x11 0 64k"]);
+    let t = top.as_os_str();
+    let ours = qdedup(["map".as_ref(), "--output".as_ref(), "json".as_ref(), t]);
+    assert!(ours.status.success(), "{}", said(&ours));
+    let theirs = qemu_img(["map".as_ref(), "--output=json".as_ref(), t]);
+    let parse = |o: &std::process::Output| -> Value { serde_json::from_slice(&o.stdout).unwrap() };
+    assert_eq!(parse(&ours), parse(&theirs));
+    let c = qdedup(["compare".as_ref(), t, t]);
+    assert_eq!(exit_code(&c), 0, "{}", said(&c));
+    let out = d.join("out.qcow2");
+    convert_json(&[], &top, &out);
+    assert_qemu_compare_same(&top, "qcow2", &out);
+
+    // A chain that loops (qemu-img itself does not finish on it): every command
+    // refuses it with the same error.
+    let a = create_qcow2(d.join("a.qcow2"), Some("1M"), &[]);
+    let b = create_qcow2(
+        d.join("b.qcow2"),
+        None,
+        &["-b", a.to_str().unwrap(), "-F", "qcow2"],
+    );
+    qemu_img([
+        "rebase",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        b.to_str().unwrap(),
+        a.to_str().unwrap(),
+    ]);
+    let bo = b.as_os_str();
+    let runs = [
+        qdedup(["convert".as_ref(), bo, d.join("x.qcow2").as_os_str()]),
+        qdedup(["map".as_ref(), bo]),
+        qdedup(["compare".as_ref(), bo, bo]),
+    ];
+    for r in &runs {
+        assert!(!r.status.success());
+        assert!(said(r).contains("the backing chain loops"), "{}", said(r));
+    }
 }

@@ -3,7 +3,6 @@
 //! reference/refcount walks of one qcow2 layer.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -12,9 +11,9 @@ use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::image::Image;
 use crate::io::ReadAt;
-use crate::source::qcow2::{LayerExtent, MAX_CHAIN_DEPTH};
+use crate::source::qcow2::{backing_of, in_file, Chain, LayerExtent};
 use crate::source::raw::RawSource;
-use crate::source::{probe, BlockStatus, Format, OpenOptions, Qcow2Source, Source};
+use crate::source::{probe, BlockStatus, Format, Qcow2Source, Source};
 
 /// One image of a chain.
 pub(crate) enum LayerKind {
@@ -71,42 +70,34 @@ pub(crate) fn path_combine(overlay: &Path, name: &Path) -> PathBuf {
 }
 
 /// Opens `path` (format probed unless given) and every image of its backing
-/// chain, top first.
+/// chain, top first, each layer as the qcow2 source opens it for `convert`: the
+/// same opener, backing names and formats resolved the same way, and the same
+/// refusals (pipes, loops, chains deeper than
+/// [`MAX_CHAIN_DEPTH`](crate::source::qcow2::MAX_CHAIN_DEPTH)).
 pub(crate) fn open_layers(path: &Path, format: Option<Format>) -> Result<Vec<Layer>> {
+    let mut chain = Chain::default();
     let mut layers = Vec::new();
-    let mut next = Some((path.to_path_buf(), format));
-    while let Some((p, fmt)) = next.take() {
-        if layers.len() >= MAX_CHAIN_DEPTH {
-            return Err(Error::LimitExceeded(format!(
-                "backing chain deeper than {MAX_CHAIN_DEPTH} images (at {})",
-                p.display()
-            )));
-        }
-        let file = File::open(&p).ctx(|| format!("cannot open {}", p.display()))?;
+    let mut next = Some((path.to_path_buf(), format, None::<PathBuf>));
+    while let Some((p, fmt, overlay)) = next.take() {
+        let file = chain.open_file(&p, overlay.as_deref())?;
+        // Errors of a backing layer name its file, as the qcow2 source's do.
+        let label = |e: Error| match overlay {
+            Some(_) => in_file(e, &p),
+            None => e,
+        };
         let fmt = match fmt {
             Some(f) => f,
             None => probe(&file).ctx(|| format!("cannot read {}", p.display()))?,
         };
         let kind = match fmt {
-            Format::Raw => LayerKind::Raw(RawSource::from_file(file, &p)?),
+            Format::Raw => LayerKind::Raw(RawSource::from_file(file, &p).map_err(label)?),
             Format::Qcow2 => {
-                let q = Qcow2Source::open(
-                    &p,
-                    &OpenOptions {
-                        format: Some(Format::Qcow2),
-                        backing_chain: false,
-                        snapshot: None,
-                    },
-                )?;
-                if let Some(b) = q.backing_file() {
-                    let bfmt = q
-                        .backing_format()
-                        .map(str::parse::<Format>)
-                        .transpose()
-                        .map_err(|e| {
-                            Error::Unsupported(format!("backing file of {}: {e}", p.display()))
-                        })?;
-                    next = Some((path_combine(&p, b), bfmt));
+                let mut q = Qcow2Source::from_reader(Box::new(file), None).map_err(label)?;
+                if overlay.is_some() {
+                    q.set_label(&p);
+                }
+                if let Some((b, bfmt)) = backing_of(&q, &p).map_err(label)? {
+                    next = Some((b, bfmt, Some(p.clone())));
                 }
                 LayerKind::Qcow2(Box::new(q))
             }
@@ -168,8 +159,10 @@ impl<'a> RefcountReader<'a> {
             b.clone()
         } else {
             let mut b = vec![0u8; 1usize << self.cluster_bits];
+            // Past the end of the file a block reads as zeros, as in QEMU (`check`
+            // reports such a block as a corruption).
             self.file
-                .read_exact_at(&mut b, rb)
+                .read_at_zero_fill(&mut b, rb)
                 .map_err(|e| Error::io(format!("cannot read the refcount block at {rb:#x}"), e))?;
             let b: std::sync::Arc<[u8]> = b.into();
             cache.insert(rb, b.clone());

@@ -446,3 +446,20 @@ pub fn said(o: &Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// (offset of the bitmaps extension's data, bitmap directory offset) of a qcow2
+/// file that has one.
+pub fn bitmaps_extension(p: &Path) -> (u64, u64) {
+    let b = std::fs::read(p).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut pos = be32(100) as usize;
+    loop {
+        let (kind, len) = (be32(pos), be32(pos + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == qdedup::format::extensions::QCOW2_EXT_MAGIC_BITMAPS {
+            let dir = u64::from_be_bytes(b[pos + 24..pos + 32].try_into().unwrap());
+            return (pos as u64 + 8, dir);
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}

@@ -107,7 +107,9 @@ fn find_snapshot(snaps: &[Snapshot], want: &str) -> Result<Snapshot> {
     }
 }
 
-/// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table.
+/// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table
+/// (at most 32 MiB, cluster aligned and addressable even when empty), plus the
+/// reader's rule for the L1 table it reads: inside the file, not over the header.
 fn check_snapshot_l1(header: &Header, snap: &Snapshot, file_len: u64) -> Result<()> {
     let bytes = u64::from(snap.l1_size) * 8;
     if bytes > MAX_L1_BYTES {
@@ -116,29 +118,30 @@ fn check_snapshot_l1(header: &Header, snap: &Snapshot, file_len: u64) -> Result<
             snap.id, snap.l1_size
         )));
     }
+    let off = snap.l1_table_offset;
+    let bad = |why: String| {
+        Error::corrupt(
+            "snapshot table",
+            snap.entry_offset,
+            format!("snapshot {}: L1 table {why}", snap.id),
+        )
+    };
+    if off % header.cluster_size() != 0 || off > i64::MAX as u64 - bytes {
+        return Err(bad(format!(
+            "offset {off:#x} is invalid (unaligned or too large)"
+        )));
+    }
     if snap.l1_size == 0 {
         return Ok(());
     }
-    let off = snap.l1_table_offset;
-    if off % header.cluster_size() != 0 || off == 0 {
-        return Err(Error::corrupt(
-            "snapshot table",
-            snap.entry_offset,
-            format!(
-                "snapshot {}: L1 table offset {off:#x} is not cluster aligned",
-                snap.id
-            ),
-        ));
+    if off == 0 {
+        return Err(bad("overlaps the header (offset 0)".into()));
     }
-    match off.checked_add(bytes) {
-        Some(end) if end <= file_len => Ok(()),
-        _ => Err(Error::corrupt(
-            "snapshot table",
-            snap.entry_offset,
-            format!(
-                "snapshot {}: L1 table at {off:#x} ({bytes} bytes) extends past the end of the file",
-                snap.id
-            ),
-        )),
+    // off + bytes ≤ i64::MAX (checked above).
+    if off + bytes > file_len {
+        return Err(bad(format!(
+            "at {off:#x} ({bytes} bytes) extends past the end of the file"
+        )));
     }
+    Ok(())
 }

@@ -34,7 +34,7 @@ use crate::format::snapshot::Snapshot;
 use crate::io::ReadAt;
 use map::{Extent, Mapper};
 
-pub(crate) use chain::open_chain;
+pub(crate) use chain::{backing_of, in_file, open_chain, Chain};
 pub use chain::{resolve_backing_name, MAX_CHAIN_DEPTH};
 
 /// Most extents merged into one `block_status` answer, so that a call stays cheap
