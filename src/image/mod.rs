@@ -13,8 +13,9 @@
 //! describes them, `check` checks encrypted, data-file and corrupt-marked images.
 //!
 //! ```no_run
+//! use qdedup::error::IoContext;
 //! use qdedup::image::{Image, OpenMode};
-//! let file = std::fs::File::open("disk.qcow2")?;
+//! let file = std::fs::File::open("disk.qcow2").ctx(|| "opening disk.qcow2".into())?;
 //! let im = Image::open(&file, OpenMode::Read)?;
 //! println!("{} snapshots, caveats: {:?}", im.snapshots.len(), im.caveats);
 //! # Ok::<(), qdedup::Error>(())
