@@ -18,7 +18,7 @@ use crate::source::{BlockStatus, Source};
 pub fn decode(data: &[u8]) {
     if let Ok(h) = header::Header::decode(data) {
         let _ = h.validate(data.len() as u64);
-        let _ = h.check_features();
+        let _ = h.validate_open(header::OpenMode::Check);
         if h.version == 3 && h.header_length >= 112 {
             let mut buf = [0u8; 112];
             h.encode(&mut buf);

@@ -17,7 +17,8 @@ use serde_json::Value;
 mod common;
 
 use common::{
-    create_qcow2, qcow2_from_raw, qemu, qemu_img, qemu_io, qemu_snapshot, write_raw, Img,
+    bitmaps_extension, create_qcow2, qcow2_from_raw, qemu, qemu_img, qemu_io, qemu_snapshot,
+    write_raw, Img,
 };
 
 // ---------------------------------------------------------------- qemu tools
@@ -258,22 +259,6 @@ fn persistent_bitmaps_are_counted() {
     let r = ours(&p);
     assert_eq!(r.exit_code(), 3, "{}", r.human());
     assert_same_figures(&p, &r);
-}
-
-/// (offset of the bitmaps extension's data, directory offset) of a qcow2 file.
-fn bitmaps_extension(p: &Path) -> (u64, u64) {
-    let b = fs::read(p).unwrap();
-    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
-    let mut pos = be32(100) as usize;
-    loop {
-        let (kind, len) = (be32(pos), be32(pos + 4) as usize);
-        assert_ne!(kind, 0, "no bitmaps extension");
-        if kind == 0x2385_2875 {
-            let dir = u64::from_be_bytes(b[pos + 24..pos + 32].try_into().unwrap());
-            return (pos as u64 + 8, dir);
-        }
-        pos += 8 + len.div_ceil(8) * 8;
-    }
 }
 
 type Patch = Box<dyn Fn(&Img)>;

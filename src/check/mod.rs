@@ -29,7 +29,6 @@
 
 mod bitmaps;
 mod decompress;
-mod image;
 mod refcounts;
 mod repair;
 mod report;
@@ -40,8 +39,8 @@ use std::path::Path;
 pub use report::{CheckReport, Finding, FindingClass, FindingKind, RepairMode};
 
 use crate::error::{Error, IoContext, Result};
+use crate::image::{Caveat, Image, OpenMode};
 use crate::io::{ReadAt, WriteAt};
-use image::Image;
 use refcounts::Checker;
 use report::Tally;
 
@@ -82,6 +81,7 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
         .write(opts.repair.is_some())
         .open(path)
         .ctx(|| format!("opening {name}"))?;
+    open_data_file(&Image::open(&file, OpenMode::Check)?)?;
     if opts.repair.is_some() {
         repair_image(&file, &name, opts)
     } else {
@@ -92,6 +92,25 @@ pub fn check(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
 /// The former name of [`check`].
 #[doc(hidden)]
 pub use self::check as check_file;
+
+/// QEMU's check opens an image's external data file too, and fails (exit 1) where
+/// it cannot: the name is used as stored, relative to the current directory, as
+/// `qemu-img check` does.
+fn open_data_file(im: &Image) -> Result<()> {
+    if let Some(Caveat::ExternalDataFile(Some(name))) = im
+        .caveats
+        .iter()
+        .find(|c| matches!(c, Caveat::ExternalDataFile(_)))
+    {
+        std::fs::File::open(name).ctx(|| {
+            format!(
+                "opening the external data file {name:?} (named by the image, relative to \
+                 the current directory as QEMU opens it)"
+            )
+        })?;
+    }
+    Ok(())
+}
 
 /// Checks an image read through `img`; `opts.repair` must be `None`.
 pub fn check_image<R: ReadAt + ?Sized>(
@@ -159,7 +178,7 @@ fn run<'a, R: ReadAt + ?Sized>(
     filename: &str,
     opts: &CheckOptions,
 ) -> Result<(CheckReport, Checker<'a, R>)> {
-    let im = Image::open(img)?;
+    let im = Image::open(img, OpenMode::Check)?;
     let tally = Tally::new(opts.strict, opts.max_findings);
     let mut ck = Checker::new(img, im, tally, opts.verify_compressed)?;
     ck.run()?;
@@ -204,7 +223,11 @@ fn report_of<R: ReadAt + ?Sized>(
         compression_type: ck.im.compression.name(),
         extended_l2: ck.im.extended_l2,
         snapshots: h.nb_snapshots,
-        backing_file: ck.im.backing_file.clone(),
+        backing_file: ck
+            .im
+            .backing_name
+            .as_deref()
+            .map(|n| String::from_utf8_lossy(n).into_owned()),
         virtual_size: h.size,
         file_size: ck.im.file_len,
         findings: t.findings.clone(),

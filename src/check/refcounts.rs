@@ -25,17 +25,17 @@
 use std::collections::{HashMap, HashSet};
 
 use super::decompress::{verify_streams, Inflater};
-use super::image::Image;
 use super::report::{FindingKind as K, Tally};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
-use crate::format::extensions::QCOW2_EXT_MAGIC_CRYPTO_HEADER;
+use crate::format::header::{off as hoff, QEMU_MAX_LENGTH};
 use crate::format::l1l2::{
     L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
     QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
 };
 use crate::format::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use crate::format::snapshot::{self, Snapshot, V3_MIN_EXTRA};
+use crate::image::{read_snapshot_table, Image};
 use crate::io::ReadAt;
 
 /// The cluster holds metadata.
@@ -47,9 +47,6 @@ pub(crate) const ROLE_COMPRESSED: u8 = 4;
 
 /// QEMU's limit on a snapshot's L1 table, in entries (32 MiB).
 const MAX_L1_ENTRIES: u32 = 4 << 20;
-/// Largest snapshot table entry: fixed part, 1024 bytes of extra data, two names of
-/// up to 65535 bytes, padding.
-const MAX_SNAPSHOT_ENTRY: u64 = 40 + 1024 + 2 * 65535 + 7;
 
 /// Compressed streams collected before they are decompressed (in parallel).
 const STREAM_BATCH: usize = 4096;
@@ -204,8 +201,9 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         self.read_reftable()?;
         let cs = self.im.cluster_size;
         let h = self.im.header.clone();
-        self.inc(0, cs, ROLE_META, "header", ("header", 0));
-        self.walk_l1(h.l1_table_offset, h.l1_size, true, ("header", 40))?;
+        self.inc(0, cs, ROLE_META, "header", ("header", hoff::MAGIC as u64));
+        let by = ("header", hoff::L1_TABLE_OFFSET as u64);
+        self.walk_l1(h.l1_table_offset, h.l1_size, true, by)?;
         self.walk_snapshots()?;
         self.verify_pending_streams()?;
         let rt_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
@@ -214,7 +212,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             rt_bytes,
             ROLE_META,
             "refcount table",
-            ("header", 48),
+            ("header", hoff::REFCOUNT_TABLE_OFFSET as u64),
         );
         self.count_crypto_header();
         self.count_bitmaps()?;
@@ -308,19 +306,11 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         if nb == 0 {
             return Ok(true);
         }
-        let off = h.snapshots_offset;
-        let version = h.version;
-        // validate() checked nb ≤ 65536 and that 40·nb bytes at an aligned offset lie
-        // inside the file.
-        let want = snapshot::MAX_TABLE_BYTES.min(u64::from(nb) * MAX_SNAPSHOT_ENTRY);
-        let mut buf = self.read_in_file(off, want, "snapshot table")?;
-        if (buf.len() as u64) < want {
-            // QEMU reads zeros past the end of the file; an all-zero entry is 40
-            // bytes, so this is enough for every entry that starts there.
-            let pad = u64::from(nb) * snapshot::ENTRY_FIXED as u64;
-            buf.resize(buf.len() + to_usize(pad, "snapshot table")?, 0);
-        }
-        match snapshot::decode_table_lenient(&buf, off, nb) {
+        let (off, version) = (h.snapshots_offset, h.version);
+        // The opener validated the table's offset (QEMU does the same here); the
+        // table is read as for a plain open, whose errors QEMU's check reports as
+        // check errors ("failed to read the snapshot table") before stopping.
+        match read_snapshot_table(self.img, h, self.im.file_len) {
             Ok((list, len)) => {
                 self.snapshots = list;
                 self.snapshots_size = len;
@@ -331,7 +321,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                             self.tally.note(
                                 K::Snapshot,
                                 "snapshot table",
-                                s.entry_offset + 36,
+                                s.entry_offset + snapshot::off::EXTRA_DATA_SIZE as u64,
                                 || {
                                     format!(
                                         "snapshot table entry {i} is incomplete: {extra} bytes \
@@ -344,6 +334,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 }
                 Ok(true)
             }
+            Err(e @ Error::Io { .. }) => Err(e),
             Err(e) => {
                 let (structure, at) = match &e {
                     Error::Corrupt {
@@ -362,7 +353,8 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
     fn walk_snapshots(&mut self) -> Result<()> {
         if self.im.data_file && !self.snapshots.is_empty() {
             let n = self.snapshots.len();
-            self.tally.note(K::Snapshot, "header", 60, || {
+            let at = hoff::NB_SNAPSHOTS as u64;
+            self.tally.note(K::Snapshot, "header", at, || {
                 format!("{n} snapshots in an image with an external data file")
             });
         }
@@ -385,10 +377,22 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 });
                 continue;
             }
+            let end = l1_off.checked_add(u64::from(l1_size) * 8);
+            if l1_size > 0 && end.is_none_or(|e| e > QEMU_MAX_LENGTH) {
+                // QEMU cannot read it (its check fails with an I/O error).
+                self.tally.note(K::CheckError, "snapshot table", entry, || {
+                    format!(
+                        "snapshot {id}: L1 table at {l1_off:#x} cannot be read: it ends past \
+                         QEMU's largest file offset ({QEMU_MAX_LENGTH:#x})"
+                    )
+                });
+                continue;
+            }
             self.walk_l1(l1_off, l1_size, false, ("snapshot table", entry))?;
         }
         let (off, size) = (self.im.header.snapshots_offset, self.snapshots_size);
-        self.inc(off, size, ROLE_META, "snapshot table", ("header", 64));
+        let by = ("header", hoff::SNAPSHOTS_OFFSET as u64);
+        self.inc(off, size, ROLE_META, "snapshot table", by);
         Ok(())
     }
 
@@ -396,22 +400,17 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         if self.im.header.crypt_method != 2 {
             return;
         }
-        match self.im.extension(QCOW2_EXT_MAGIC_CRYPTO_HEADER) {
-            Some(e) if e.data.len() == 16 => {
-                let off = be64(&e.data, 0);
-                let len = be64(&e.data, 8);
-                let at = e.offset;
-                self.inc(off, len, ROLE_META, "LUKS header", ("header extension", at));
+        // The opener checked the extension (length, alignment) as QEMU does.
+        match self.im.crypto_header {
+            Some(c) => {
+                let by = ("header extension", c.extension_offset);
+                self.inc(c.offset, c.length, ROLE_META, "LUKS header", by);
             }
-            Some(e) => {
-                let (at, n) = (e.offset, e.data.len());
-                self.tally.note(K::CheckError, "header extension", at, || {
-                    format!("crypto header extension has {n} bytes, expected 16")
-                });
-            }
-            None => self.tally.note(K::CheckError, "header", 32, || {
-                "LUKS encryption without a crypto header extension".into()
-            }),
+            None => self
+                .tally
+                .note(K::CheckError, "header", hoff::CRYPT_METHOD as u64, || {
+                    "LUKS encryption without a crypto header extension".into()
+                }),
         }
     }
 

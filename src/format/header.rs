@@ -23,8 +23,9 @@
 //! |    104 |    1 | compression_type          | 0 zlib, 1 zstd; needs header_length ≥ 112 |
 //! |    105 |    7 | padding                   | zero                                    |
 //!
-//! [`Header::decode`] only reads fields; [`Header::validate`] range-checks them against
-//! the file size and QEMU's limits before anything uses them for arithmetic.
+//! [`Header::decode`] only reads fields; [`Header::validate_open`] makes QEMU's checks
+//! (`qcow2_do_open`) before anything uses them for arithmetic, and
+//! [`Header::validate`] adds the reader's bound of the L1 table by the file size.
 
 use crate::error::{Error, Result};
 
@@ -73,28 +74,60 @@ pub const MAX_BACKING_FILE_NAME: u32 = 1023;
 /// Offset and value limit of host offsets (bits 9..=55 of an L2 entry).
 pub const MAX_HOST_OFFSET: u64 = 1 << 56;
 
-/// Field offsets, each following from the previous one.
-mod off {
+/// File offsets of the header fields, each following from the previous one (the
+/// byte table above). Other modules name a field by these, e.g. in error offsets.
+pub mod off {
+    /// `magic`.
     pub const MAGIC: usize = 0;
+    /// `version`.
     pub const VERSION: usize = MAGIC + 4;
+    /// `backing_file_offset`.
     pub const BACKING_FILE_OFFSET: usize = VERSION + 4;
+    /// `backing_file_size`.
     pub const BACKING_FILE_SIZE: usize = BACKING_FILE_OFFSET + 8;
+    /// `cluster_bits`.
     pub const CLUSTER_BITS: usize = BACKING_FILE_SIZE + 4;
+    /// `size` (virtual disk size).
     pub const SIZE: usize = CLUSTER_BITS + 4;
+    /// `crypt_method`.
     pub const CRYPT_METHOD: usize = SIZE + 8;
+    /// `l1_size`.
     pub const L1_SIZE: usize = CRYPT_METHOD + 4;
+    /// `l1_table_offset`.
     pub const L1_TABLE_OFFSET: usize = L1_SIZE + 4;
+    /// `refcount_table_offset`.
     pub const REFCOUNT_TABLE_OFFSET: usize = L1_TABLE_OFFSET + 8;
+    /// `refcount_table_clusters`.
     pub const REFCOUNT_TABLE_CLUSTERS: usize = REFCOUNT_TABLE_OFFSET + 8;
+    /// `nb_snapshots`.
     pub const NB_SNAPSHOTS: usize = REFCOUNT_TABLE_CLUSTERS + 4;
+    /// `snapshots_offset`.
     pub const SNAPSHOTS_OFFSET: usize = NB_SNAPSHOTS + 4;
+    /// `incompatible_features` (v3).
     pub const INCOMPATIBLE_FEATURES: usize = SNAPSHOTS_OFFSET + 8;
+    /// `compatible_features` (v3).
     pub const COMPATIBLE_FEATURES: usize = INCOMPATIBLE_FEATURES + 8;
+    /// `autoclear_features` (v3).
     pub const AUTOCLEAR_FEATURES: usize = COMPATIBLE_FEATURES + 8;
+    /// `refcount_order` (v3).
     pub const REFCOUNT_ORDER: usize = AUTOCLEAR_FEATURES + 8;
+    /// `header_length` (v3).
     pub const HEADER_LENGTH: usize = REFCOUNT_ORDER + 4;
+    /// `compression_type` (v3, present when `header_length` > 104).
     pub const COMPRESSION_TYPE: usize = HEADER_LENGTH + 4;
+    /// End of the header qdedup reads and writes (compression type plus padding).
     pub const END: usize = COMPRESSION_TYPE + 8;
+}
+
+/// How an image is opened, which decides a few of QEMU's header checks
+/// (`qcow2_do_open`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// A plain open, as for `qemu-img convert`, `info`, `map` or `compare`.
+    Read,
+    /// QEMU's `BDRV_O_CHECK` open (`qemu-img check`): a refcount table of zero
+    /// clusters is accepted (the check then reports every cluster as a corruption).
+    Check,
 }
 
 /// Compression type of compressed clusters (header byte 104).
@@ -357,22 +390,21 @@ impl Header {
         }
     }
 
-    /// Checks every field that later code uses for arithmetic or allocation against
-    /// QEMU's limits and against `file_size`. After this returns `Ok`, shifts by
-    /// `cluster_bits`/`refcount_order` are safe and the L1/refcount tables lie
-    /// inside the file.
+    /// The header checks QEMU's `qcow2_do_open` makes, in its order, for an open in
+    /// `mode`: what fails here QEMU refuses to open (`qemu-img check` exits 1).
+    /// After this returns `Ok`, shifts by `cluster_bits`/`refcount_order` are safe,
+    /// the L1, refcount and snapshot tables are aligned and end before
+    /// [`QEMU_MAX_LENGTH`], and the sizes of the L1 and refcount tables are bounded
+    /// by QEMU's limits. The tables may still extend past the end of the file: QEMU
+    /// reads zeros there (see [`Header::validate`] for the reader's stricter rule).
     ///
-    /// Feature checks (encryption, unknown incompatible bits, data file) are left
-    /// to the caller, since `check` and `convert` treat some of them differently;
-    /// see [`Header::check_features`].
-    pub fn validate(&self, file_size: u64) -> Result<()> {
-        self.validate_with(Some(file_size))
-    }
-
-    /// [`Header::validate`] without the end-of-file bound on the L1, refcount and
-    /// snapshot tables (`None`), as QEMU opens such images: it reads the missing
-    /// part as zeros. `check` uses this and reports the table as a corruption.
-    pub fn validate_with(&self, file_size: Option<u64>) -> Result<()> {
+    /// One deliberate difference: `header_length` must be a multiple of 8, as the
+    /// specification says (QEMU does not insist).
+    ///
+    /// What QEMU checks in the header extensions and the snapshot table, and the
+    /// features each command treats differently (encryption, external data files,
+    /// the corrupt bit), are left to the image opener (`qdedup::image`).
+    pub fn validate_open(&self, mode: OpenMode) -> Result<()> {
         let corrupt = |off: usize, d: String| Error::corrupt("header", off as u64, d);
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&self.cluster_bits) {
             return Err(corrupt(
@@ -381,54 +413,82 @@ impl Header {
             ));
         }
         let cs = self.cluster_size();
-        if self.version == 3 {
-            if self.header_length < V3_MIN_HEADER_LENGTH
+        if self.version == 3
+            && (self.header_length < V3_MIN_HEADER_LENGTH
                 || u64::from(self.header_length) > cs
-                || self.header_length % 8 != 0
-            {
-                return Err(corrupt(
-                    off::HEADER_LENGTH,
-                    format!(
-                        "header_length {} must be a multiple of 8 in 104..={cs}",
-                        self.header_length
-                    ),
-                ));
-            }
-            if self.refcount_order > 6 {
-                return Err(corrupt(
-                    off::REFCOUNT_ORDER,
-                    format!("refcount_order {} exceeds 6", self.refcount_order),
-                ));
-            }
-            if self.extended_l2() && self.cluster_bits < 14 {
-                return Err(corrupt(
-                    off::CLUSTER_BITS,
-                    "extended L2 entries need clusters of at least 16 KiB".into(),
-                ));
-            }
+                || self.header_length % 8 != 0)
+        {
+            return Err(corrupt(
+                off::HEADER_LENGTH,
+                format!(
+                    "header_length {} must be a multiple of 8 in 104..={cs}",
+                    self.header_length
+                ),
+            ));
         }
-        if self.backing_file_offset != 0 {
-            if self.backing_file_offset > cs {
-                return Err(corrupt(
-                    off::BACKING_FILE_OFFSET,
-                    format!(
-                        "backing file name offset {:#x} beyond cluster 0",
-                        self.backing_file_offset
-                    ),
-                ));
-            }
-            if self.backing_file_size > MAX_BACKING_FILE_NAME
-                || self.backing_file_offset + u64::from(self.backing_file_size) > cs
-            {
-                return Err(corrupt(
-                    off::BACKING_FILE_SIZE,
-                    format!(
-                        "backing file name length {} too long",
-                        self.backing_file_size
-                    ),
-                ));
-            }
+        if self.backing_file_offset > cs {
+            return Err(corrupt(
+                off::BACKING_FILE_OFFSET,
+                format!(
+                    "backing file name offset {:#x} beyond cluster 0",
+                    self.backing_file_offset
+                ),
+            ));
         }
+        self.validate_compression_type()?;
+        let unknown = self.incompatible_features & !QCOW2_INCOMPAT_MASK;
+        if unknown != 0 {
+            return Err(Error::Unsupported(format!(
+                "unknown incompatible feature bits {unknown:#x}"
+            )));
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(corrupt(
+                off::CLUSTER_BITS,
+                "extended L2 entries need clusters of at least 16 KiB".into(),
+            ));
+        }
+        if self.refcount_order > 6 {
+            return Err(corrupt(
+                off::REFCOUNT_ORDER,
+                format!("refcount_order {} exceeds 6", self.refcount_order),
+            ));
+        }
+        // Refcount table.
+        if self.refcount_table_clusters == 0 && mode == OpenMode::Read {
+            return Err(corrupt(
+                off::REFCOUNT_TABLE_CLUSTERS,
+                "refcount table has zero clusters (the image has no refcount table)".into(),
+            ));
+        }
+        let rt_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::LimitExceeded(format!(
+                "header: refcount_table_clusters {} exceeds QEMU's 8 MiB refcount table limit",
+                self.refcount_table_clusters
+            )));
+        }
+        self.check_table(
+            off::REFCOUNT_TABLE_OFFSET,
+            "refcount table",
+            self.refcount_table_offset,
+            rt_bytes,
+        )?;
+        // Snapshot table: QEMU validates its offset even when there are no snapshots
+        // (a plain open here, `qemu-img check` in its snapshot pass; both refuse).
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::LimitExceeded(format!(
+                "header: {} snapshots exceed QEMU's limit of {MAX_SNAPSHOTS}",
+                self.nb_snapshots
+            )));
+        }
+        // Each entry is at least 40 bytes; the rest is checked when the table is read.
+        self.check_table(
+            off::SNAPSHOTS_OFFSET,
+            "snapshot table",
+            self.snapshots_offset,
+            u64::from(self.nb_snapshots) * 40,
+        )?;
         // L1 table.
         let l1_bytes = u64::from(self.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
@@ -437,8 +497,13 @@ impl Header {
                 self.l1_size
             )));
         }
-        let l2_entries = self.l2_entries();
-        let need_l1 = self.size.div_ceil(cs).div_ceil(l2_entries);
+        self.check_table(
+            off::L1_TABLE_OFFSET,
+            "L1 table",
+            self.l1_table_offset,
+            l1_bytes,
+        )?;
+        let need_l1 = self.size.div_ceil(cs).div_ceil(self.l2_entries());
         if u64::from(self.l1_size) < need_l1 {
             return Err(corrupt(
                 off::L1_SIZE,
@@ -448,128 +513,97 @@ impl Header {
                 ),
             ));
         }
-        if self.l1_size > 0 {
-            self.check_table(
-                off::L1_TABLE_OFFSET,
-                "L1 table",
-                self.l1_table_offset,
-                l1_bytes,
-                file_size,
-            )?;
-        }
-        // Refcount table.
-        let rt_bytes = u64::from(self.refcount_table_clusters) << self.cluster_bits;
-        if rt_bytes > MAX_REFTABLE_BYTES {
-            return Err(Error::LimitExceeded(format!(
-                "header: refcount_table_clusters {} exceeds QEMU's 8 MiB refcount table limit",
-                self.refcount_table_clusters
+        if self.crypt_method > 2 {
+            return Err(Error::Unsupported(format!(
+                "encryption method {}",
+                self.crypt_method
             )));
         }
-        if self.refcount_table_clusters == 0 {
+        if self.backing_file_offset != 0
+            && (self.backing_file_size > MAX_BACKING_FILE_NAME
+                || self.backing_file_offset + u64::from(self.backing_file_size) > cs)
+        {
             return Err(corrupt(
-                off::REFCOUNT_TABLE_CLUSTERS,
-                "refcount table has zero clusters".into(),
-            ));
-        }
-        self.check_table(
-            off::REFCOUNT_TABLE_OFFSET,
-            "refcount table",
-            self.refcount_table_offset,
-            rt_bytes,
-            file_size,
-        )?;
-        // Snapshot table.
-        if self.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::LimitExceeded(format!(
-                "header: {} snapshots exceed QEMU's limit of {MAX_SNAPSHOTS}",
-                self.nb_snapshots
-            )));
-        }
-        if self.nb_snapshots > 0 {
-            // Each entry is at least 40 bytes; the rest is checked when the table is read.
-            self.check_table(
-                off::SNAPSHOTS_OFFSET,
-                "snapshot table",
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots) * 40,
-                file_size,
-            )?;
-        } else if self.snapshots_offset & (self.cluster_size() - 1) != 0 {
-            // QEMU validates the offset even when there are no snapshots.
-            return Err(corrupt(
-                off::SNAPSHOTS_OFFSET,
+                off::BACKING_FILE_SIZE,
                 format!(
-                    "snapshot table offset {:#x} is not cluster aligned",
-                    self.snapshots_offset
+                    "backing file name length {} too long",
+                    self.backing_file_size
                 ),
             ));
         }
         Ok(())
     }
 
-    fn check_table(
-        &self,
-        field: usize,
-        what: &str,
-        offset: u64,
-        len: u64,
-        file_size: Option<u64>,
-    ) -> Result<()> {
-        if offset & (self.cluster_size() - 1) != 0 {
+    /// [`Header::validate_open`] for reading, plus the reader's own rule on the one
+    /// table it reads: an active L1 table (of at least one entry) must lie inside
+    /// the file and not at offset 0, over the header (QEMU would read zeros or header
+    /// bytes as L1 entries; `check` reports both as corruptions). The refcount and
+    /// snapshot tables are held to QEMU's rules only: reading guest data does not
+    /// use refcounts, and QEMU reads zeros past the end of the file.
+    pub fn validate(&self, file_size: u64) -> Result<()> {
+        self.validate_open(OpenMode::Read)?;
+        self.validate_l1_in_file(file_size)
+    }
+
+    /// The reader's rule of [`Header::validate`] alone, for a header that passed
+    /// [`Header::validate_open`].
+    pub fn validate_l1_in_file(&self, file_size: u64) -> Result<()> {
+        if self.l1_size == 0 {
+            return Ok(());
+        }
+        let field = off::L1_TABLE_OFFSET as u64;
+        let offset = self.l1_table_offset;
+        if offset == 0 {
             return Err(Error::corrupt(
                 "header",
-                field as u64,
-                format!("{what} offset {offset:#x} is not cluster aligned"),
+                field,
+                "L1 table overlaps the header (offset 0)",
             ));
         }
-        // QEMU opens a table at offset 0 too (its check then reports the overlap).
-        if offset == 0 && file_size.is_some() {
+        let len = u64::from(self.l1_size) * 8;
+        // validate_open: offset + len <= QEMU_MAX_LENGTH, no overflow.
+        if offset + len > file_size {
             return Err(Error::corrupt(
                 "header",
-                field as u64,
-                format!("{what} overlaps the header (offset 0)"),
-            ));
-        }
-        match offset.checked_add(len) {
-            // QEMU cannot read past BDRV_MAX_LENGTH (it fails to open such images).
-            Some(end) if end <= QEMU_MAX_LENGTH && file_size.is_none_or(|fs| end <= fs) => {
-                Ok(())
-            }
-            Some(end) if end <= QEMU_MAX_LENGTH => Err(Error::corrupt(
-                "header",
-                field as u64,
+                field,
                 format!(
-                    "{what} at {offset:#x} ({len} bytes) extends past the end of the file ({} bytes)",
-                    file_size.unwrap_or(0)
+                    "L1 table at {offset:#x} ({len} bytes) extends past the end of the file \
+                     ({file_size} bytes)"
                 ),
-            )),
-            _ => Err(Error::corrupt(
-                "header",
-                field as u64,
-                format!("{what} offset {offset:#x} is invalid: the table would end past QEMU's largest file offset ({QEMU_MAX_LENGTH:#x})"),
-            )),
+            ));
+        }
+        Ok(())
+    }
+
+    /// QEMU's `qcow2_validate_table` for the table of `len` bytes at `offset`:
+    /// cluster aligned and addressable (QEMU takes offsets as `int64_t`); a table
+    /// that is not empty is read at open, so it must also end before
+    /// [`QEMU_MAX_LENGTH`], past which QEMU cannot read.
+    fn check_table(&self, field: usize, what: &str, offset: u64, len: u64) -> Result<()> {
+        let bad = |detail: String| Error::corrupt("header", field as u64, detail);
+        if offset & (self.cluster_size() - 1) != 0 {
+            return Err(bad(format!(
+                "{what} offset {offset:#x} is not cluster aligned"
+            )));
+        }
+        let limit = if len == 0 {
+            i64::MAX as u64
+        } else {
+            QEMU_MAX_LENGTH
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= limit => Ok(()),
+            _ => Err(bad(format!(
+                "{what} offset {offset:#x} is invalid: the table would end past QEMU's \
+                 largest file offset ({limit:#x})"
+            ))),
         }
     }
 
-    /// Refuses features qdedup cannot honour when reading guest data: encryption,
-    /// unknown incompatible bits, external data files, and an inconsistent
-    /// compression type.
-    pub fn check_features(&self) -> Result<()> {
-        match self.crypt_method {
-            0 => {}
-            1 => return Err(Error::Unsupported("encrypted image (AES)".into())),
-            2 => return Err(Error::Unsupported("encrypted image (LUKS)".into())),
-            m => return Err(Error::Unsupported(format!("encryption method {m}"))),
-        }
-        let unknown = self.incompatible_features & !QCOW2_INCOMPAT_MASK;
-        if unknown != 0 {
-            return Err(Error::Unsupported(format!(
-                "unknown incompatible feature bits {unknown:#x}"
-            )));
-        }
-        if self.incompatible_features & QCOW2_INCOMPAT_DATA_FILE != 0 {
-            return Err(Error::Unsupported("external data file".into()));
-        }
+    /// QEMU's `validate_compression_type`: a known type, and incompatible bit 3 set
+    /// exactly when it is not zlib.
+    fn validate_compression_type(&self) -> Result<()> {
+        self.compression()?;
         let bit = self.incompatible_features & QCOW2_INCOMPAT_COMPRESSION != 0;
         if bit != (self.compression_type != 0) {
             return Err(Error::corrupt(
@@ -581,7 +615,6 @@ impl Header {
                 ),
             ));
         }
-        self.compression()?;
         Ok(())
     }
 }
@@ -638,6 +671,69 @@ mod tests {
         ));
     }
 
+    /// A valid 1 MiB image layout: L1 at 3 clusters, refcount table at 1.
+    fn sound() -> Header {
+        let mut h = Header::new_v3(16, 4, 1 << 20);
+        h.l1_size = 1;
+        h.l1_table_offset = 0x30000;
+        h.refcount_table_offset = 0x10000;
+        h.refcount_table_clusters = 1;
+        h
+    }
+
+    fn refused_at(r: &Result<()>, field: usize) -> bool {
+        matches!(r, Err(Error::Corrupt { structure: "header", offset, .. }) if *offset == field as u64)
+    }
+
+    #[test]
+    fn an_invalid_snapshot_table_offset_is_refused_without_snapshots() {
+        let mut h = sound();
+        h.snapshots_offset = 0xc000_0000_0000_0000;
+        for mode in [OpenMode::Read, OpenMode::Check] {
+            assert!(refused_at(&h.validate_open(mode), off::SNAPSHOTS_OFFSET));
+        }
+        // Aligned and addressable: QEMU accepts it when there is nothing to read.
+        h.snapshots_offset = 0x7fff_ffff_ffff_0000;
+        assert!(h.validate_open(OpenMode::Read).is_ok());
+    }
+
+    #[test]
+    fn an_unaligned_l1_offset_is_refused_even_for_an_empty_table() {
+        let mut h = Header::new_v3(16, 4, 0);
+        h.refcount_table_offset = 0x10000;
+        h.refcount_table_clusters = 1;
+        h.l1_table_offset = 0x30200;
+        assert!(refused_at(
+            &h.validate_open(OpenMode::Read),
+            off::L1_TABLE_OFFSET
+        ));
+    }
+
+    #[test]
+    fn a_refcount_table_of_zero_clusters_is_opened_only_for_checking() {
+        let mut h = sound();
+        h.refcount_table_clusters = 0;
+        assert!(refused_at(
+            &h.validate_open(OpenMode::Read),
+            off::REFCOUNT_TABLE_CLUSTERS
+        ));
+        assert!(h.validate_open(OpenMode::Check).is_ok());
+    }
+
+    #[test]
+    fn only_the_l1_table_is_bounded_by_the_file_for_reading() {
+        let mut h = sound();
+        h.refcount_table_offset = 1 << 40;
+        h.refcount_table_clusters = 2;
+        h.nb_snapshots = 3;
+        h.snapshots_offset = 1 << 41;
+        assert!(h.validate(0x40000).is_ok());
+        assert!(refused_at(&h.validate(0x30004), off::L1_TABLE_OFFSET));
+        h.l1_table_offset = 0;
+        assert!(refused_at(&h.validate(1 << 20), off::L1_TABLE_OFFSET));
+        assert!(h.validate_open(OpenMode::Check).is_ok());
+    }
+
     proptest! {
         #[test]
         fn decode_inverts_encode(
@@ -662,7 +758,7 @@ mod tests {
         fn decode_and_validate_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200), fs in any::<u64>()) {
             if let Ok(h) = Header::decode(&bytes) {
                 let _ = h.validate(fs);
-                let _ = h.check_features();
+                let _ = h.validate_open(OpenMode::Check);
             }
         }
     }

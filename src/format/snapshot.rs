@@ -20,12 +20,49 @@
 
 use crate::error::{Error, Result};
 
+/// Offsets of the fields of an entry, from the entry's start (the byte table above).
+pub mod off {
+    /// `l1_table_offset`.
+    pub const L1_TABLE_OFFSET: usize = 0;
+    /// `l1_size`.
+    pub const L1_SIZE: usize = L1_TABLE_OFFSET + 8;
+    /// `id_str_size`.
+    pub const ID_STR_SIZE: usize = L1_SIZE + 4;
+    /// `name_size`.
+    pub const NAME_SIZE: usize = ID_STR_SIZE + 2;
+    /// `date_sec`.
+    pub const DATE_SEC: usize = NAME_SIZE + 2;
+    /// `date_nsec`.
+    pub const DATE_NSEC: usize = DATE_SEC + 4;
+    /// `vm_clock_nsec`.
+    pub const VM_CLOCK_NSEC: usize = DATE_NSEC + 4;
+    /// `vm_state_size` (32-bit).
+    pub const VM_STATE_SIZE: usize = VM_CLOCK_NSEC + 8;
+    /// `extra_data_size`.
+    pub const EXTRA_DATA_SIZE: usize = VM_STATE_SIZE + 4;
+    /// Start of the extra data.
+    pub const EXTRA_DATA: usize = EXTRA_DATA_SIZE + 4;
+}
+
+/// Offsets of the known fields of the extra data, from its start.
+pub mod extra_data {
+    /// `vm_state_size_large` (u64).
+    pub const VM_STATE_SIZE_LARGE: usize = 0;
+    /// `disk_size` (u64).
+    pub const DISK_SIZE: usize = VM_STATE_SIZE_LARGE + 8;
+    /// `icount` (u64; all ones = not recorded).
+    pub const ICOUNT: usize = DISK_SIZE + 8;
+}
+
 /// Fixed part of an entry.
-pub const ENTRY_FIXED: usize = 40;
+pub const ENTRY_FIXED: usize = off::EXTRA_DATA;
 /// QEMU's limit on a snapshot table.
 pub const MAX_TABLE_BYTES: u64 = 64 << 20;
 /// QEMU's limit on extra data per entry.
 pub const MAX_EXTRA: u32 = 1024;
+/// Largest entry: the fixed part, the most extra data, two names of up to 65535
+/// bytes, and padding to 8 bytes.
+pub const MAX_ENTRY: u64 = ENTRY_FIXED as u64 + MAX_EXTRA as u64 + 2 * 65535 + 7;
 
 /// One decoded snapshot entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +89,9 @@ pub struct Snapshot {
     pub disk_size: Option<u64>,
     /// Length of the extra data.
     pub extra_data_size: u32,
+    /// Instructions executed by the guest, if recorded (QEMU writes all ones
+    /// when not).
+    pub icount: Option<u64>,
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {
@@ -82,7 +122,7 @@ pub fn decode_table(
         {
             return Err(Error::corrupt(
                 "snapshot table",
-                s.entry_offset + 36,
+                s.entry_offset + off::EXTRA_DATA_SIZE as u64,
                 format!(
                     "entry {i} is incomplete: {} bytes of extra data, v3 needs 16",
                     s.extra_data_size
@@ -115,20 +155,20 @@ pub fn decode_table_lenient(
                 format!("entry {i} extends past the end of the file or the 64 MiB limit"),
             )
         })?;
-        let l1_table_offset = be64(fixed, 0);
-        let l1_size = be32(fixed, 8);
-        let id_len = usize::from(be16(fixed, 12));
-        let name_len = usize::from(be16(fixed, 14));
-        let date_sec = be32(fixed, 16);
-        let date_nsec = be32(fixed, 20);
-        let vm_clock_nsec = be64(fixed, 24);
-        let vm_state32 = be32(fixed, 32);
-        let extra = be32(fixed, 36);
+        let l1_table_offset = be64(fixed, off::L1_TABLE_OFFSET);
+        let l1_size = be32(fixed, off::L1_SIZE);
+        let id_len = usize::from(be16(fixed, off::ID_STR_SIZE));
+        let name_len = usize::from(be16(fixed, off::NAME_SIZE));
+        let date_sec = be32(fixed, off::DATE_SEC);
+        let date_nsec = be32(fixed, off::DATE_NSEC);
+        let vm_clock_nsec = be64(fixed, off::VM_CLOCK_NSEC);
+        let vm_state32 = be32(fixed, off::VM_STATE_SIZE);
+        let extra = be32(fixed, off::EXTRA_DATA_SIZE);
         if extra > MAX_EXTRA {
             return Err(Error::corrupt(
                 "snapshot table",
-                at + 36,
-                format!("entry {i}: extra data of {extra} bytes exceeds 1024"),
+                at + off::EXTRA_DATA_SIZE as u64,
+                format!("too much extra metadata in entry {i}: {extra} bytes, QEMU allows 1024"),
             ));
         }
         let extra = extra as usize;
@@ -142,12 +182,11 @@ pub fn decode_table_lenient(
             )
         })?;
         let ex = &var[..extra];
-        let vm_state_size = if extra >= 8 {
-            be64(ex, 0)
-        } else {
-            u64::from(vm_state32)
-        };
-        let disk_size = (extra >= 16).then(|| be64(ex, 8));
+        let field = |at: usize| (extra >= at + 8).then(|| be64(ex, at));
+        let vm_state_size =
+            field(extra_data::VM_STATE_SIZE_LARGE).unwrap_or_else(|| u64::from(vm_state32));
+        let disk_size = field(extra_data::DISK_SIZE);
+        let icount = field(extra_data::ICOUNT).filter(|v| *v != u64::MAX);
         let id = String::from_utf8_lossy(&var[extra..extra + id_len]).into_owned();
         let name = String::from_utf8_lossy(&var[extra + id_len..]).into_owned();
         out.push(Snapshot {
@@ -162,6 +201,7 @@ pub fn decode_table_lenient(
             vm_state_size,
             disk_size,
             extra_data_size: extra as u32,
+            icount,
         });
         pos = (var_start + var_len).div_ceil(8) * 8;
     }

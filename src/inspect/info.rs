@@ -2,17 +2,23 @@
 //! plus dedup figures from a walk of the active L1/L2 tree.
 
 use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::layers::{open_layers, path_combine, walk_l2, ClusterEntry, LayerKind};
+use super::layers::{path_combine, walk_l2, ClusterEntry};
 use crate::error::{IoContext, Result};
 use crate::format::header::{
-    QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_CORRUPT, QCOW2_INCOMPAT_DIRTY,
+    QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DIRTY,
 };
-use crate::source::{Format, Qcow2Source, Source};
+use crate::format::snapshot::Snapshot;
+use crate::image::{Image, OpenMode};
+use crate::io::ReadAt;
+use crate::source::raw::RawSource;
+use crate::source::{probe, Format, Source};
 
 /// `qemu-img info`'s `format-specific.data` for qcow2.
 #[derive(Debug, Clone, Serialize)]
@@ -27,6 +33,14 @@ pub struct Qcow2Specific {
     pub lazy_refcounts: Option<bool>,
     /// Refcount width.
     pub refcount_bits: u32,
+    /// The external data file's name (images with one; absent if the image does
+    /// not name it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// Whether the external data file is raw (autoclear bit 1; images with an
+    /// external data file only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_file_raw: Option<bool>,
     /// The corrupt bit (v3 only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub corrupt: Option<bool>,
@@ -127,6 +141,9 @@ pub struct InfoReport {
     pub format: String,
     /// Bytes allocated on the host file system (`st_blocks` × 512).
     pub actual_size: u64,
+    /// Guest data is encrypted (present only when it is, like qemu-img).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
     /// qcow2 specifics.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format_specific: Option<FormatSpecific>,
@@ -146,24 +163,30 @@ pub struct InfoReport {
     pub dirty_flag: bool,
     /// Length of the image file (qdedup; qemu-img shows it under the child node).
     pub file_size: u64,
-    /// Dedup figures (qcow2 only).
+    /// Dedup figures (qcow2 only; absent where the walk of the L1/L2 tables failed,
+    /// which `problems` then says).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dedup: Option<DedupInfo>,
+    /// What is wrong with the image, or keeps other commands from reading it (the
+    /// corrupt bit, an external data file, encryption, a failed dedup walk); qdedup's
+    /// own field, omitted when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
 }
 
-/// Counts references of the active layer of `q`.
-pub fn dedup_info(q: &Qcow2Source) -> Result<DedupInfo> {
-    let cs = q.header().cluster_size();
-    let cb = q.header().cluster_bits;
+/// Counts references of the active layer of the image `im` opened from `file`.
+pub fn dedup_info(file: &dyn ReadAt, im: &Image) -> Result<DedupInfo> {
+    let cs = im.cluster_size;
+    let cb = im.cluster_bits;
     let mut d = DedupInfo {
-        guest_clusters: q.virtual_size().div_ceil(cs),
+        guest_clusters: guest_size(im).div_ceil(cs),
         ..DedupInfo::default()
     };
     let mut plain: HashMap<u64, u64> = HashMap::new();
     // Stream start → (references, max length).
     let mut streams: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut seen = 0u64;
-    walk_l2(q, |_, e| {
+    walk_l2(file, im, guest_size(im), |_, e| {
         seen += 1;
         match e {
             ClusterEntry::Unallocated => d.unallocated_clusters += 1,
@@ -223,31 +246,25 @@ pub fn dedup_info(q: &Qcow2Source) -> Result<DedupInfo> {
     Ok(d)
 }
 
-fn snapshot_infos(q: &Qcow2Source) -> Result<Vec<SnapshotInfo>> {
-    let mut out = Vec::new();
-    for s in q.snapshots()? {
-        // icount is the third u64 of the extra data (QEMU: -1 = not recorded).
-        let icount = if s.extra_data_size >= 24 {
-            let mut b = [0u8; 8];
-            q.file()
-                .read_exact_at(&mut b, s.entry_offset + 40 + 16)
-                .map_err(|e| crate::Error::io("cannot read the snapshot table", e))?;
-            Some(u64::from_be_bytes(b)).filter(|v| *v != u64::MAX)
-        } else {
-            None
-        };
-        out.push(SnapshotInfo {
-            id: s.id,
-            name: s.name,
+/// The guest size QEMU uses: the header's size floored to 512 bytes.
+fn guest_size(im: &Image) -> u64 {
+    im.header.size / 512 * 512
+}
+
+fn snapshot_infos(snapshots: &[Snapshot]) -> Vec<SnapshotInfo> {
+    snapshots
+        .iter()
+        .map(|s| SnapshotInfo {
+            id: s.id.clone(),
+            name: s.name.clone(),
             vm_state_size: s.vm_state_size,
             date_sec: s.date_sec,
             date_nsec: s.date_nsec,
             vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
             vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
-            icount,
-        });
-    }
-    Ok(out)
+            icount: s.icount,
+        })
+        .collect()
 }
 
 /// Options of [`info`].
@@ -257,19 +274,30 @@ pub struct InfoOptions {
     pub format: Option<Format>,
 }
 
-/// Describes the image at `path`.
+/// Describes the image at `path` (format probed unless given). A qcow2 image is
+/// opened as QEMU opens it (refusing what QEMU refuses); what keeps other commands
+/// from reading it (the corrupt bit, an external data file, encryption) is
+/// described in `problems` instead of refused, as `qemu-img info` describes such
+/// images.
 pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
+    let format = opts.format;
     let meta = std::fs::metadata(path).ctx(|| format!("cannot stat {}", path.display()))?;
-    let mut layers = open_layers_top(path, opts.format)?;
+    let file = std::fs::File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
+    let format = match format {
+        Some(f) => f,
+        None => probe(&file).ctx(|| format!("cannot read {}", path.display()))?,
+    };
     let filename = path.display().to_string();
     let actual_size = meta.blocks() * 512;
-    match layers.remove(0).kind {
-        LayerKind::Raw(r) => Ok(InfoReport {
+    if format == Format::Raw {
+        let r = RawSource::from_file(file, path)?;
+        return Ok(InfoReport {
             virtual_size: r.virtual_size(),
             filename,
             cluster_size: None,
             format: "raw".into(),
             actual_size,
+            encrypted: false,
             format_specific: None,
             snapshots: Vec::new(),
             backing_filename: None,
@@ -278,67 +306,57 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
             dirty_flag: false,
             file_size: meta.len(),
             dedup: None,
-        }),
-        LayerKind::Qcow2(q) => {
-            let h = q.header();
-            let v3 = h.version >= 3;
-            let data = Qcow2Specific {
-                compat: if v3 { "1.1" } else { "0.10" }.into(),
-                compression_type: q.header().compression()?.name().into(),
-                lazy_refcounts: v3
-                    .then_some(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS != 0),
-                refcount_bits: h.refcount_bits(),
-                corrupt: v3.then_some(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT != 0),
-                extended_l2: v3.then_some(h.extended_l2()),
-            };
-            let backing = q.backing_file().map(Path::to_path_buf);
-            Ok(InfoReport {
-                virtual_size: q.virtual_size(),
-                filename,
-                cluster_size: Some(h.cluster_size()),
-                format: "qcow2".into(),
-                actual_size,
-                format_specific: Some(FormatSpecific {
-                    kind: "qcow2".into(),
-                    data,
-                }),
-                snapshots: snapshot_infos(&q)?,
-                full_backing_filename: backing
-                    .as_deref()
-                    .map(|b| path_combine(path, b).display().to_string()),
-                backing_filename: backing.map(|b| b.display().to_string()),
-                backing_filename_format: q.backing_format().map(str::to_string),
-                dirty_flag: h.incompatible_features & QCOW2_INCOMPAT_DIRTY != 0,
-                file_size: meta.len(),
-                dedup: Some(dedup_info(&q)?),
-            })
-        }
+            problems: Vec::new(),
+        });
     }
-}
-
-/// Opens only the top image (info does not need the backing files to exist).
-fn open_layers_top(path: &Path, format: Option<Format>) -> Result<Vec<super::layers::Layer>> {
-    let file = std::fs::File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
-    let fmt = match format {
-        Some(f) => f,
-        None => crate::source::probe(&file).ctx(|| format!("cannot read {}", path.display()))?,
+    let im = Image::open(&file, OpenMode::Read)?;
+    let h = &im.header;
+    let v3 = h.version >= 3;
+    let data = Qcow2Specific {
+        compat: if v3 { "1.1" } else { "0.10" }.into(),
+        compression_type: im.compression.name().into(),
+        lazy_refcounts: v3.then_some(h.compatible_features & QCOW2_COMPAT_LAZY_REFCOUNTS != 0),
+        refcount_bits: h.refcount_bits(),
+        data_file: im.data_file_name.clone().filter(|_| im.data_file),
+        data_file_raw: im
+            .data_file
+            .then_some(h.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW != 0),
+        corrupt: v3.then_some(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT != 0),
+        extended_l2: v3.then_some(im.extended_l2),
     };
-    drop(file);
-    if fmt == Format::Raw {
-        return open_layers(path, Some(Format::Raw));
-    }
-    let q = Qcow2Source::open(
-        path,
-        &crate::source::OpenOptions {
-            format: Some(Format::Qcow2),
-            backing_chain: false,
-            snapshot: None,
-        },
-    )?;
-    Ok(vec![super::layers::Layer {
-        name: path.to_path_buf(),
-        kind: LayerKind::Qcow2(Box::new(q)),
-    }])
+    let mut problems: Vec<String> = im.caveats.iter().map(ToString::to_string).collect();
+    let dedup = match dedup_info(&file, &im) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            problems.push(format!("the dedup figures could not be computed: {e}"));
+            None
+        }
+    };
+    let backing = im
+        .backing_file()
+        .map(|b| Path::new(std::ffi::OsStr::from_bytes(b)).to_path_buf());
+    Ok(InfoReport {
+        virtual_size: guest_size(&im),
+        filename,
+        cluster_size: Some(im.cluster_size),
+        format: "qcow2".into(),
+        actual_size,
+        encrypted: h.crypt_method != 0,
+        format_specific: Some(FormatSpecific {
+            kind: "qcow2".into(),
+            data,
+        }),
+        snapshots: snapshot_infos(&im.snapshots),
+        full_backing_filename: backing
+            .as_deref()
+            .map(|b| path_combine(path, b).display().to_string()),
+        backing_filename: backing.map(|b| b.display().to_string()),
+        backing_filename_format: im.backing_format.clone(),
+        dirty_flag: h.incompatible_features & QCOW2_INCOMPAT_DIRTY != 0,
+        file_size: meta.len(),
+        dedup,
+        problems,
+    })
 }
 
 impl std::fmt::Display for InfoReport {
@@ -352,6 +370,9 @@ impl std::fmt::Display for InfoReport {
             self.virtual_size
         )?;
         writeln!(f, "disk size: {}", human_size(self.actual_size))?;
+        if self.encrypted {
+            writeln!(f, "encrypted: yes")?;
+        }
         writeln!(
             f,
             "file length: {} ({} bytes)",
@@ -395,6 +416,12 @@ impl std::fmt::Display for InfoReport {
                 writeln!(f, "    lazy refcounts: {l}")?;
             }
             writeln!(f, "    refcount bits: {}", d.refcount_bits)?;
+            if let Some(n) = &d.data_file {
+                writeln!(f, "    data file: {n}")?;
+            }
+            if let Some(r) = d.data_file_raw {
+                writeln!(f, "    data file raw: {r}")?;
+            }
             if let Some(c) = d.corrupt {
                 writeln!(f, "    corrupt: {c}")?;
             }
@@ -433,6 +460,15 @@ impl std::fmt::Display for InfoReport {
                 human_size(d.compressed_bytes),
                 d.compression_ratio
             )?;
+        }
+        if !self.problems.is_empty() {
+            if self.dedup.is_some() {
+                writeln!(f)?;
+            }
+            write!(f, "Problems:")?;
+            for p in &self.problems {
+                write!(f, "\n    {p}")?;
+            }
         }
         Ok(())
     }

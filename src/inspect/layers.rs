@@ -3,17 +3,17 @@
 //! reference/refcount walks of one qcow2 layer.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::l1l2::{L1Entry, L2Entry};
-use crate::format::refcount;
+use crate::format::l1l2::{L1Entry, L2Entry, QCOW_OFLAG_COPIED};
+use crate::format::refcount::{self, REFT_OFFSET_MASK};
+use crate::image::Image;
 use crate::io::ReadAt;
-use crate::source::qcow2::{LayerExtent, MAX_CHAIN_DEPTH};
+use crate::source::qcow2::{backing_of, in_file, Chain, LayerExtent};
 use crate::source::raw::RawSource;
-use crate::source::{probe, BlockStatus, Format, OpenOptions, Qcow2Source, Source};
+use crate::source::{probe, BlockStatus, Format, Qcow2Source, Source};
 
 /// One image of a chain.
 pub(crate) enum LayerKind {
@@ -70,42 +70,34 @@ pub(crate) fn path_combine(overlay: &Path, name: &Path) -> PathBuf {
 }
 
 /// Opens `path` (format probed unless given) and every image of its backing
-/// chain, top first.
+/// chain, top first, each layer as the qcow2 source opens it for `convert`: the
+/// same opener, backing names and formats resolved the same way, and the same
+/// refusals (pipes, loops, chains deeper than
+/// [`MAX_CHAIN_DEPTH`](crate::source::qcow2::MAX_CHAIN_DEPTH)).
 pub(crate) fn open_layers(path: &Path, format: Option<Format>) -> Result<Vec<Layer>> {
+    let mut chain = Chain::default();
     let mut layers = Vec::new();
-    let mut next = Some((path.to_path_buf(), format));
-    while let Some((p, fmt)) = next.take() {
-        if layers.len() >= MAX_CHAIN_DEPTH {
-            return Err(Error::LimitExceeded(format!(
-                "backing chain deeper than {MAX_CHAIN_DEPTH} images (at {})",
-                p.display()
-            )));
-        }
-        let file = File::open(&p).ctx(|| format!("cannot open {}", p.display()))?;
+    let mut next = Some((path.to_path_buf(), format, None::<PathBuf>));
+    while let Some((p, fmt, overlay)) = next.take() {
+        let file = chain.open_file(&p, overlay.as_deref())?;
+        // Errors of a backing layer name its file, as the qcow2 source's do.
+        let label = |e: Error| match overlay {
+            Some(_) => in_file(e, &p),
+            None => e,
+        };
         let fmt = match fmt {
             Some(f) => f,
             None => probe(&file).ctx(|| format!("cannot read {}", p.display()))?,
         };
         let kind = match fmt {
-            Format::Raw => LayerKind::Raw(RawSource::from_file(file, &p)?),
+            Format::Raw => LayerKind::Raw(RawSource::from_file(file, &p).map_err(label)?),
             Format::Qcow2 => {
-                let q = Qcow2Source::open(
-                    &p,
-                    &OpenOptions {
-                        format: Some(Format::Qcow2),
-                        backing_chain: false,
-                        snapshot: None,
-                    },
-                )?;
-                if let Some(b) = q.backing_file() {
-                    let bfmt = q
-                        .backing_format()
-                        .map(str::parse::<Format>)
-                        .transpose()
-                        .map_err(|e| {
-                            Error::Unsupported(format!("backing file of {}: {e}", p.display()))
-                        })?;
-                    next = Some((path_combine(&p, b), bfmt));
+                let mut q = Qcow2Source::from_reader(Box::new(file), None).map_err(label)?;
+                if overlay.is_some() {
+                    q.set_label(&p);
+                }
+                if let Some((b, bfmt)) = backing_of(&q, &p).map_err(label)? {
+                    next = Some((b, bfmt, Some(p.clone())));
                 }
                 LayerKind::Qcow2(Box::new(q))
             }
@@ -129,15 +121,16 @@ impl<'a> RefcountReader<'a> {
     pub fn new(q: &'a Qcow2Source) -> Result<Self> {
         let h = q.header();
         let cs = h.cluster_size();
-        // validate() bounded the table by QEMU's 8 MiB limit and the file size.
+        // The opener bounded the table by QEMU's 8 MiB limit; past the end of the file
+        // it reads as zeros (no refcount blocks), as in QEMU.
         let len = u64::from(h.refcount_table_clusters) * cs;
         let mut raw = vec![0u8; len as usize];
         q.file()
-            .read_exact_at(&mut raw, h.refcount_table_offset)
+            .read_at_zero_fill(&mut raw, h.refcount_table_offset)
             .map_err(|e| Error::io("cannot read the refcount table", e))?;
         let table = raw
             .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")) & !0x1ff)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")) & REFT_OFFSET_MASK)
             .collect();
         Ok(RefcountReader {
             file: q.file(),
@@ -166,8 +159,10 @@ impl<'a> RefcountReader<'a> {
             b.clone()
         } else {
             let mut b = vec![0u8; 1usize << self.cluster_bits];
+            // Past the end of the file a block reads as zeros, as in QEMU (`check`
+            // reports such a block as a corruption).
             self.file
-                .read_exact_at(&mut b, rb)
+                .read_at_zero_fill(&mut b, rb)
                 .map_err(|e| Error::io(format!("cannot read the refcount block at {rb:#x}"), e))?;
             let b: std::sync::Arc<[u8]> = b.into();
             cache.insert(rb, b.clone());
@@ -190,22 +185,27 @@ pub(crate) enum ClusterEntry {
     Compressed { offset: u64, max_len: u64 },
 }
 
-/// Calls `f(guest_cluster, entry)` for every guest cluster of the active L1/L2
-/// tree of `q` that has an L2 table (clusters under empty L1 entries are skipped:
-/// they are unallocated).
-pub(crate) fn walk_l2(q: &Qcow2Source, mut f: impl FnMut(u64, ClusterEntry)) -> Result<()> {
-    let h = q.header();
-    let cb = h.cluster_bits;
-    let cs = h.cluster_size();
-    let extended = h.extended_l2();
+/// Calls `f(guest_cluster, entry)` for every guest cluster below `virtual_size`
+/// of the active L1/L2 tree of the image `im` opened from `file` that has an L2
+/// table (clusters under empty L1 entries are skipped: they are unallocated).
+pub(crate) fn walk_l2(
+    file: &dyn ReadAt,
+    im: &Image,
+    virtual_size: u64,
+    mut f: impl FnMut(u64, ClusterEntry),
+) -> Result<()> {
+    let h = &im.header;
+    let cb = im.cluster_bits;
+    let cs = im.cluster_size;
+    let extended = im.extended_l2;
     let wpe: u64 = if extended { 2 } else { 1 };
-    let l2_entries = cs / (8 * wpe);
-    let n_clusters = q.virtual_size().div_ceil(cs);
-    let file = q.file();
-    let file_len = q.file_len();
-    // validate() bounded the L1 table by QEMU's 32 MiB limit and the file size.
+    let l2_entries = im.l2_entries;
+    let n_clusters = virtual_size.div_ceil(cs);
+    let file_len = im.file_len;
+    // The opener bounded the L1 table by QEMU's 32 MiB limit; past the end of the
+    // file it reads as zeros, as in QEMU.
     let mut l1 = vec![0u8; h.l1_size as usize * 8];
-    file.read_exact_at(&mut l1, h.l1_table_offset)
+    file.read_at_zero_fill(&mut l1, h.l1_table_offset)
         .map_err(|e| Error::io("cannot read the L1 table", e))?;
     let mut table = vec![0u8; cs as usize];
     for (i, e) in l1.chunks_exact(8).enumerate() {
@@ -235,6 +235,11 @@ pub(crate) fn walk_l2(q: &Qcow2Source, mut f: impl FnMut(u64, ClusterEntry)) -> 
             let w = (j * wpe * 8) as usize;
             let raw = u64::from_be_bytes(table[w..w + 8].try_into().expect("8 bytes"));
             let entry = match L2Entry::decode(raw, cb, extended) {
+                // With an external data file, offset 0 is a real host offset,
+                // told from "unallocated" by COPIED (QEMU's qcow2_get_cluster_type).
+                L2Entry::Unallocated if im.data_file && raw & QCOW_OFLAG_COPIED != 0 => {
+                    ClusterEntry::Normal(0)
+                }
                 L2Entry::Unallocated => {
                     if extended {
                         let bm =

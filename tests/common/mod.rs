@@ -624,3 +624,98 @@ impl Img {
         }
     }
 }
+
+// ---------------------------------------------------------------- patching images
+
+/// Width in bytes of the header field at `offset` (one of
+/// `qdedup::format::header::off`).
+pub fn header_field_width(offset: usize) -> usize {
+    use qdedup::format::header::off;
+    match offset {
+        off::BACKING_FILE_OFFSET
+        | off::SIZE
+        | off::L1_TABLE_OFFSET
+        | off::REFCOUNT_TABLE_OFFSET
+        | off::SNAPSHOTS_OFFSET
+        | off::INCOMPATIBLE_FEATURES
+        | off::COMPATIBLE_FEATURES
+        | off::AUTOCLEAR_FEATURES => 8,
+        off::MAGIC
+        | off::VERSION
+        | off::BACKING_FILE_SIZE
+        | off::CLUSTER_BITS
+        | off::CRYPT_METHOD
+        | off::L1_SIZE
+        | off::REFCOUNT_TABLE_CLUSTERS
+        | off::NB_SNAPSHOTS
+        | off::REFCOUNT_ORDER
+        | off::HEADER_LENGTH => 4,
+        off::COMPRESSION_TYPE => 1,
+        _ => panic!("no header field starts at offset {offset}"),
+    }
+}
+
+/// Writes `value` big-endian in `width` bytes at `at` of the file `img`.
+pub fn patch_be(img: &Path, at: u64, width: usize, value: u64) {
+    assert!(width <= 8 && (width == 8 || value >> (8 * width) == 0));
+    let bytes = &value.to_be_bytes()[8 - width..];
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
+
+/// Sets the header field at `field` (a `qdedup::format::header::off` constant) of
+/// `img` to `value`, in the field's width.
+pub fn patch_header(img: &Path, field: usize, value: u64) {
+    patch_be(img, field as u64, header_field_width(field), value);
+}
+
+/// The decoded header of `img` (not validated).
+pub fn header_of(img: &Path) -> Header {
+    let f = File::open(img).unwrap();
+    let mut b = vec![0u8; 112];
+    let n = f.read_at(&mut b, 0).unwrap();
+    Header::decode(&b[..n]).unwrap()
+}
+
+/// Replaces the header extensions of `img` by one extension of type `kind` with
+/// `data`, then the end marker (qemu-img's images keep only a feature name
+/// table there, which nothing needs).
+pub fn set_only_extension(img: &Path, kind: u32, data: &[u8]) {
+    let at = u64::from(header_of(img).header_length);
+    let mut e = Vec::new();
+    qdedup::format::extensions::encode(kind, data, &mut e);
+    e.extend_from_slice(&[0u8; 8]);
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(&e, at).unwrap();
+}
+
+/// Exit code of a finished command (a signal fails the test).
+pub fn exit_code(o: &Output) -> i32 {
+    o.status.code().expect("exited, not killed by a signal")
+}
+
+/// stdout and stderr of `o`, for assertion messages.
+pub fn said(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// (offset of the bitmaps extension's data, bitmap directory offset) of a qcow2
+/// file that has one.
+pub fn bitmaps_extension(p: &Path) -> (u64, u64) {
+    let b = std::fs::read(p).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mut pos = be32(100) as usize;
+    loop {
+        let (kind, len) = (be32(pos), be32(pos + 4) as usize);
+        assert_ne!(kind, 0, "no bitmaps extension");
+        if kind == qdedup::format::extensions::QCOW2_EXT_MAGIC_BITMAPS {
+            let dir = u64::from_be_bytes(b[pos + 24..pos + 32].try_into().unwrap());
+            return (pos as u64 + 8, dir);
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::Qcow2Source;
 use crate::error::{Error, IoContext, Result};
+use crate::format::header;
 use crate::source::raw::RawSource;
 use crate::source::{probe, Format, OpenOptions, Source};
 
@@ -17,16 +18,18 @@ use crate::source::{probe, Format, OpenOptions, Source};
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
 /// File offset of the backing_file_offset header field (for error messages).
-const BACKING_FILE_OFFSET_FIELD: u64 = 8;
+const BACKING_FILE_OFFSET_FIELD: u64 = header::off::BACKING_FILE_OFFSET as u64;
 
 /// Files already in the chain, by (device, inode).
 #[derive(Default)]
-struct Chain {
+pub(crate) struct Chain {
     seen: Vec<(u64, u64)>,
 }
 
 impl Chain {
-    fn open_file(&mut self, path: &Path, overlay: Option<&Path>) -> Result<File> {
+    /// Opens `path` (the backing file of `overlay`, if given), refusing pipes, a
+    /// file already in the chain, and chains deeper than [`MAX_CHAIN_DEPTH`].
+    pub(crate) fn open_file(&mut self, path: &Path, overlay: Option<&Path>) -> Result<File> {
         let file = File::open(path).ctx(|| match overlay {
             Some(o) => format!(
                 "cannot open backing file {} of {}",
@@ -110,14 +113,9 @@ fn open_qcow2(
     if !opts.backing_chain {
         return Ok(q);
     }
-    let Some(name) = q.backing_name.as_deref() else {
+    let Some((bpath, bformat)) = backing_of(&q, path)? else {
         return Ok(q);
     };
-    let bpath = resolve_backing_name(path, name)?;
-    let bformat = q
-        .backing_format()
-        .map(|f| parse_backing_format(f, &bpath))
-        .transpose()?;
     let backing = open_backing(&bpath, bformat, path, chain)?;
     q.set_backing(Some(backing));
     Ok(q)
@@ -143,12 +141,7 @@ fn open_backing(
             let mut q =
                 Qcow2Source::from_reader(Box::new(file), None).map_err(|e| in_file(e, path))?;
             q.set_label(path);
-            if let Some(name) = q.backing_name.as_deref() {
-                let bpath = resolve_backing_name(path, name).map_err(|e| in_file(e, path))?;
-                let bformat = q
-                    .backing_format()
-                    .map(|f| parse_backing_format(f, &bpath))
-                    .transpose()?;
+            if let Some((bpath, bformat)) = backing_of(&q, path).map_err(|e| in_file(e, path))? {
                 let b = open_backing(&bpath, bformat, path, chain)?;
                 q.set_backing(Some(b));
             }
@@ -158,7 +151,7 @@ fn open_backing(
 }
 
 /// Names the file an error from a backing layer comes from.
-pub(super) fn in_file(e: Error, path: &Path) -> Error {
+pub(crate) fn in_file(e: Error, path: &Path) -> Error {
     match e {
         Error::Corrupt {
             structure,
@@ -177,6 +170,24 @@ pub(super) fn in_file(e: Error, path: &Path) -> Error {
         }
         other => other,
     }
+}
+
+/// The backing file of the layer `q` opened from `path`, as every command finds
+/// it: the stored name resolved as QEMU resolves it ([`resolve_backing_name`]),
+/// and the format its extension names (`None`: probe it).
+pub(crate) fn backing_of(
+    q: &Qcow2Source,
+    path: &Path,
+) -> Result<Option<(PathBuf, Option<Format>)>> {
+    let Some(name) = q.backing_name.as_deref() else {
+        return Ok(None);
+    };
+    let bpath = resolve_backing_name(path, name)?;
+    let bformat = q
+        .backing_format()
+        .map(|f| parse_backing_format(f, &bpath))
+        .transpose()?;
+    Ok(Some((bpath, bformat)))
 }
 
 fn parse_backing_format(name: &str, path: &Path) -> Result<Format> {

@@ -1,26 +1,16 @@
 //! Opening one qcow2 layer: header, features, extensions, backing file name and
 //! format, and the L1 table of the active layer or of a snapshot.
 //!
-//! Every size read from the file is checked (against the file size and QEMU's
-//! limits, through [`Header::validate`]) before anything is allocated from it.
+//! The header and cluster 0 are opened by the shared opener ([`Image::open`], QEMU's
+//! checks); what is left here is the reader's policy: refuse what cannot be read
+//! (encryption, data files, the corrupt bit), and bound the L1 table it reads by
+//! the file size.
 
 use crate::error::{Error, Result};
-use crate::format::extensions::{
-    self, QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_CRYPTO_HEADER,
-};
-use crate::format::header::{
-    Header, MAX_L1_BYTES, QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_INCOMPAT_CORRUPT,
-    QCOW2_INCOMPAT_DATA_FILE,
-};
-use crate::format::snapshot::{self, Snapshot};
+use crate::format::header::{Header, MAX_L1_BYTES};
+use crate::format::snapshot::Snapshot;
+use crate::image::{Image, OpenMode};
 use crate::io::ReadAt;
-
-/// File offset of the incompatible_features field (for error messages).
-const INCOMPATIBLE_FEATURES_FIELD: u64 = 72;
-/// File offset of the autoclear_features field.
-const AUTOCLEAR_FEATURES_FIELD: u64 = 88;
-/// QEMU keeps the backing format name in a 16-byte buffer.
-const MAX_BACKING_FORMAT: usize = 16;
 
 /// Everything read at open time from one qcow2 file.
 #[derive(Debug)]
@@ -40,97 +30,26 @@ pub(crate) struct Meta {
     pub backing_format: Option<String>,
     /// The snapshot whose view is read, if one was asked for.
     pub snapshot: Option<Snapshot>,
+    /// The image's snapshot table (read at open, as QEMU does).
+    pub snapshots: Vec<Snapshot>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::io(format!("cannot read the qcow2 {what}"), e)
 }
 
-/// Reads and checks the header and cluster 0 of `file`, then loads the L1 table of
+/// Opens `file` with the shared opener (QEMU's checks), refuses what reading guest
+/// data cannot accept (every [`crate::image::Caveat`]), then loads the L1 table of
 /// the active layer, or of `snapshot` (matched by ID first, then by name, like
 /// `qemu-img convert -l`).
 pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Meta> {
-    let file_len = file.len().map_err(io_err("file size"))?;
-    let mut hbuf = [0u8; Header::ENCODED_LEN];
-    let n = file
-        .read_at_zero_fill(&mut hbuf, 0)
-        .map_err(io_err("header"))?;
-    let header = Header::decode(&hbuf[..n])?;
-    header.validate(file_len)?;
-    header.check_features()?;
-    if header.incompatible_features & QCOW2_INCOMPAT_CORRUPT != 0 {
-        return Err(Error::corrupt(
-            "header",
-            INCOMPATIBLE_FEATURES_FIELD,
-            "the image is marked corrupt (incompatible feature bit 1, \"corrupt bit\"); \
-             repair it with `qemu-img check -r all` first",
-        ));
-    }
-    if header.autoclear_features & QCOW2_AUTOCLEAR_DATA_FILE_RAW != 0
-        && header.incompatible_features & QCOW2_INCOMPAT_DATA_FILE == 0
-    {
-        return Err(Error::corrupt(
-            "header",
-            AUTOCLEAR_FEATURES_FIELD,
-            "autoclear bit 1 (raw external data) is set without an external data file",
-        ));
-    }
+    let im = Image::open(file, OpenMode::Read)?;
+    im.refuse_caveats()?;
+    // The reader's own rule on the table it reads: the active L1 table inside the
+    // file, not over the header.
+    im.header.validate_l1_in_file(im.file_len)?;
     // Dirty images (bit 0) are accepted: see docs/qcow2-input.md.
-
-    // Cluster 0: header extensions and the backing file name. validate() bounded
-    // cluster_bits to 9..=21, so this is at most 2 MiB.
-    let cs = header.cluster_size();
-    let mut c0 = vec![0u8; cs as usize];
-    file.read_at_zero_fill(&mut c0, 0)
-        .map_err(io_err("header cluster"))?;
-    // validate() checked backing_file_offset <= cs and header_length <= cs.
-    let ext_end = if header.backing_file_offset != 0 {
-        header.backing_file_offset as usize
-    } else {
-        cs as usize
-    };
-    let mut backing_format = None;
-    for ext in extensions::decode(&c0, header.header_length as usize, ext_end)? {
-        match ext.kind {
-            QCOW2_EXT_MAGIC_BACKING_FORMAT => {
-                if ext.data.len() >= MAX_BACKING_FORMAT {
-                    return Err(Error::corrupt(
-                        "header extension",
-                        ext.offset,
-                        format!(
-                            "backing format name of {} bytes is too long (QEMU allows 15)",
-                            ext.data.len()
-                        ),
-                    ));
-                }
-                let end = ext
-                    .data
-                    .iter()
-                    .position(|b| *b == 0)
-                    .unwrap_or(ext.data.len());
-                backing_format = Some(String::from_utf8_lossy(&ext.data[..end]).into_owned());
-            }
-            QCOW2_EXT_MAGIC_CRYPTO_HEADER => {
-                // crypt_method is 0 here (check_features refused encryption).
-                return Err(Error::corrupt(
-                    "header extension",
-                    ext.offset,
-                    "full disk encryption header in an image that is not encrypted",
-                ));
-            }
-            // Feature names, bitmaps (autoclear, no effect on guest data), data file
-            // names without the data-file bit, and unknown extensions are ignored.
-            _ => {}
-        }
-    }
-    let backing_name = if header.backing_file_offset != 0 && header.backing_file_size > 0 {
-        // validate(): offset + size <= cs.
-        let start = header.backing_file_offset as usize;
-        Some(c0[start..start + header.backing_file_size as usize].to_vec())
-    } else {
-        None
-    };
-
+    let (header, file_len) = (&im.header, im.file_len);
     // A snapshot's view keeps the image's current size, as `qemu-img convert -l`
     // does (`qcow2_snapshot_load_tmp` switches the L1 table only): the image may
     // have been resized since, and L1 entries past the snapshot's table read as
@@ -138,8 +57,8 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
     let (l1_offset, l1_size, snap) = match snapshot {
         None => (header.l1_table_offset, header.l1_size, None),
         Some(want) => {
-            let snap = find_snapshot(file, &header, file_len, want)?;
-            check_snapshot_l1(&header, &snap, file_len)?;
+            let snap = find_snapshot(&im.snapshots, want)?;
+            check_snapshot_l1(header, &snap, file_len)?;
             (snap.l1_table_offset, snap.l1_size, Some(snap))
         }
     };
@@ -153,62 +72,25 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
         .collect();
+    let backing_name = im.backing_file().map(<[u8]>::to_vec);
     Ok(Meta {
-        virtual_size: header.size / 512 * 512,
-        header,
+        virtual_size: im.header.size / 512 * 512,
+        header: im.header,
         file_len,
         l1,
         l1_offset,
         backing_name,
-        backing_format,
+        backing_format: im.backing_format,
         snapshot: snap,
+        snapshots: im.snapshots,
     })
 }
 
-/// Reads the whole snapshot table (bounded by QEMU's 64 MiB limit and the file).
-pub(crate) fn read_snapshots(
-    file: &dyn ReadAt,
-    header: &Header,
-    file_len: u64,
-) -> Result<Vec<Snapshot>> {
-    if header.nb_snapshots == 0 {
-        return Ok(Vec::new());
-    }
-    // validate() checked the offset is aligned and nb * 40 bytes lie in the file.
-    let avail = file_len
-        .saturating_sub(header.snapshots_offset)
-        .min(snapshot::MAX_TABLE_BYTES);
-    // Most tables are small: try a modest read first, then the whole bound.
-    let guess = (u64::from(header.nb_snapshots) * 256).min(avail);
-    for len in [guess, avail] {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, header.snapshots_offset)
-            .map_err(io_err("snapshot table"))?;
-        match snapshot::decode_table(
-            &buf,
-            header.snapshots_offset,
-            header.nb_snapshots,
-            header.version,
-        ) {
-            Ok((snaps, _)) => return Ok(snaps),
-            Err(e) if len == avail => return Err(e),
-            Err(_) => {}
-        }
-    }
-    unreachable!("the loop returns on its last iteration")
-}
-
-fn find_snapshot(
-    file: &dyn ReadAt,
-    header: &Header,
-    file_len: u64,
-    want: &str,
-) -> Result<Snapshot> {
-    let snaps = read_snapshots(file, header, file_len)?;
+fn find_snapshot(snaps: &[Snapshot], want: &str) -> Result<Snapshot> {
     let by_id = snaps.iter().position(|s| s.id == want);
     let by_name = || snaps.iter().position(|s| s.name == want);
     match by_id.or_else(by_name) {
-        Some(i) => Ok(snaps.into_iter().nth(i).expect("index found above")),
+        Some(i) => Ok(snaps[i].clone()),
         None => Err(Error::InvalidArgument(format!(
             "no snapshot with ID or name {want:?} (the image has {} snapshots)",
             snaps.len()
@@ -216,7 +98,9 @@ fn find_snapshot(
     }
 }
 
-/// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table.
+/// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table
+/// (at most 32 MiB, cluster aligned and addressable even when empty), plus the
+/// reader's rule for the L1 table it reads: inside the file, not over the header.
 fn check_snapshot_l1(header: &Header, snap: &Snapshot, file_len: u64) -> Result<()> {
     let bytes = u64::from(snap.l1_size) * 8;
     if bytes > MAX_L1_BYTES {
@@ -225,29 +109,30 @@ fn check_snapshot_l1(header: &Header, snap: &Snapshot, file_len: u64) -> Result<
             snap.id, snap.l1_size
         )));
     }
+    let off = snap.l1_table_offset;
+    let bad = |why: String| {
+        Error::corrupt(
+            "snapshot table",
+            snap.entry_offset,
+            format!("snapshot {}: L1 table {why}", snap.id),
+        )
+    };
+    if off % header.cluster_size() != 0 || off > i64::MAX as u64 - bytes {
+        return Err(bad(format!(
+            "offset {off:#x} is invalid (unaligned or too large)"
+        )));
+    }
     if snap.l1_size == 0 {
         return Ok(());
     }
-    let off = snap.l1_table_offset;
-    if off % header.cluster_size() != 0 || off == 0 {
-        return Err(Error::corrupt(
-            "snapshot table",
-            snap.entry_offset,
-            format!(
-                "snapshot {}: L1 table offset {off:#x} is not cluster aligned",
-                snap.id
-            ),
-        ));
+    if off == 0 {
+        return Err(bad("overlaps the header (offset 0)".into()));
     }
-    match off.checked_add(bytes) {
-        Some(end) if end <= file_len => Ok(()),
-        _ => Err(Error::corrupt(
-            "snapshot table",
-            snap.entry_offset,
-            format!(
-                "snapshot {}: L1 table at {off:#x} ({bytes} bytes) extends past the end of the file",
-                snap.id
-            ),
-        )),
+    // off + bytes ≤ i64::MAX (checked above).
+    if off + bytes > file_len {
+        return Err(bad(format!(
+            "at {off:#x} ({bytes} bytes) extends past the end of the file"
+        )));
     }
+    Ok(())
 }

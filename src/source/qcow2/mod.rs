@@ -35,7 +35,7 @@ use crate::format::snapshot::Snapshot;
 use crate::io::ReadAt;
 use map::{Extent, Mapper};
 
-pub(crate) use chain::open_chain;
+pub(crate) use chain::{backing_of, in_file, open_chain, Chain};
 pub use chain::{resolve_backing_name, MAX_CHAIN_DEPTH};
 
 /// Most extents merged into one `block_status` answer, so that a call stays cheap
@@ -56,6 +56,7 @@ pub struct Qcow2Source {
     backing_name: Option<Vec<u8>>,
     backing_format: Option<String>,
     snapshot: Option<Snapshot>,
+    snapshots: Vec<Snapshot>,
     mapper: Mapper,
     backing: Option<Box<dyn Source>>,
     /// Set for backing files: named in errors this layer raises while reading.
@@ -126,6 +127,7 @@ impl Qcow2Source {
             backing_name: m.backing_name,
             backing_format: m.backing_format,
             snapshot: m.snapshot,
+            snapshots: m.snapshots,
             header: m.header,
             mapper,
             backing: None,
@@ -180,9 +182,9 @@ impl Qcow2Source {
         self.snapshot.as_ref()
     }
 
-    /// Reads the image's snapshot table.
+    /// The image's snapshot table (read when the image was opened, as QEMU does).
     pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
-        meta::read_snapshots(self.file.as_ref(), &self.header, self.file_len)
+        Ok(self.snapshots.clone())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
@@ -330,11 +332,6 @@ impl Qcow2Source {
     /// The image file, for metadata walks (refcounts, L2 tables).
     pub(crate) fn file(&self) -> &dyn ReadAt {
         self.file.as_ref()
-    }
-
-    /// Length of the image file.
-    pub(crate) fn file_len(&self) -> u64 {
-        self.file_len
     }
 }
 

@@ -1,0 +1,239 @@
+//! Persistent dirty bitmaps as QEMU loads them at open (`block/qcow2-bitmap.c`,
+//! `qcow2_load_dirty_bitmaps`): the directory, and the table of every bitmap not
+//! in use. QEMU refuses to open an image where this fails; `check` reports the
+//! same problems as check errors (it shares the parsing below).
+//!
+//! Bitmaps extension data (24 bytes): u32 `nb_bitmaps`, u32 reserved (0),
+//! u64 `bitmap_directory_size`, u64 `bitmap_directory_offset`. QEMU ignores the
+//! extension unless autoclear bit 0 is set.
+//!
+//! Bitmap directory entry (8-byte aligned):
+//!
+//! | offset | size | field                                     |
+//! |-------:|-----:|-------------------------------------------|
+//! |      0 |    8 | `bitmap_table_offset` (cluster aligned)     |
+//! |      8 |    4 | `bitmap_table_size` (entries)               |
+//! |     12 |    4 | flags: bit 0 `in_use`, bit 1 auto           |
+//! |     16 |    1 | type (1 = dirty tracking)                 |
+//! |     17 |    1 | `granularity_bits` (9..=31)                 |
+//! |     18 |    2 | `name_size` (≤ 1023)                        |
+//! |     20 |    4 | `extra_data_size` (QEMU supports only 0)    |
+//! |     24 |    … | extra data, name, padding to 8            |
+//!
+//! Bitmap table entry: bit 0 "all ones" (only with offset 0), bits 9–55 data
+//! cluster offset, everything else reserved.
+
+use super::open::BitmapsExtension;
+use crate::error::{Error, IoContext, Result};
+use crate::format::header::QEMU_MAX_LENGTH;
+use crate::io::ReadAt;
+
+const DIR_ENTRY_FIXED: usize = 24;
+const BME_MAX_TABLE_SIZE: u32 = 0x800_0000;
+const BME_MAX_PHYS_SIZE: u64 = 0x2000_0000;
+const BME_MIN_GRANULARITY_BITS: u8 = 9;
+const BME_MAX_GRANULARITY_BITS: u8 = 31;
+const BME_MAX_NAME_SIZE: u16 = 1023;
+const BME_FLAG_IN_USE: u32 = 1;
+const BME_RESERVED_FLAGS: u32 = 0xffff_fffc;
+const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
+const BME_TABLE_ENTRY_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
+/// Offset field of a bitmap table entry.
+pub(crate) const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
+
+fn be(b: &[u8], at: usize, n: usize) -> u64 {
+    // Callers pass slices of at least at + n bytes.
+    b[at..at + n]
+        .iter()
+        .fold(0u64, |v, x| (v << 8) | u64::from(*x))
+}
+
+/// One parsed directory entry.
+pub(crate) struct DirEntry {
+    /// File offset of the entry.
+    pub at: u64,
+    pub name: String,
+    pub table_offset: u64,
+    pub table_size: u32,
+    pub in_use: bool,
+    pub granularity_bits: u8,
+}
+
+impl DirEntry {
+    /// What QEMU cannot read or load about this bitmap's table before reading it:
+    /// a table past QEMU's largest offset, or (for a bitmap not in use, which QEMU
+    /// loads at open) a table whose size does not fit the disk size and
+    /// granularity. An error is the offset and what is wrong.
+    pub fn table_problem(&self, cluster_size: u64, disk_size: u64) -> Option<(u64, String)> {
+        let bytes = u64::from(self.table_size) * 8;
+        let (name, off) = (&self.name, self.table_offset);
+        if off.saturating_add(bytes) > QEMU_MAX_LENGTH {
+            return Some((
+                self.at,
+                format!("bitmap '{name}': table at {off:#x} lies past QEMU's largest file offset"),
+            ));
+        }
+        if !self.in_use {
+            // One bit per granule, in 64-bit words, in clusters.
+            let granules = disk_size.div_ceil(1u64 << self.granularity_bits);
+            let want = (granules.div_ceil(64) * 8).div_ceil(cluster_size);
+            if want != u64::from(self.table_size) {
+                let have = self.table_size;
+                return Some((
+                    self.at + 8,
+                    format!(
+                        "bitmap '{name}': table has {have} entries, the disk size and \
+                         granularity need {want}"
+                    ),
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// QEMU's `check_table_entry`: whether bitmap table entry `e` is valid.
+pub(crate) fn table_entry_valid(e: u64, cluster_size: u64) -> bool {
+    let off = e & BME_TABLE_ENTRY_OFFSET_MASK;
+    e & BME_TABLE_ENTRY_RESERVED_MASK == 0
+        && (off == 0 || (e & BME_TABLE_ENTRY_FLAG_ALL_ONES == 0 && off % cluster_size == 0))
+}
+
+/// Whether the directory of `ext` ends inside the file (QEMU reads zeros past the
+/// end, which no directory entry survives).
+pub(crate) fn directory_in_file(ext: &BitmapsExtension, file_len: u64) -> bool {
+    ext.directory_offset.saturating_add(ext.directory_size) <= file_len
+}
+
+/// QEMU's `qcow2_load_dirty_bitmaps` at open: the directory of `ext`, and the
+/// table of every bitmap not in use. What fails is `Corrupt`, naming the
+/// structure and offset.
+pub(crate) fn load<R: ReadAt + ?Sized>(
+    file: &R,
+    ext: &BitmapsExtension,
+    file_len: u64,
+    cluster_size: u64,
+    disk_size: u64,
+) -> Result<()> {
+    let (dir_off, dir_size) = (ext.directory_offset, ext.directory_size);
+    if !directory_in_file(ext, file_len) {
+        return Err(Error::corrupt(
+            "header extension",
+            ext.extension_offset,
+            format!(
+                "bitmap directory at {dir_off:#x} ({dir_size} bytes) extends past the end of \
+                 the file"
+            ),
+        ));
+    }
+    // The directory is at most 64 MiB (checked with the extension) and in the file.
+    let mut dir = vec![0u8; dir_size as usize];
+    file.read_exact_at(&mut dir, dir_off)
+        .ctx(|| format!("reading the bitmap directory at {dir_off:#x}"))?;
+    let entries = parse_directory(&dir, dir_off, ext.nb_bitmaps, cluster_size, disk_size)
+        .map_err(|(at, why)| Error::corrupt("bitmap directory", at, why))?;
+    for bm in entries.iter().filter(|b| !b.in_use) {
+        if let Some((at, why)) = bm.table_problem(cluster_size, disk_size) {
+            return Err(Error::corrupt("bitmap directory", at, why));
+        }
+        // Past the end of the file the table reads as zeros, as in QEMU: only the
+        // part inside the file is read (check_dir_entry bounded the table).
+        let bytes = u64::from(bm.table_size) * 8;
+        let n = bytes.min(file_len.saturating_sub(bm.table_offset));
+        let mut table = vec![0u8; n as usize];
+        file.read_exact_at(&mut table, bm.table_offset)
+            .ctx(|| format!("reading the bitmap table at {:#x}", bm.table_offset))?;
+        for (i, c) in table.chunks_exact(8).enumerate() {
+            let e = be(c, 0, 8);
+            if !table_entry_valid(e, cluster_size) {
+                return Err(Error::corrupt(
+                    "bitmap table",
+                    bm.table_offset + 8 * i as u64,
+                    format!("bitmap '{}': invalid table entry {i} = {e:#018x}", bm.name),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's `bitmap_list_load` and `check_dir_entry`: the directory of `nb` entries
+/// at `dir_off`, read from `dir`. An error is the offset and what is wrong.
+pub(crate) fn parse_directory(
+    dir: &[u8],
+    dir_off: u64,
+    nb: u32,
+    cluster_size: u64,
+    disk_size: u64,
+) -> Result<Vec<DirEntry>, (u64, String)> {
+    let cs = cluster_size;
+    let mut out = Vec::new();
+    let mut pos = 0usize;
+    while pos < dir.len() {
+        let at = dir_off + pos as u64;
+        let fixed = dir
+            .get(pos..pos + DIR_ENTRY_FIXED)
+            .ok_or_else(|| (at, "broken bitmap directory: truncated entry".to_string()))?;
+        if out.len() >= nb as usize {
+            return Err((
+                at,
+                "more bitmaps found than specified in the header extension".into(),
+            ));
+        }
+        let table_offset = be(fixed, 0, 8);
+        let table_size = be(fixed, 8, 4) as u32;
+        let flags = be(fixed, 12, 4) as u32;
+        let kind = fixed[16];
+        let gran = fixed[17];
+        let name_size = be(fixed, 18, 2) as u16;
+        let extra = be(fixed, 20, 4) as u32;
+        let var = usize::from(name_size) + extra as usize;
+        let next = (pos + DIR_ENTRY_FIXED + var).div_ceil(8) * 8;
+        if next > dir.len() {
+            return Err((at, "broken bitmap directory: entry crosses its end".into()));
+        }
+        let name_start = pos + DIR_ENTRY_FIXED + extra as usize;
+        let name = String::from_utf8_lossy(&dir[name_start..name_start + usize::from(name_size)])
+            .into_owned();
+        if extra != 0 {
+            return Err((at, format!("bitmap '{name}': extra data is not supported")));
+        }
+        let phys = u64::from(table_size) * cs;
+        let fail = table_size == 0
+            || table_offset == 0
+            || table_offset % cs != 0
+            || table_size > BME_MAX_TABLE_SIZE
+            || !(BME_MIN_GRANULARITY_BITS..=BME_MAX_GRANULARITY_BITS).contains(&gran)
+            || flags & BME_RESERVED_FLAGS != 0
+            || name_size > BME_MAX_NAME_SIZE
+            || kind != BT_DIRTY_TRACKING_BITMAP
+            || phys > BME_MAX_PHYS_SIZE
+            || (flags & BME_FLAG_IN_USE == 0 && disk_size > (phys * 8) << gran);
+        if fail {
+            return Err((
+                at,
+                format!("bitmap '{name}' doesn't satisfy the constraints"),
+            ));
+        }
+        out.push(DirEntry {
+            at,
+            name,
+            table_offset,
+            table_size,
+            in_use: flags & BME_FLAG_IN_USE != 0,
+            granularity_bits: gran,
+        });
+        pos = next;
+    }
+    if out.len() != nb as usize {
+        return Err((
+            dir_off,
+            format!(
+                "{} bitmaps found, the header extension says {nb}",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
