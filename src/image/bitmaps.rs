@@ -3,51 +3,20 @@
 //! in use. QEMU refuses to open an image where this fails; `check` reports the
 //! same problems as check errors (it shares the parsing below).
 //!
-//! Bitmaps extension data (24 bytes): u32 `nb_bitmaps`, u32 reserved (0),
-//! u64 `bitmap_directory_size`, u64 `bitmap_directory_offset`. QEMU ignores the
-//! extension unless autoclear bit 0 is set.
-//!
-//! Bitmap directory entry (8-byte aligned):
-//!
-//! | offset | size | field                                     |
-//! |-------:|-----:|-------------------------------------------|
-//! |      0 |    8 | `bitmap_table_offset` (cluster aligned)     |
-//! |      8 |    4 | `bitmap_table_size` (entries)               |
-//! |     12 |    4 | flags: bit 0 `in_use`, bit 1 auto           |
-//! |     16 |    1 | type (1 = dirty tracking)                 |
-//! |     17 |    1 | `granularity_bits` (9..=31)                 |
-//! |     18 |    2 | `name_size` (≤ 1023)                        |
-//! |     20 |    4 | `extra_data_size` (QEMU supports only 0)    |
-//! |     24 |    … | extra data, name, padding to 8            |
-//!
-//! Bitmap table entry: bit 0 "all ones" (only with offset 0), bits 9–55 data
-//! cluster offset, everything else reserved.
+//! The on-disk structures are decoded in `format::bitmaps`.
 
 use super::open::BitmapsExtension;
 use crate::error::{Error, IoContext, Result};
+use crate::format::bitmaps::{
+    self as bm, DirEntryFixed, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE,
+    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, BME_MIN_GRANULARITY_BITS, BME_RESERVED_FLAGS,
+    BT_DIRTY_TRACKING_BITMAP,
+};
 use crate::format::header::QEMU_MAX_LENGTH;
 use crate::io::ReadAt;
 
-const DIR_ENTRY_FIXED: usize = 24;
-const BME_MAX_TABLE_SIZE: u32 = 0x800_0000;
-const BME_MAX_PHYS_SIZE: u64 = 0x2000_0000;
-const BME_MIN_GRANULARITY_BITS: u8 = 9;
-const BME_MAX_GRANULARITY_BITS: u8 = 31;
-const BME_MAX_NAME_SIZE: u16 = 1023;
-const BME_FLAG_IN_USE: u32 = 1;
-const BME_RESERVED_FLAGS: u32 = 0xffff_fffc;
-const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
-const BME_TABLE_ENTRY_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
-/// Offset field of a bitmap table entry.
-pub(crate) const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
-
-fn be(b: &[u8], at: usize, n: usize) -> u64 {
-    // Callers pass slices of at least at + n bytes.
-    b[at..at + n]
-        .iter()
-        .fold(0u64, |v, x| (v << 8) | u64::from(*x))
-}
+pub(crate) use crate::format::bitmaps::table_entry_valid;
+pub(crate) use crate::format::bitmaps::BME_TABLE_ENTRY_OFFSET_MASK;
 
 /// One parsed directory entry.
 pub(crate) struct DirEntry {
@@ -91,13 +60,6 @@ impl DirEntry {
         }
         None
     }
-}
-
-/// QEMU's `check_table_entry`: whether bitmap table entry `e` is valid.
-pub(crate) fn table_entry_valid(e: u64, cluster_size: u64) -> bool {
-    let off = e & BME_TABLE_ENTRY_OFFSET_MASK;
-    e & BME_TABLE_ENTRY_RESERVED_MASK == 0
-        && (off == 0 || (e & BME_TABLE_ENTRY_FLAG_ALL_ONES == 0 && off % cluster_size == 0))
 }
 
 /// Whether the directory of `ext` ends inside the file (QEMU reads zeros past the
@@ -145,7 +107,7 @@ pub(crate) fn load<R: ReadAt + ?Sized>(
         file.read_exact_at(&mut table, bm.table_offset)
             .ctx(|| format!("reading the bitmap table at {:#x}", bm.table_offset))?;
         for (i, c) in table.chunks_exact(8).enumerate() {
-            let e = be(c, 0, 8);
+            let e = u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes"));
             if !table_entry_valid(e, cluster_size) {
                 return Err(Error::corrupt(
                     "bitmap table",
@@ -173,7 +135,8 @@ pub(crate) fn parse_directory(
     while pos < dir.len() {
         let at = dir_off + pos as u64;
         let fixed = dir
-            .get(pos..pos + DIR_ENTRY_FIXED)
+            .get(pos..)
+            .and_then(DirEntryFixed::decode)
             .ok_or_else(|| (at, "broken bitmap directory: truncated entry".to_string()))?;
         if out.len() >= nb as usize {
             return Err((
@@ -181,19 +144,21 @@ pub(crate) fn parse_directory(
                 "more bitmaps found than specified in the header extension".into(),
             ));
         }
-        let table_offset = be(fixed, 0, 8);
-        let table_size = be(fixed, 8, 4) as u32;
-        let flags = be(fixed, 12, 4) as u32;
-        let kind = fixed[16];
-        let gran = fixed[17];
-        let name_size = be(fixed, 18, 2) as u16;
-        let extra = be(fixed, 20, 4) as u32;
+        let DirEntryFixed {
+            table_offset,
+            table_size,
+            flags,
+            kind,
+            granularity_bits: gran,
+            name_size,
+            extra_data_size: extra,
+        } = fixed;
         let var = usize::from(name_size) + extra as usize;
-        let next = (pos + DIR_ENTRY_FIXED + var).div_ceil(8) * 8;
+        let next = (pos + bm::off::END + var).div_ceil(8) * 8;
         if next > dir.len() {
             return Err((at, "broken bitmap directory: entry crosses its end".into()));
         }
-        let name_start = pos + DIR_ENTRY_FIXED + extra as usize;
+        let name_start = pos + bm::off::END + extra as usize;
         let name = String::from_utf8_lossy(&dir[name_start..name_start + usize::from(name_size)])
             .into_owned();
         if extra != 0 {
