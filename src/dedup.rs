@@ -62,7 +62,7 @@ impl BuildHasher for KeySeed {
     }
 }
 
-/// Hashes a [`Hash`] key by folding its first 16 bytes with the seed.
+/// Hashes a [`Hash`](type@Hash) key by folding its first 16 bytes with the seed.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyHasher {
     seed: KeySeed,

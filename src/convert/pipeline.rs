@@ -219,7 +219,7 @@ pub fn run(
 pub type DeliverFn<'a> = dyn FnMut(&Batch) -> Result<()> + 'a;
 
 /// The sequential reader/worker loop, handing each processed batch to `deliver`
-/// (used by `convert` with a [`Writer`], and by `estimate` with several).
+/// (used by `convert` with an [`ImageWriter`](crate::writer::ImageWriter), and by `estimate` with several).
 /// Returns the guest bytes read.
 pub fn run_sequential_with(
     src: &dyn Source,

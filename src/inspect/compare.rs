@@ -4,7 +4,7 @@
 //! reports as zero is checked by reading the other image only. When both top
 //! layers are qcow2 files with the same cluster size, data clusters are compared
 //! one at a time, and a guest cluster that a top layer serves wholly from its own
-//! file is identified by what decides its bytes (a [`ClusterSource`]): one plain
+//! file is identified by what decides its bytes (a `ClusterSource`): one plain
 //! host cluster with every subcluster allocated, or one compressed stream (start
 //! and length). A pair of such sources already found equal (deduplicated images
 //! repeat pairs), or the same plain host cluster of the same file, is not read

@@ -4,7 +4,7 @@
 //!
 //! Exact mode (no sampling): the input goes through the real pipeline (reader,
 //! workers) at the smallest cluster size asked for. For every cluster size, two
-//! real [`Writer`]s write into a [`NullSink`] that only counts: one deduplicating
+//! real [`ImageWriter`]s write into a [`NullSink`] that only counts: one deduplicating
 //! (its final length *is* the output `convert` would write) and one without dedup,
 //! whose data area feeds the qemu-img layout model ([`qemu_img_size`]). Larger
 //! cluster sizes are assembled from the smaller clusters of the same batches, so
@@ -161,7 +161,7 @@ pub struct EstimateReport {
 /// Size of a fresh `qemu-img convert -O qcow2` output: header, refcount table
 /// and first refcount block, L1 table (clusters 0..3+, as `qcow2_co_create`
 /// lays them out), then L2 tables and data clusters (the clusters qemu-img
-/// writes, see [`qemu_writes`](super::qemu_writes)) interleaved, and further
+/// writes, see `inspect::qemu_writes`) interleaved, and further
 /// self-describing refcount blocks as the file grows. Assumes the refcount table
 /// does not have to grow (true up to 2^(2·cluster_bits − 3 − refcount_order + 3)
 /// clusters, e.g. 16 TiB at 64 KiB clusters and 16-bit refcounts).
@@ -315,7 +315,7 @@ impl SizeState<'_> {
     }
 
     /// Sampling: the clusters `qemu-img convert` writes because non-zero cluster
-    /// `j` is (see [`qemu_writes`](super::qemu_writes)): `j` itself, or with
+    /// `j` is (see `inspect::qemu_writes`): `j` itself, or with
     /// clusters under 4 KiB the whole 4 KiB block around it once (exact when every
     /// request qemu-img makes is 4 KiB-aligned, as for raw files). Needs sampling
     /// units of at least 4 KiB; smaller ones count `j` alone.

@@ -1,4 +1,4 @@
-//! A run of consecutive guest clusters on its way into the [`Writer`](super::Writer),
+//! A run of consecutive guest clusters on its way into the [`ImageWriter`](super::ImageWriter),
 //! and the work done on it before the writer places it: zero detection, BLAKE3,
 //! compression of the first occurrence of each content ([`process`]). The
 //! conversion pipeline's workers and the streaming [`ImageWriter`](super::ImageWriter)
