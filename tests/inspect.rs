@@ -893,3 +893,208 @@ fn estimate_qemu_img_size_is_exact_on_random_sparse_raw_and_qcow2_inputs() {
     // The -S 4k effect was exercised, not just the plain case.
     assert!(padded >= 10, "only {padded} sizes wrote zero clusters");
 }
+
+/// `qdedup info --output json IMG`'s `dedup` object, checked against what
+/// `qemu-img check`, `qemu-img map` and `qdedup check` say about the same image:
+/// allocated clusters (qemu-img check's count, which takes in preallocated zero
+/// clusters), distinct host data clusters (those `qemu-img map` reports an
+/// offset in), and the reference counts and sharing `check` finds.
+fn assert_info_dedup_agrees_with_check(img: &Path, what: &str) -> Value {
+    let info = json(
+        &qdedup([
+            "info".as_ref(),
+            "--output".as_ref(),
+            "json".as_ref(),
+            img.as_os_str(),
+        ]),
+        "qdedup info",
+    );
+    let d = info["dedup"].clone();
+    let n = |k: &str| d[k].as_u64().unwrap_or_else(|| panic!("{what}: no {k}"));
+    assert_eq!(
+        n("allocated-clusters") + n("zero-clusters") + n("unallocated-clusters"),
+        n("guest-clusters"),
+        "{what}: the three kinds cover the guest"
+    );
+    let qcheck = json(
+        &qemu(
+            "qemu-img",
+            ["check".as_ref(), "--output=json".as_ref(), img.as_os_str()],
+        ),
+        "qemu-img check",
+    );
+    assert_eq!(
+        d["allocated-clusters"], qcheck["allocated-clusters"],
+        "{what}: allocated clusters, info vs qemu-img check"
+    );
+    let check = qdedup([
+        "check".as_ref(),
+        "--output".as_ref(),
+        "json".as_ref(),
+        img.as_os_str(),
+    ]);
+    assert_eq!(
+        check.status.code(),
+        Some(0),
+        "{what}: {}",
+        common::said(&check)
+    );
+    let check: Value = serde_json::from_slice(&check.stdout).unwrap();
+    assert_eq!(
+        d["allocated-clusters"], check["allocated-clusters"],
+        "{what}: allocated clusters, info vs check"
+    );
+    assert_eq!(d["max-refcount"], check["max-refcount"], "{what}");
+    assert_eq!(
+        n("shared-host-clusters"),
+        check["shared-clusters"].as_u64().unwrap()
+            + check["shared-compressed-streams"].as_u64().unwrap(),
+        "{what}: shared copies"
+    );
+    assert_eq!(
+        d["saved-bytes"], check["bytes-saved-by-sharing"],
+        "{what}: bytes saved (no compression)"
+    );
+    // Every host cluster a guest cluster refers to, whatever its subclusters read
+    // as, is one qemu-img map reports an offset in.
+    let cs = info["cluster-size"].as_u64().unwrap();
+    let mut hosts = std::collections::BTreeSet::new();
+    for e in qemu_map(img).as_array().unwrap() {
+        if let (0, Some(off)) = (e["depth"].as_u64().unwrap(), e["offset"].as_u64()) {
+            let len = e["length"].as_u64().unwrap();
+            hosts.extend((off / cs)..(off + len).div_ceil(cs));
+        }
+    }
+    assert_eq!(
+        n("host-data-clusters"),
+        hosts.len() as u64,
+        "{what}: host clusters qemu-img map reports offsets in"
+    );
+    d
+}
+
+#[test]
+fn info_counts_zeroed_clusters_that_keep_their_host_cluster_as_check_does() {
+    let dir = tempfile::tempdir().unwrap();
+    for ext in ["off", "on"] {
+        let img = common::create_qcow2(
+            dir.path().join(format!("ext-{ext}.qcow2")),
+            Some("4M"),
+            &["-o", &format!("cluster_size=64k,extended_l2={ext}")],
+        );
+        common::qemu_io(
+            &img,
+            &[
+                "write -P 1 0 512k",
+                // Zeroed, the host clusters kept: ZERO_ALLOC, or (extended L2) all
+                // subclusters zero in an allocated cluster.
+                "write -z 64k 128k",
+                // Zeroed and unmapped: no host cluster left.
+                "write -z -u 192k 64k",
+                // Partial allocations (subclusters with extended L2).
+                "write -P 2 1M 2k",
+                "write -P 3 1088k 4k",
+                "write -z 1092k 4k",
+                // Zeros where nothing was allocated.
+                "write -z 2M 4k",
+                "write -z 2112k 64k",
+            ],
+        );
+        let d = assert_info_dedup_agrees_with_check(&img, &format!("extended_l2={ext}"));
+        // Clusters 0–7 (two of them zeroed in place), 16 and 17 hold host
+        // clusters; 3, 32 and 33 read as zeros without one.
+        assert_eq!(d["allocated-clusters"], 9, "extended_l2={ext}");
+        assert_eq!(d["zero-clusters"], 3, "extended_l2={ext}");
+        assert_eq!(d["host-data-clusters"], 9, "extended_l2={ext}");
+        assert_eq!(d["max-refcount"], 1, "extended_l2={ext}");
+    }
+
+    // Zeroing (in place) guest clusters that share a host cluster keeps their
+    // references: the refcounts, and so info's sharing figures, do not change.
+    let raw = dir.path().join("dup.raw");
+    let (a, b) = (vec![7u8; 64 << 10], vec![9u8; 64 << 10]);
+    std::fs::write(&raw, [&a[..], &a, &a, &b, &b, &vec![0; 192 << 10]].concat()).unwrap();
+    let img = dir.path().join("dup.qcow2");
+    convert(&raw, &img, &[]);
+    common::qemu_io(&img, &["write -z 64k 64k", "write -z 256k 64k"]);
+    let d = assert_info_dedup_agrees_with_check(&img, "zeroed shared clusters");
+    assert_eq!(d["allocated-clusters"], 5);
+    assert_eq!(d["max-refcount"], 3);
+    assert_eq!(d["shared-host-clusters"], 2);
+    assert_eq!(d["duplicate-clusters"], 3);
+}
+
+#[test]
+fn info_names_backing_files_like_qemu_img_from_any_directory() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path();
+    for sub in ["a", "b"] {
+        std::fs::create_dir(root.join(sub)).unwrap();
+    }
+    let base = root.join("b/base.raw");
+    std::fs::write(&base, [vec![5u8; 64 << 10], vec![0; 960 << 10]].concat()).unwrap();
+    let abs = base.to_str().unwrap().to_string();
+    let file_abs = format!("file:{abs}");
+    // (overlay, stored backing name, whether QEMU opens the same file as qdedup)
+    let overlays: [(&str, &str, bool); 7] = [
+        ("a/rel.qcow2", "../b/base.raw", true),
+        ("b/same-dir.qcow2", "base.raw", true),
+        ("a/abs.qcow2", &abs, true),
+        ("a/file-abs.qcow2", &file_abs, true),
+        // QEMU opens a relative `file:` name relative to its working directory;
+        // qdedup opens it relative to the overlay (docs/qcow2-input.md).
+        ("a/file-rel.qcow2", "file:../b/base.raw", false),
+        ("b/file-same-dir.qcow2", "file:base.raw", false),
+        ("a/colon.qcow2", "sub/x:y", false),
+    ];
+    for (overlay, name, _) in overlays {
+        common::qemu_ok_in(
+            root,
+            "qemu-img",
+            [
+                "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", overlay, "1M",
+            ],
+        );
+    }
+    let mut compared = 0;
+    for (cwd, prefix) in [(".", ""), (".", "./"), ("a", "../"), ("b", "../")] {
+        let cwd = root.join(cwd);
+        for (overlay, _, same_file) in overlays {
+            let arg = format!("{prefix}{overlay}");
+            let ours = json(
+                &common::qdedup_in(&cwd, ["info", "--output", "json", &arg]),
+                "qdedup info",
+            );
+            let theirs = json(
+                &common::qemu_ok_in(&cwd, "qemu-img", ["info", "--output=json", &arg]),
+                "qemu-img info",
+            );
+            for k in [
+                "filename",
+                "backing-filename",
+                "full-backing-filename",
+                "backing-filename-format",
+            ] {
+                assert_eq!(ours[k], theirs[k], "{k} of {arg} in {}", cwd.display());
+            }
+            if same_file && cwd == root.join(".") {
+                // map names every layer as QEMU does (the table's File column).
+                let ours = ok(&common::qdedup_in(&cwd, ["map", &arg]), "qdedup map");
+                let theirs = common::qemu_ok_in(&cwd, "qemu-img", ["map", &arg]);
+                assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap(), "map {arg}");
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 4 * overlays.len());
+    // The double slash QEMU keeps when combining names.
+    let arg = "a//rel.qcow2";
+    let ours = json(
+        &common::qdedup_in(root, ["info", "--output", "json", arg]),
+        "qdedup info",
+    );
+    assert_eq!(ours["full-backing-filename"], "a//../b/base.raw");
+    let ours = ok(&common::qdedup_in(root, ["map", arg]), "qdedup map");
+    let theirs = common::qemu_ok_in(root, "qemu-img", ["map", arg]);
+    assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap());
+}

@@ -19,11 +19,11 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::layers::{open_layers, Layer, LayerKind};
 use crate::dedup::is_zero;
 use crate::error::{IoContext, Result};
+use crate::source::chain::{link, open_layers, Layer, LayerKind};
 use crate::source::qcow2::LayerExtent;
-use crate::source::{open, BlockStatus, Format, OpenOptions, Source};
+use crate::source::{BlockStatus, Format, OpenOptions};
 
 /// Bytes compared per step.
 const CHUNK: u64 = 1 << 20;
@@ -57,19 +57,19 @@ pub struct CompareOptions {
     pub format_b: Option<Format>,
 }
 
-fn open_src(p: &Path, f: Option<Format>) -> Result<Box<dyn Source>> {
-    open(
-        p,
-        &OpenOptions {
-            format: f,
-            ..OpenOptions::default()
-        },
-    )
+/// Opens the image at `p` with its backing chain: the top layer, reading through
+/// the layers below.
+fn open_top(p: &Path, f: Option<Format>) -> Result<Layer> {
+    let opts = OpenOptions {
+        format: f,
+        ..OpenOptions::default()
+    };
+    Ok(link(open_layers(p, &opts)?))
 }
 
 /// Cluster size and file identity of a qcow2 top layer, for the host-pair cache.
-struct Top {
-    layer: Layer,
+struct Top<'a> {
+    layer: &'a Layer,
     cluster_size: u64,
     file_id: (u64, u64),
 }
@@ -86,7 +86,7 @@ enum ClusterSource {
     Compressed { host: u64, len: u64 },
 }
 
-impl Top {
+impl Top<'_> {
     /// What serves the guest cluster at `off` (cluster aligned, inside the image),
     /// when it comes wholly from this file: `None` for clusters that are partly
     /// allocated, zero, or fall through to the backing file.
@@ -103,9 +103,7 @@ impl Top {
     }
 }
 
-fn top(p: &Path, f: Option<Format>) -> Result<Option<Top>> {
-    let mut layers = open_layers(p, f)?;
-    let layer = layers.remove(0);
+fn top<'a>(p: &Path, layer: &'a Layer) -> Result<Option<Top<'a>>> {
     let LayerKind::Qcow2(q) = &layer.kind else {
         return Ok(None);
     };
@@ -136,9 +134,10 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Compares the guest contents of the images at `a` and `b`.
 pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareReport> {
-    let sa = open_src(a, opts.format_a)?;
-    let sb = open_src(b, opts.format_b)?;
-    let (ta, tb) = (top(a, opts.format_a)?, top(b, opts.format_b)?);
+    let la = open_top(a, opts.format_a)?;
+    let lb = open_top(b, opts.format_b)?;
+    let (sa, sb) = (la.source(), lb.source());
+    let (ta, tb) = (top(a, &la)?, top(b, &lb)?);
     let tops = match (ta, tb) {
         (Some(x), Some(y)) if x.cluster_size == y.cluster_size => Some((x, y)),
         _ => None,
@@ -215,7 +214,7 @@ pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareRepor
         off += n;
     }
     // The tail of the longer image must read as zeros.
-    let longer = if size_a > size_b { &sa } else { &sb };
+    let longer = if size_a > size_b { sa } else { sb };
     let end = longer.virtual_size();
     while off < end {
         let (st, len) = longer.block_status(off, end - off)?;

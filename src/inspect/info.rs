@@ -2,13 +2,12 @@
 //! plus dedup figures from a walk of the active L1/L2 tree.
 
 use std::collections::HashMap;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::layers::{path_combine, walk_l2, ClusterEntry};
+use super::layers::{walk_l2, ClusterEntry};
 use crate::error::{IoContext, Result};
 use crate::format::header::{
     QCOW2_AUTOCLEAR_DATA_FILE_RAW, QCOW2_COMPAT_LAZY_REFCOUNTS, QCOW2_INCOMPAT_CORRUPT,
@@ -17,8 +16,9 @@ use crate::format::header::{
 use crate::format::snapshot::Snapshot;
 use crate::image::{Image, OpenMode};
 use crate::io::ReadAt;
+use crate::source::chain::{full_backing_filename, open_image};
 use crate::source::raw::RawSource;
-use crate::source::{probe, Format, Source};
+use crate::source::{Format, Source};
 
 /// `qemu-img info`'s `format-specific.data` for qcow2.
 #[derive(Debug, Clone, Serialize)]
@@ -88,11 +88,15 @@ pub struct SnapshotInfo {
 pub struct DedupInfo {
     /// Guest clusters (virtual size / cluster size, rounded up).
     pub guest_clusters: u64,
-    /// Guest clusters with data in this layer (plain or compressed L2 entries).
+    /// Guest clusters with a host cluster or compressed data in this layer: data,
+    /// preallocated zero clusters and (extended L2) clusters with any mix of
+    /// subclusters; as `check`'s and `qemu-img check`'s `allocated-clusters`.
     pub allocated_clusters: u64,
-    /// Guest clusters with the zero flag.
+    /// Guest clusters without a host cluster that read as zeros: the zero flag, or
+    /// (extended L2) some zero subcluster.
     pub zero_clusters: u64,
-    /// Guest clusters without an entry (read from the backing file, or zeros).
+    /// Guest clusters without a host cluster or zero flag (read from the backing
+    /// file, or zeros).
     pub unallocated_clusters: u64,
     /// Distinct host clusters holding guest data (plain ones and those holding streams).
     pub host_data_clusters: u64,
@@ -153,7 +157,9 @@ pub struct InfoReport {
     /// Backing file name as stored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing_filename: Option<String>,
-    /// Backing file name combined with the image's directory.
+    /// Backing file name as `qemu-img info` reports it: as stored when absolute or
+    /// with a protocol prefix (`file:`), else combined with the directory of the
+    /// image's name as given ([`full_backing_filename`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub full_backing_filename: Option<String>,
     /// Backing format from the header extension.
@@ -191,7 +197,7 @@ pub fn dedup_info(file: &dyn ReadAt, im: &Image) -> Result<DedupInfo> {
         match e {
             ClusterEntry::Unallocated => d.unallocated_clusters += 1,
             ClusterEntry::Zero => d.zero_clusters += 1,
-            ClusterEntry::Normal(h) => {
+            ClusterEntry::Host(h) => {
                 d.allocated_clusters += 1;
                 *plain.entry(h >> cb).or_insert(0) += 1;
             }
@@ -280,13 +286,10 @@ pub struct InfoOptions {
 /// described in `problems` instead of refused, as `qemu-img info` describes such
 /// images.
 pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
-    let format = opts.format;
-    let meta = std::fs::metadata(path).ctx(|| format!("cannot stat {}", path.display()))?;
-    let file = std::fs::File::open(path).ctx(|| format!("cannot open {}", path.display()))?;
-    let format = match format {
-        Some(f) => f,
-        None => probe(&file).ctx(|| format!("cannot read {}", path.display()))?,
-    };
+    let (file, format) = open_image(path, opts.format)?;
+    let meta = file
+        .metadata()
+        .ctx(|| format!("cannot stat {}", path.display()))?;
     let filename = path.display().to_string();
     let actual_size = meta.blocks() * 512;
     if format == Format::Raw {
@@ -332,9 +335,6 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
             None
         }
     };
-    let backing = im
-        .backing_file()
-        .map(|b| Path::new(std::ffi::OsStr::from_bytes(b)).to_path_buf());
     Ok(InfoReport {
         virtual_size: guest_size(&im),
         filename,
@@ -347,10 +347,12 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
             data,
         }),
         snapshots: snapshot_infos(&im.snapshots),
-        full_backing_filename: backing
-            .as_deref()
-            .map(|b| path_combine(path, b).display().to_string()),
-        backing_filename: backing.map(|b| b.display().to_string()),
+        full_backing_filename: im
+            .backing_file()
+            .map(|b| full_backing_filename(path, b).display().to_string()),
+        backing_filename: im
+            .backing_file()
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
         backing_filename_format: im.backing_format.clone(),
         dirty_flag: h.incompatible_features & QCOW2_INCOMPAT_DIRTY != 0,
         file_size: meta.len(),

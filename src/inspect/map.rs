@@ -13,12 +13,12 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::layers::{open_layers, Layer, LayerKind, RefcountReader};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::image::refcounts::{Refcounts, Stored};
+use crate::source::chain::{open_layers, Layer, LayerKind};
 use crate::source::qcow2::{LayerExtent, Qcow2Source};
 use crate::source::raw::RawSource;
-use crate::source::Format;
-use crate::source::{BlockStatus, Source};
+use crate::source::{BlockStatus, Format, OpenOptions, Source};
 
 /// One extent, with `qemu-img map --output=json`'s fields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -68,10 +68,27 @@ pub struct MapReport {
     pub cluster_size: Option<u64>,
 }
 
+/// The stored refcount of the host cluster holding byte `host` of the qcow2 layer
+/// `q`. Blocks past the end of the file read as zeros, as in QEMU; a table entry
+/// that points at an unaligned block is an error, as QEMU's `qcow2_get_refcount`
+/// makes it.
+fn stored_refcount(q: &Qcow2Source, rc: &mut Refcounts, host: u64) -> Result<u64> {
+    let h = q.header();
+    let cluster = host >> h.cluster_bits;
+    match rc.get(q.file(), cluster)? {
+        Stored::Count(n) => Ok(n),
+        Stored::Unreadable { block } => Err(Error::corrupt(
+            "refcount table",
+            h.refcount_table_offset + 8 * (cluster >> rc.entries_per_block_bits()),
+            format!("refcount block offset {block:#x} is not cluster aligned"),
+        )),
+    }
+}
+
 /// `get_block_status` of qemu-img: one extent starting at `offset`.
 fn block_status(
     layers: &[Layer],
-    readers: &[Option<RefcountReader<'_>>],
+    readers: &mut [Option<Refcounts>],
     files: &[Option<RawSource>],
     offset: u64,
     mut bytes: u64,
@@ -135,17 +152,17 @@ fn block_status(
                 Some(host)
             }
         };
-        if let (Some(h), Some(rr)) = (rc_host, &readers[depth]) {
-            let rc = rr.get(h)?;
+        // Refcount readers exist for qcow2 layers only.
+        if let (Some(h), Some(rr), LayerKind::Qcow2(q)) =
+            (rc_host, &mut readers[depth], &layers[depth].kind)
+        {
+            let rc = stored_refcount(q, rr, h)?;
             e.refcount = Some(rc);
             // Shorten a plain run to the clusters sharing the first one's refcount.
             if e.offset.is_some() {
-                let LayerKind::Qcow2(q) = &layers[depth].kind else {
-                    unreachable!("refcount readers exist for qcow2 layers only")
-                };
                 let cs = q.header().cluster_size();
                 let mut n = (cs - (h & (cs - 1))).min(e.length);
-                while n < e.length && rr.get(h + n)? == rc {
+                while n < e.length && stored_refcount(q, rr, h + n)? == rc {
                     n = (n + cs).min(e.length);
                 }
                 e.length = n;
@@ -183,19 +200,18 @@ fn metadata_preallocated(path: &Path, q: &Qcow2Source) -> bool {
         return false;
     }
     let cs = q.header().cluster_size();
-    let cb = q.header().cluster_bits;
     let real_clusters = meta.blocks().saturating_mul(512) / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-    let Ok(rr) = RefcountReader::new(q) else {
+    let Ok(mut rc) = Refcounts::load(q.file(), q.header()) else {
         return false;
     };
     let mut count = 0u64;
     let mut i = 0u64;
     while i < meta.len().div_ceil(cs) && count < threshold {
-        match rr.get(i << cb) {
-            Ok(0) => {}
-            Ok(_) => count += 1,
-            Err(_) => return false,
+        match rc.get(q.file(), i) {
+            Ok(Stored::Count(0)) => {}
+            Ok(Stored::Count(_)) => count += 1,
+            Ok(Stored::Unreadable { .. }) | Err(_) => return false,
         }
         i += 1;
     }
@@ -204,11 +220,17 @@ fn metadata_preallocated(path: &Path, q: &Qcow2Source) -> bool {
 
 /// Maps the image at `path` through its backing chain.
 pub fn map(path: &Path, opts: &MapOptions) -> Result<MapReport> {
-    let layers = open_layers(path, opts.format)?;
-    let readers = layers
+    let layers = open_layers(
+        path,
+        &OpenOptions {
+            format: opts.format,
+            ..OpenOptions::default()
+        },
+    )?;
+    let mut readers = layers
         .iter()
         .map(|l| match &l.kind {
-            LayerKind::Qcow2(q) if opts.shared => RefcountReader::new(q).map(Some),
+            LayerKind::Qcow2(q) if opts.shared => Refcounts::load(q.file(), q.header()).map(Some),
             _ => Ok(None),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -225,7 +247,7 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<MapReport> {
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = 0;
     while off < size {
-        let e = block_status(&layers, &readers, &files, off, size - off)?;
+        let e = block_status(&layers, &mut readers, &files, off, size - off)?;
         off += e.length;
         match entries.last_mut() {
             Some(c) if mergeable(c, &e) => c.length += e.length,

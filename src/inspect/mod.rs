@@ -8,8 +8,11 @@
 //! # Ok::<(), qdedup::Error>(())
 //! ```
 //!
-//! The L1/L2 walk used for `info`'s figures lives in `layers` (a small walker of
-//! the active tree; the `check` module's walker was not merged yet).
+//! Backing chains are opened by [`crate::source::chain`] (`map` walks its layers
+//! one by one, `compare` reads through them); stored refcounts (`map --shared`)
+//! come from [`crate::image::refcounts`]. The walk of the active L1/L2 tree behind
+//! `info`'s figures lives in `layers`, decoding entries with
+//! [`crate::format::l1l2::L2Layout`].
 
 pub mod compare;
 pub mod estimate;

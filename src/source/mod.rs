@@ -11,6 +11,7 @@ use crate::error::Result;
 use crate::format::header::QCOW_MAGIC;
 use crate::io::ReadAt;
 
+pub mod chain;
 pub mod qcow2;
 pub mod raw;
 
@@ -128,9 +129,9 @@ pub fn probe(file: &dyn ReadAt) -> std::io::Result<Format> {
 
 /// Opens an input image read-only: probes or forces its format, and for qcow2
 /// opens the backing chain (relative names resolved against each overlay's
-/// directory, at most [`qcow2::MAX_CHAIN_DEPTH`] levels, loops refused).
+/// directory, at most [`chain::MAX_CHAIN_DEPTH`] levels, loops refused).
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Source>> {
-    qcow2::open_chain(path, opts)
+    chain::open_chain(path, opts)
 }
 
 /// An input image for `convert` or `estimate`: a [`Source`] and the file it was

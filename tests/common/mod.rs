@@ -719,3 +719,40 @@ pub fn bitmaps_extension(p: &Path) -> (u64, u64) {
         pos += 8 + len.div_ceil(8) * 8;
     }
 }
+
+/// Runs qdedup with `args` in the working directory `dir` (for relative names).
+pub fn qdedup_in<I, S>(dir: &Path, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(qdedup_bin())
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("qdedup runs")
+}
+
+/// Runs a qemu tool in the working directory `dir` and asserts it exits 0 (a
+/// missing tool fails the test).
+pub fn qemu_ok_in<I, S>(dir: &Path, tool: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let o = Command::new(tool)
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
+        });
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} in {} failed:\n{}",
+        dir.display(),
+        said(&o)
+    );
+    o
+}

@@ -17,7 +17,6 @@
 //! # Ok::<(), qdedup::Error>(())
 //! ```
 
-mod chain;
 mod map;
 mod meta;
 
@@ -35,8 +34,7 @@ use crate::format::snapshot::Snapshot;
 use crate::io::ReadAt;
 use map::{Extent, Mapper};
 
-pub(crate) use chain::{backing_of, in_file, open_chain, Chain};
-pub use chain::{resolve_backing_name, MAX_CHAIN_DEPTH};
+pub use super::chain::{resolve_backing_name, MAX_CHAIN_DEPTH};
 
 /// Most extents merged into one `block_status` answer, so that a call stays cheap
 /// even on images with many small, scattered allocations.
@@ -85,7 +83,7 @@ impl Qcow2Source {
     /// `opts.backing_chain` is false) and, if `opts.snapshot` is set, the view of
     /// that snapshot. `opts.format` is ignored: the file is read as qcow2.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
-        chain::open_qcow2_chain(path, opts)
+        super::chain::open_qcow2_chain(path, opts)
     }
 
     /// Opens one qcow2 layer from any positional reader, without a backing source
@@ -150,7 +148,7 @@ impl Qcow2Source {
 
     fn own<T>(&self, r: Result<T>) -> Result<T> {
         match &self.label {
-            Some(p) => r.map_err(|e| chain::in_file(e, p)),
+            Some(p) => r.map_err(|e| super::chain::in_file(e, p)),
             None => r,
         }
     }
