@@ -194,7 +194,7 @@ fn report_of<R: ReadAt + ?Sized>(
     let h = &ck.im.header;
     let t = &ck.tally;
     // QEMU: size_to_clusters(total_sectors · 512).
-    let total_clusters = (h.size / 512 * 512).div_ceil(ck.im.cluster_size);
+    let total_clusters = h.guest_size().div_ceil(ck.im.cluster_size);
     CheckReport {
         filename: filename.to_string(),
         format: "qcow2",

@@ -352,6 +352,12 @@ impl Header {
         }
     }
 
+    /// The guest size QEMU uses: `size` floored to 512 bytes (QEMU counts the
+    /// disk in sectors, `total_sectors = size / 512`).
+    pub fn guest_size(&self) -> u64 {
+        self.size / 512 * 512
+    }
+
     /// Cluster size in bytes. Only meaningful after [`Header::validate`].
     pub fn cluster_size(&self) -> u64 {
         1u64 << self.cluster_bits

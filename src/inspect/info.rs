@@ -185,14 +185,14 @@ pub fn dedup_info(file: &dyn ReadAt, im: &Image) -> Result<DedupInfo> {
     let cs = im.cluster_size;
     let cb = im.cluster_bits;
     let mut d = DedupInfo {
-        guest_clusters: guest_size(im).div_ceil(cs),
+        guest_clusters: im.header.guest_size().div_ceil(cs),
         ..DedupInfo::default()
     };
     let mut plain: HashMap<u64, u64> = HashMap::new();
     // Stream start → (references, max length).
     let mut streams: HashMap<u64, (u64, u64)> = HashMap::new();
     let mut seen = 0u64;
-    walk_l2(file, im, guest_size(im), |_, e| {
+    walk_l2(file, im, im.header.guest_size(), |_, e| {
         seen += 1;
         match e {
             ClusterEntry::Unallocated => d.unallocated_clusters += 1,
@@ -250,11 +250,6 @@ pub fn dedup_info(file: &dyn ReadAt, im: &Image) -> Result<DedupInfo> {
         d.compression_ratio = (d.compressed_streams * cs) as f64 / d.compressed_bytes as f64;
     }
     Ok(d)
-}
-
-/// The guest size QEMU uses: the header's size floored to 512 bytes.
-fn guest_size(im: &Image) -> u64 {
-    im.header.size / 512 * 512
 }
 
 fn snapshot_infos(snapshots: &[Snapshot]) -> Vec<SnapshotInfo> {
@@ -336,7 +331,7 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
         }
     };
     Ok(InfoReport {
-        virtual_size: guest_size(&im),
+        virtual_size: im.header.guest_size(),
         filename,
         cluster_size: Some(im.cluster_size),
         format: "qcow2".into(),

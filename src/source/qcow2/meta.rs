@@ -74,7 +74,7 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
         .collect();
     let backing_name = im.backing_file().map(<[u8]>::to_vec);
     Ok(Meta {
-        virtual_size: im.header.size / 512 * 512,
+        virtual_size: im.header.guest_size(),
         header: im.header,
         file_len,
         l1,
