@@ -57,6 +57,16 @@ pub fn copy_file(from: &Path, to: PathBuf) -> PathBuf {
     to
 }
 
+/// One way of damaging an image, for tables of cases.
+pub type Patch = Box<dyn Fn(&Img)>;
+
+/// A copy of the qcow2 image `base` at `to`, changed by `patch`.
+pub fn patched_copy(base: &Path, to: PathBuf, patch: impl FnOnce(&Img)) -> PathBuf {
+    let p = copy_file(base, to);
+    patch(&Img::open(&p));
+    p
+}
+
 // ---------------------------------------------------------------- the header
 
 /// Width in bytes of the header field at `offset` (one of
@@ -192,6 +202,10 @@ impl Img {
     }
     pub fn len(&self) -> u64 {
         std::fs::metadata(&self.path).unwrap().len()
+    }
+    /// Sets the header field `field` (a `qdedup::format::header::off` constant).
+    pub fn set_header(&self, field: usize, value: u64) {
+        patch_header(&self.path, field, value);
     }
     /// File offset of active L1 entry `i`.
     pub fn l1_entry(&self, i: u64) -> u64 {
