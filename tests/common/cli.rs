@@ -172,3 +172,13 @@ pub fn assert_any_worker_count_writes_the_same(
     }
     reference
 }
+
+/// `o`'s stdout, as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `o`'s stderr, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

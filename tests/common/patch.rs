@@ -149,6 +149,18 @@ pub fn set_only_extension(img: &Path, kind: u32, data: &[u8]) {
     patch_bytes(img, extensions_start(img), &e);
 }
 
+/// File offset of the first non-zero entry of the first bitmap's table in the
+/// bitmaps extension of `img` (the bitmap must have a data cluster).
+pub fn first_bitmap_table_entry(img: &Path) -> u64 {
+    let (_, dir) = super::bitmaps_extension(img);
+    // A directory entry starts with its bitmap table's offset.
+    let table = read_be(img, dir, 8);
+    (0..512)
+        .map(|i| table + 8 * i)
+        .find(|&at| read_be(img, at, 8) != 0)
+        .expect("the bitmap has a data cluster")
+}
+
 // ---------------------------------------------------------------- tables
 
 /// A qcow2 file patched in place: field offsets are read from its own header and
