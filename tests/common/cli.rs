@@ -173,12 +173,12 @@ pub fn assert_any_worker_count_writes_the_same(
     reference
 }
 
-/// `o`'s stdout, as text.
+/// `o`'s stdout, as text (asserted to be UTF-8).
 pub fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    String::from_utf8(o.stdout.clone()).expect("stdout is UTF-8")
 }
 
-/// `o`'s stderr, as text.
+/// `o`'s stderr, as text (asserted to be UTF-8).
 pub fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    String::from_utf8(o.stderr.clone()).expect("stderr is UTF-8")
 }
