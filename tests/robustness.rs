@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ fn temporaries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn spawn_convert(args: &[&std::ffi::OsStr]) -> Child {
+fn spawn_convert(args: &[&OsStr]) -> Child {
     Command::new(qdedup_bin())
         .arg("convert")
         .args(args)
@@ -60,6 +61,18 @@ struct Setup {
     out: PathBuf,
 }
 
+impl Setup {
+    /// `qdedup convert OPTS in.raw out.qcow2`, started and seen writing its
+    /// temporary file.
+    fn converting(&self, opts: &[&str]) -> Child {
+        let mut args: Vec<&OsStr> = opts.iter().map(OsStr::new).collect();
+        args.extend([self.input.as_os_str(), self.out.as_os_str()]);
+        let mut child = spawn_convert(&args);
+        wait_for_temp(self.dir.path(), &mut child);
+        child
+    }
+}
+
 fn setup(mib: usize) -> Setup {
     let scratch = Scratch::new();
     let input = scratch.join("in.raw");
@@ -74,13 +87,7 @@ fn setup(mib: usize) -> Setup {
 #[test]
 fn ctrl_c_stops_promptly_removes_the_temp_file_and_exits_130() {
     let s = setup(1024);
-    let mut child = spawn_convert(&[
-        "-m".as_ref(),
-        "1".as_ref(),
-        s.input.as_os_str(),
-        s.out.as_os_str(),
-    ]);
-    wait_for_temp(s.dir.path(), &mut child);
+    let child = s.converting(&["-m", "1"]);
     // Briefly into the run (a fast machine converts the 1 GiB in well under a second).
     std::thread::sleep(Duration::from_millis(50));
     let t = Instant::now();
@@ -145,8 +152,7 @@ fn sigkill_never_leaves_a_half_written_output_and_a_later_run_cleans_up() {
     // The kill at 0 ms, at least, came before the run could finish.
     assert!(interrupted >= 1, "every run finished before its kill");
     // A run killed while it writes its temporary file leaves the file behind.
-    let mut child = spawn_convert(&["--force".as_ref(), s.input.as_os_str(), s.out.as_os_str()]);
-    wait_for_temp(s.dir.path(), &mut child);
+    let mut child = s.converting(&["--force"]);
     child.kill().unwrap();
     assert!(!child.wait().unwrap().success());
     assert_eq!(std::fs::read(&s.out).unwrap(), b"previous output");
@@ -188,19 +194,8 @@ fn a_full_disk_gives_a_clear_error_and_removes_the_temp_file() {
 #[test]
 fn an_input_truncated_while_converting_is_a_read_error() {
     let s = setup(1024);
-    let mut child = spawn_convert(&[
-        "-m".as_ref(),
-        "1".as_ref(),
-        s.input.as_os_str(),
-        s.out.as_os_str(),
-    ]);
-    wait_for_temp(s.dir.path(), &mut child);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.input)
-        .unwrap()
-        .set_len(100 << 20)
-        .unwrap();
+    let child = s.converting(&["-m", "1"]);
+    set_file_len(&s.input, 100 << 20);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     assert_ne!(out.status.code(), Some(101));

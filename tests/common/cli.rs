@@ -13,31 +13,19 @@ pub fn qdedup_bin() -> PathBuf {
 }
 
 /// Runs qdedup with `args`.
-pub fn qdedup<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qdedup(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
     Command::new(qdedup_bin())
         .args(args)
         .output()
         .expect("qdedup runs")
 }
 
-fn owned<I, S>(args: I) -> Vec<OsString>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+fn owned(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Vec<OsString> {
     args.into_iter().map(|a| a.as_ref().to_owned()).collect()
 }
 
 /// Runs qdedup and asserts it exited 0, showing the command and its output if not.
-pub fn qdedup_ok<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qdedup_ok(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
     let args = owned(args);
     let o = qdedup(&args);
     assert!(o.status.success(), "qdedup {args:?} failed:\n{}", said(&o));
@@ -45,11 +33,7 @@ where
 }
 
 /// Runs qdedup, asserts it exited 0 and returns its stdout parsed as JSON.
-pub fn qdedup_json<I, S>(args: I) -> Value
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qdedup_json(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Value {
     let args = owned(args);
     stdout_json(&qdedup_ok(&args), &format!("qdedup {args:?}"))
 }
@@ -57,11 +41,7 @@ where
 /// Runs qdedup and asserts it failed without panicking (exited non-zero, not
 /// 101, not killed) and printed its error as one line on stderr; returns that
 /// line.
-pub fn qdedup_fails_in_one_line<I, S>(args: I) -> String
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qdedup_fails_in_one_line(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> String {
     let args = owned(args);
     let o = qdedup(&args);
     assert!(
@@ -128,11 +108,7 @@ pub fn argv<'a>(head: &[&'a str], extra: &[&'a str], tail: &[&'a OsStr]) -> Vec<
 
 /// `qdedup check --output json ARGS`: its exit code and JSON report (printed for
 /// every verdict, 0 to 3).
-pub fn check_json<I, S>(args: I) -> (i32, Value)
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn check_json(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> (i32, Value) {
     let args: Vec<OsString> = ["check", "--output", "json"]
         .into_iter()
         .map(OsString::from)

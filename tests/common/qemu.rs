@@ -11,11 +11,7 @@ use super::cli::{argv, exit_code, said};
 use super::scratch::Scratch;
 
 /// Runs a qemu tool; a missing tool fails the test (it must not silently skip).
-pub fn qemu<I, S>(tool: &str, args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qemu(tool: &str, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
     Command::new(tool).args(args).output().unwrap_or_else(|e| {
         panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
     })
@@ -23,11 +19,7 @@ where
 
 /// Runs a qemu tool like [`qemu`] and asserts it exits 0, showing the command and
 /// its output if not.
-pub fn qemu_ok<I, S>(tool: &str, args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qemu_ok(tool: &str, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
     let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
     let o = qemu(tool, &args);
     assert!(o.status.success(), "{tool} {args:?} failed:\n{}", said(&o));
@@ -35,11 +27,7 @@ where
 }
 
 /// Runs `qemu-img ARGS` and asserts it succeeded.
-pub fn qemu_img<I, S>(args: I) -> Output
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qemu_img(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Output {
     qemu_ok("qemu-img", args)
 }
 
@@ -170,11 +158,7 @@ pub fn qemu_map(img: &Path) -> Value {
 
 /// `qemu-img check --output=json ARGS`: its exit code and JSON document (it
 /// prints one for every verdict, 0 to 3).
-pub fn qemu_check_json<I, S>(args: I) -> (i32, Value)
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
+pub fn qemu_check_json(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> (i32, Value) {
     let head = ["check".as_ref(), "--output=json".as_ref()];
     let args: Vec<OsString> = head
         .into_iter()
