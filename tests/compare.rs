@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    assert_qemu_check_clean, convert_json, create_qcow2, make_input, qcow2_from_raw, qdedup, qemu,
-    qemu_io, qemu_raw_view, write_raw, Img, L2Slot, Scratch,
+    assert_qemu_check_clean, convert_json, create_qcow2, qcow2_from_raw, qdedup, qemu, qemu_io,
+    qemu_raw_view, raw_input, write_raw, Img, L2Slot, Scratch,
 };
 use qdedup::format::compressed::CompressedDescriptor;
 use qdedup::format::l1l2::{L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO};
@@ -164,8 +164,7 @@ fn a_shorter_descriptor_of_an_already_read_stream_fails_as_in_qemu() {
 fn deduplicated_images_still_skip_repeated_host_pairs() {
     let dir = Scratch::new();
     let cs = 64 << 10;
-    let raw = dir.join("in.raw");
-    make_input(&raw, cs, 64, 3000, 21);
+    let raw = raw_input(dir.path(), cs, 64, 3000, 21);
     let data = std::fs::read(&raw).unwrap();
     // Full clusters only (the partial tail cluster is always read).
     let full: Vec<&[u8]> = data

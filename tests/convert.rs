@@ -90,8 +90,7 @@ fn refcount_bits_1_stores_copies_and_says_so() {
 #[test]
 fn no_dedup_stores_every_non_zero_cluster() {
     let dir = Scratch::new();
-    let input = dir.join("in.raw");
-    make_input(&input, 65536, 40, 0, 3);
+    let input = raw_input(dir.path(), 65536, 40, 0, 3);
     let data = std::fs::read(&input).unwrap();
     let nonzero = data
         .chunks(65536)
@@ -282,8 +281,7 @@ fn bad_paths_give_one_line_errors_and_leave_nothing_behind() {
 #[test]
 fn force_replaces_an_existing_output() {
     let dir = Scratch::new();
-    let input = dir.join("in.raw");
-    make_input(&input, 65536, 20, 0, 9);
+    let input = raw_input(dir.path(), 65536, 20, 0, 9);
     let out = dir.join("out.qcow2");
     std::fs::write(&out, b"old").unwrap();
     convert_json(&["--force"], &input, &out);
@@ -360,8 +358,7 @@ fn human_report_gives_the_same_figures_as_the_json_report() {
 fn reserved_space_past_the_end_is_given_back() {
     use std::os::unix::fs::MetadataExt;
     let dir = Scratch::new();
-    let input = dir.join("in.raw");
-    make_input(&input, 65536, 160, 1000, 3);
+    let input = raw_input(dir.path(), 65536, 160, 1000, 3);
     for (name, args) in [("plain", &[][..]), ("zlib", &["-c"][..])] {
         let out = dir.join(format!("{name}.qcow2"));
         convert_json(args, &input, &out);
@@ -380,8 +377,7 @@ fn reserved_space_past_the_end_is_given_back() {
 #[test]
 fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
     let dir = Scratch::new();
-    let input = dir.join("in.raw");
-    make_input(&input, 65536, 20, 0, 9);
+    let input = raw_input(dir.path(), 65536, 20, 0, 9);
     let o = qdedup_ok(["convert", "-o", "help", "x", "y"]);
     let help = String::from_utf8_lossy(&o.stdout);
     for k in [
@@ -438,8 +434,7 @@ fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
 fn an_output_behind_a_symlink_is_replaced_through_it_and_devices_are_refused() {
     let dir = Scratch::new();
     let d = dir.path();
-    let input = d.join("in.raw");
-    make_input(&input, 65536, 12, 0, 5);
+    let input = raw_input(d, 65536, 12, 0, 5);
     std::fs::write(d.join("target.qcow2"), b"old").unwrap();
     std::os::unix::fs::symlink("target.qcow2", d.join("link.qcow2")).unwrap();
     let conv = |out: &Path, force: bool| {

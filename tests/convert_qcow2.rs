@@ -59,8 +59,7 @@ fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
 #[test]
 fn compressed_inputs_in_zlib_and_zstd_convert_clean() {
     let d = Scratch::new();
-    let raw = d.join("in.raw");
-    make_input(&raw, 65536, 40, 0, 1);
+    let raw = raw_input(d.path(), 65536, 40, 0, 1);
     for codec in ["zlib", "zstd"] {
         let c = d.join(format!("{codec}.qcow2"));
         qcow2_from_raw(
@@ -208,8 +207,7 @@ fn snapshots_convert_the_active_layer_or_a_named_view() {
 #[test]
 fn converting_a_qdedup_output_again_keeps_content_and_host_clusters() {
     let d = Scratch::new();
-    let raw = d.join("in.raw");
-    make_input(&raw, 4096, 500, 0, 8);
+    let raw = raw_input(d.path(), 4096, 500, 0, 8);
     let once = d.join("once.qcow2");
     let r1 = convert_and_verify_raw(&raw, &once);
     let twice = d.join("twice.qcow2");

@@ -5,8 +5,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{
-    convert_json, create_qcow2, make_input, qdedup, qdedup_ok, qemu, qemu_convert_qcow2, qemu_img,
-    qemu_info, qemu_io, qemu_io_fmt, qemu_map, qemu_snapshot, read_layout, report_json, stdout,
+    convert_json, create_qcow2, qdedup, qdedup_ok, qemu, qemu_convert_qcow2, qemu_img, qemu_info,
+    qemu_io, qemu_io_fmt, qemu_map, qemu_snapshot, raw_input, read_layout, report_json, stdout,
     Scratch,
 };
 use serde_json::Value;
@@ -46,9 +46,7 @@ fn size_of(p: &Path) -> u64 {
 
 /// A 4 MiB raw input of 64 KiB-cluster mix plus a partial tail cluster.
 fn mixed_input(dir: &Path) -> PathBuf {
-    let p = dir.join("in.raw");
-    make_input(&p, 64 << 10, 64, 3000, 7);
-    p
+    raw_input(dir, 64 << 10, 64, 3000, 7)
 }
 
 /// Compressible text blocks, repeats, zeros and random data (sample generator).

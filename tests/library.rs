@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{convert_json, make_input, qdedup_ok, report_json, Scratch};
+use common::{convert_json, make_input, qdedup_ok, raw_input, report_json, Scratch};
 use qdedup::source::{Format, OpenOptions};
 use qdedup::{
     CheckOptions, CompareOptions, ConvertOptions, EstimateOptions, InfoOptions, MapOptions,
@@ -93,8 +93,7 @@ fn library_entry_points_agree_with_the_command_line() {
 #[test]
 fn convert_opens_its_input_as_the_options_say() {
     let dir = Scratch::new();
-    let raw = dir.join("in.raw");
-    make_input(&raw, 65536, 8, 0, 3);
+    let raw = raw_input(dir.path(), 65536, 8, 0, 3);
     let out = dir.join("out.qcow2");
     // An input converted onto itself is refused, whatever the path says.
     let opts = ConvertOptions {

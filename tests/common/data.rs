@@ -96,6 +96,13 @@ pub fn make_input(path: &Path, cs: usize, n_clusters: usize, tail: usize, seed: 
     distinct_nonzero(&data, cs)
 }
 
+/// Writes [`make_input`]'s mix to `dir/in.raw` and returns the path.
+pub fn raw_input(dir: &Path, cs: usize, n_clusters: usize, tail: usize, seed: u64) -> PathBuf {
+    let p = dir.join("in.raw");
+    make_input(&p, cs, n_clusters, tail, seed);
+    p
+}
+
 /// Distinct non-zero cluster contents of `data` (last cluster zero-padded).
 pub fn distinct_nonzero(data: &[u8], cs: usize) -> usize {
     let mut set = HashSet::new();
