@@ -21,8 +21,8 @@ mod common;
 
 use common::{
     bitmaps_extension, convert_json, create_qcow2, exit_code, first_bitmap_table_entry, letters,
-    qcow2_from_raw, qdedup, qemu, qemu_check_json, qemu_img, qemu_io, qemu_ok, qemu_snapshot, said,
-    stderr, stdout, write_raw, Img, Patch, Scratch,
+    qcow2_from_raw, qdedup, qemu, qemu_check_json, qemu_img, qemu_img_check, qemu_io, qemu_ok,
+    qemu_snapshot, said, stderr, stdout, write_raw, Img, Patch, Scratch,
 };
 
 // ---------------------------------------------------------------- qemu tools
@@ -309,7 +309,7 @@ fn broken_bitmaps_give_qemu_img_checks_exit_code() {
     for (what, patch, code, names) in cases {
         let p = fresh();
         patch(&Img::open(&p));
-        let q = qemu("qemu-img", ["check".as_ref(), p.as_os_str()]);
+        let q = qemu_img_check(&p);
         assert_eq!(q.status.code(), Some(code), "{what}: qemu-img check");
         let o = qdedup(["check".as_ref(), p.as_os_str()]);
         let out = said(&o);

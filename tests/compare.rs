@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    assert_qemu_check_clean, convert_json, create_qcow2, qcow2_from_raw, qdedup, qemu, qemu_io,
-    qemu_raw_view, raw_input, write_raw, Img, L2Slot, Scratch,
+    assert_qemu_check_clean, convert_json, create_qcow2, letters, qcow2_from_raw, qdedup, qemu,
+    qemu_io, qemu_raw_view, raw_input, write_raw, Img, L2Slot, Scratch,
 };
 use qdedup::format::compressed::CompressedDescriptor;
 use qdedup::format::l1l2::{L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO};
@@ -106,12 +106,9 @@ fn a_half_mapped_cluster_sharing_a_compared_host_cluster_is_still_compared() {
 /// about half their size, so that a 4 KiB-cluster image of it alternates data
 /// and zero runs.
 fn striped_cluster(seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
     let mut c = vec![0u8; 64 << 10];
-    for block in c.chunks_mut(8 << 10) {
-        for b in &mut block[..4 << 10] {
-            *b = b'a' + rng.below(16) as u8;
-        }
+    for (i, block) in c.chunks_mut(8 << 10).enumerate() {
+        block[..4 << 10].copy_from_slice(&letters(seed + i as u64, 4 << 10, 16));
     }
     c
 }

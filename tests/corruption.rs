@@ -227,7 +227,7 @@ fn header_field_corruptions_are_refused_by_name() {
         // `check` exits as `qemu-img check` does: 1 where QEMU cannot open the
         // image, 2 where it opens it and finds corruptions, except that we follow
         // the spec on header_length (a multiple of 8), which QEMU does not enforce.
-        let q = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+        let q = qemu_img_check(&img);
         let qemu_code = if name == "header_length_odd" { 0 } else { code };
         assert_eq!(q.status.code(), Some(qemu_code), "{name}: qemu-img check");
         exercised += 1;
@@ -257,7 +257,7 @@ fn assert_read_like_qemu(dir: &Path, img: &Path, what: &str, check_code: i32) {
         img.display(),
         k.err
     );
-    let q = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+    let q = qemu_img_check(img);
     assert_eq!(
         q.status.code(),
         Some(check_code),
@@ -385,7 +385,7 @@ fn a_snapshot_table_past_the_end_of_the_file_is_a_corruption_qemu_and_qdedup_sti
         let img = patched(d, &format!("{name}.qcow2"), |i| {
             i.set_header(off::SNAPSHOTS_OFFSET, at);
         });
-        let q = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+        let q = qemu_img_check(&img);
         let k = run(&["check".as_ref(), img.as_os_str()]);
         assert_eq!(k.code, q.status.code().unwrap(), "{name}: {}", k.err);
         assert!(k.err.contains("snapshot table"), "{}", k.err);

@@ -30,7 +30,7 @@ fn a_guest_write_over_one_sharer_is_relaxed_copied_and_repairable() {
 
     // The guest overwrites the first sharer: QEMU copies on write.
     qemu_io(&img, &["write -P 0xab 0 64k"]);
-    let q = qemu("qemu-img", ["check".as_ref(), img.as_os_str()]);
+    let q = qemu_img_check(&img);
     assert_eq!(
         q.status.code(),
         Some(2),

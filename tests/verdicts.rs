@@ -37,7 +37,7 @@ fn qemu_verdicts(img: &Path, scratch: &Path) -> (Verdicts, String) {
     let _ = std::fs::remove_file(&raw);
     let i = img.as_os_str();
     let runs = [
-        qemu("qemu-img", ["check".as_ref(), i]),
+        qemu_img_check(img),
         qemu(
             "qemu-img",
             [
