@@ -28,8 +28,8 @@ use qdedup::format::extensions::QCOW2_EXT_MAGIC_BITMAPS;
 
 // ---------------------------------------------------------------- more helpers
 //
-// Helpers that fit none of the modules above. (A helper added here that belongs
-// to one of them can move there later; the re-exports keep its name.)
+// Helpers added here can move into the module they belong to later: the
+// re-exports above keep their names.
 
 /// (offset of the bitmaps extension's data, bitmap directory offset) of a qcow2
 /// file that has one.
