@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use common::{
-    assert_qemu_check_clean, create_qcow2, qdedup, qemu, qemu_io, write_raw, Img, L2Slot,
+    assert_qemu_check_clean, convert_json, create_qcow2, letters, qcow2_from_raw, qdedup, qemu,
+    qemu_io, qemu_raw_view, raw_input, write_raw, Img, L2Slot, Scratch,
 };
 use qdedup::format::compressed::CompressedDescriptor;
 use qdedup::format::l1l2::{L2E_OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_ZERO};
@@ -33,11 +34,6 @@ fn both_compares(a: &Path, b: &Path) -> ((Option<i32>, String), (Option<i32>, St
 /// The library's figures for the same comparison.
 fn library_compare(a: &Path, b: &Path) -> CompareReport {
     compare(a, b, &CompareOptions::default()).expect("compare runs")
-}
-
-/// `qdedup convert [EXTRA] IN OUT`, asserted to succeed.
-fn qdedup_convert(input: &Path, out: &Path, extra: &[&str]) {
-    common::convert_json(extra, input, out);
 }
 
 /// The issue's recipe: over a raw backing file of 64 KiB of zeros and 64 KiB of
@@ -81,11 +77,11 @@ fn half_mapped_sharer(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_half_mapped_cluster_sharing_a_compared_host_cluster_is_still_compared() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let a = half_mapped_sharer(d.path());
     let raw = write_raw(d.path(), "c.raw", &vec![0x11u8; 128 << 10]);
-    let c = d.path().join("C.qcow2");
-    qdedup_convert(&raw, &c, &[]);
+    let c = d.join("C.qcow2");
+    convert_json(&[], &raw, &c);
     let (theirs, ours) = both_compares(&a, &c);
     assert_eq!(
         theirs,
@@ -97,8 +93,8 @@ fn a_half_mapped_cluster_sharing_a_compared_host_cluster_is_still_compared() {
     let mut same = vec![0x11u8; 96 << 10];
     same.extend(std::iter::repeat_n(0x22u8, 32 << 10));
     let same = write_raw(d.path(), "same.raw", &same);
-    let same_q = d.path().join("same.qcow2");
-    qdedup_convert(&same, &same_q, &[]);
+    let same_q = d.join("same.qcow2");
+    convert_json(&[], &same, &same_q);
     for b in [&same, &same_q] {
         let (theirs, ours) = both_compares(&a, b);
         assert_eq!(theirs, (Some(0), "Images are identical.\n".to_string()));
@@ -110,24 +106,21 @@ fn a_half_mapped_cluster_sharing_a_compared_host_cluster_is_still_compared() {
 /// about half their size, so that a 4 KiB-cluster image of it alternates data
 /// and zero runs.
 fn striped_cluster(seed: u64) -> Vec<u8> {
-    let mut rng = qdedup::sample::Rng::new(seed);
     let mut c = vec![0u8; 64 << 10];
-    for block in c.chunks_mut(8 << 10) {
-        for b in &mut block[..4 << 10] {
-            *b = b'a' + rng.below(16) as u8;
-        }
+    for (i, block) in c.chunks_mut(8 << 10).enumerate() {
+        block[..4 << 10].copy_from_slice(&letters(seed + i as u64, 4 << 10, 16));
     }
     c
 }
 
 #[test]
 fn a_shorter_descriptor_of_an_already_read_stream_fails_as_in_qemu() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let cluster = striped_cluster(5);
     let data = [cluster.clone(), cluster].concat();
     let raw = write_raw(d.path(), "in.raw", &data);
-    let a = d.path().join("a.qcow2");
-    common::qcow2_from_raw(&raw, &a, &["-c", "-o", "cluster_size=64k"]);
+    let a = d.join("a.qcow2");
+    qcow2_from_raw(&raw, &a, &["-c", "-o", "cluster_size=64k"]);
     let img = Img::open(&a);
     let cb = img.h.cluster_bits;
     let (e0, e1) = (img.l2_entry(0, 0), img.l2_entry(0, 1));
@@ -143,8 +136,8 @@ fn a_shorter_descriptor_of_an_already_read_stream_fails_as_in_qemu() {
     assert_qemu_check_clean(&a);
     // A 4 KiB-cluster copy of the intended contents: its data and zero runs make
     // compare read each compressed cluster of `a` in pieces.
-    let b = d.path().join("b.qcow2");
-    qdedup_convert(&raw, &b, &["-o", "cluster_size=4k"]);
+    let b = d.join("b.qcow2");
+    convert_json(&["-o", "cluster_size=4k"], &raw, &b);
     let ((q_code, q_out), (code, out)) = both_compares(&a, &b);
     assert!(
         matches!(q_code, Some(c) if c > 1),
@@ -166,10 +159,9 @@ fn a_shorter_descriptor_of_an_already_read_stream_fails_as_in_qemu() {
 
 #[test]
 fn deduplicated_images_still_skip_repeated_host_pairs() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let cs = 64 << 10;
-    let raw = dir.path().join("in.raw");
-    common::make_input(&raw, cs, 64, 3000, 21);
+    let raw = raw_input(dir.path(), cs, 64, 3000, 21);
     let data = std::fs::read(&raw).unwrap();
     // Full clusters only (the partial tail cluster is always read).
     let full: Vec<&[u8]> = data
@@ -179,14 +171,14 @@ fn deduplicated_images_still_skip_repeated_host_pairs() {
     let distinct = full.iter().collect::<std::collections::HashSet<_>>().len() as u64;
     let repeats = full.len() as u64 - distinct;
     assert!(repeats > 10, "{repeats}");
-    let path = |n: &str| dir.path().join(n);
+    let path = |n: &str| dir.join(n);
     for (name, extra) in [("plain", &[][..]), ("compressed", &["-c"][..])] {
         let (a, b) = (
             path(&format!("{name}-a.qcow2")),
             path(&format!("{name}-b.qcow2")),
         );
-        qdedup_convert(&raw, &a, extra);
-        qdedup_convert(&raw, &b, extra);
+        convert_json(extra, &raw, &a);
+        convert_json(extra, &raw, &b);
         // Every repeated content is a pair of host sources already compared.
         let r = library_compare(&a, &b);
         assert_eq!(r.mismatch_offset, None, "{name}");
@@ -499,17 +491,16 @@ enum Second {
 #[test]
 fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
     const CASES: usize = 80;
-    let top = tempfile::tempdir().unwrap();
+    let top = Scratch::new();
     let mut rng = Rng::new(0x18c0);
     let mut sharing = Sharing::default();
     let mut seconds: HashMap<Second, u64> = HashMap::new();
     let (mut identical, mut differing) = (0, 0);
     let (mut skipped_other_file, mut skipped_same_file) = (0, 0);
-    let mut exercised = 0;
+    let (mut exercised, mut patched) = (0, 0);
     let mut traps = 0;
     for case in 0..CASES {
-        let dir = top.path().join(format!("case{case}"));
-        std::fs::create_dir(&dir).unwrap();
+        let dir = top.subdir(format!("case{case}"));
         let ext = rng.below(5) < 3;
         let sizes: [u64; 2] = if ext {
             [16 << 10, 64 << 10]
@@ -540,7 +531,7 @@ fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
                 write_raw(&dir, &base_name, &bytes);
             } else {
                 let src = write_raw(&dir, "base-src.raw", &bytes);
-                common::qcow2_from_raw(&src, &dir.join(&base_name), &[]);
+                qcow2_from_raw(&src, &dir.join(&base_name), &[]);
             }
         }
         let opts = format!(
@@ -579,7 +570,7 @@ fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
         qemu_io(&first, &ops);
         let img = Img::open(&first);
         for _ in 0..=rng.below(4) {
-            share_patch(&img, &mut rng);
+            patched += u64::from(share_patch(&img, &mut rng));
         }
         assert_qemu_check_clean(&first);
         sharing.add(&img, !backing.is_empty());
@@ -592,7 +583,7 @@ fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
         let second = match kind {
             Second::Dedup => {
                 let view = dir.join("a.raw");
-                common::qemu_raw_view(first.as_os_str(), &view, &[]);
+                qemu_raw_view(first.as_os_str(), &view, &[]);
                 let mut bytes = std::fs::read(&view).unwrap();
                 match rng.below(6) {
                     0 => {}
@@ -631,18 +622,18 @@ fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
                 if o.contains("compression") {
                     extra.push("-c");
                 }
-                qdedup_convert(&raw, &out, &extra);
+                convert_json(&extra, &raw, &out);
                 out
             }
             Second::Twin => {
                 let out = dir.join("b.qcow2");
                 std::fs::copy(&first, &out).unwrap();
                 let twin = Img::open(&out);
-                if rng.below(2) == 0 {
-                    share_patch(&twin, &mut rng);
+                patched += u64::from(if rng.below(2) == 0 {
+                    share_patch(&twin, &mut rng)
                 } else {
-                    tweak_patch(&twin, &mut rng);
-                }
+                    tweak_patch(&twin, &mut rng)
+                });
                 assert_qemu_check_clean(&out);
                 out
             }
@@ -704,8 +695,11 @@ fn compare_agrees_with_qemu_img_on_random_images_sharing_host_clusters() {
     eprintln!(
         "{identical} identical, {differing} differing; {seconds:?}; {sharing:?}; \
          skipped {skipped_other_file} (other file) {skipped_same_file} (same file); \
-         {traps} traps"
+         {traps} traps; {patched} L2 patches"
     );
+    // The images really were patched (a patch finds nothing to share on an image
+    // without data): on average more than one patch a case.
+    assert!(patched as usize > CASES, "only {patched} L2 patches");
     assert!(
         identical >= 5 && differing >= 5,
         "{identical} / {differing}"

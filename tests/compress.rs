@@ -4,36 +4,16 @@ mod common;
 
 use common::*;
 
-/// Clusters of text (compressible), some repeated, some random, some zero.
-fn make_compressible(path: &std::path::Path, cs: usize, n: usize, seed: u64) {
-    let mut rng = qdedup::sample::Rng::new(seed);
-    let mut texts = vec![vec![0u8; cs]; 4];
-    for t in &mut texts {
-        qdedup::sample::fill_text(&mut rng, t);
-    }
-    let mut data = Vec::new();
-    for _ in 0..n {
-        let mut c = vec![0u8; cs];
-        match rng.below(8) {
-            0 => {}
-            1..=3 => c.copy_from_slice(&texts[rng.below(4) as usize]),
-            4..=6 => qdedup::sample::fill_text(&mut rng, &mut c),
-            _ => rng.fill(&mut c),
-        }
-        data.extend_from_slice(&c);
-    }
-    data.extend_from_slice(b"tail that is not a whole cluster");
-    std::fs::write(path, data).unwrap();
-}
-
 #[test]
 fn zlib_and_zstd_at_every_cluster_size_are_clean_and_identical() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     for (cs, n) in [(512usize, 900usize), (4096, 300), (65536, 40), (2 << 20, 6)] {
-        let input = dir.path().join(format!("in-{cs}.raw"));
-        make_compressible(&input, cs, n, cs as u64);
+        let input = dir.join(format!("in-{cs}.raw"));
+        // Clusters of text (compressible), some repeated, some random, some zero.
+        let data = mixed_clusters(cs, n, 32, cs as u64, Fill::Text);
+        std::fs::write(&input, data).unwrap();
         for codec in ["zlib", "zstd"] {
-            let out = dir.path().join(format!("out-{cs}-{codec}.qcow2"));
+            let out = dir.join(format!("out-{cs}-{codec}.qcow2"));
             let r = convert_json(
                 &[
                     "-c",
@@ -45,11 +25,7 @@ fn zlib_and_zstd_at_every_cluster_size_are_clean_and_identical() {
             );
             assert_qemu_check_clean(&out);
             assert_qemu_compare_same(&input, "raw", &out);
-            let info = qemu(
-                "qemu-img",
-                ["info".as_ref(), "--output=json".as_ref(), out.as_os_str()],
-            );
-            let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+            let info = qemu_info(&out);
             assert_eq!(info["format-specific"]["data"]["compression-type"], codec);
             let layout = read_layout(&out);
             assert!(
@@ -81,8 +57,8 @@ fn zlib_and_zstd_at_every_cluster_size_are_clean_and_identical() {
 
 #[test]
 fn refcount_bits_2_with_many_shared_streams_per_cluster_stays_at_most_3() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.raw");
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
     // 20 small contents (a few hundred bytes compressed), each repeated 7 times.
     let cs = 4096;
     let mut rng = qdedup::sample::Rng::new(99);
@@ -102,7 +78,7 @@ fn refcount_bits_2_with_many_shared_streams_per_cluster_stays_at_most_3() {
         }
     }
     std::fs::write(&input, &data).unwrap();
-    let out = dir.path().join("out.qcow2");
+    let out = dir.join("out.qcow2");
     let r = convert_json(
         &["-c", "-o", "cluster_size=4k,refcount_bits=2"],
         &input,
@@ -122,7 +98,7 @@ fn refcount_bits_2_with_many_shared_streams_per_cluster_stays_at_most_3() {
     );
     assert!(r["saturation-copies"].as_u64().unwrap() > 0);
     for zstd in [false, true] {
-        let out = dir.path().join(format!("out-{zstd}.qcow2"));
+        let out = dir.join(format!("out-{zstd}.qcow2"));
         let o = if zstd {
             "cluster_size=4k,refcount_bits=2,compression_type=zstd"
         } else {
@@ -136,45 +112,24 @@ fn refcount_bits_2_with_many_shared_streams_per_cluster_stays_at_most_3() {
 
 #[test]
 fn compressed_output_is_identical_for_any_number_of_workers() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.raw");
-    make_compressible(&input, 4096, 3000, 5);
-    let reference = dir.path().join("seq.qcow2");
-    convert_json(
-        &["-c", "-m", "0", "-o", "cluster_size=4k"],
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
+    std::fs::write(&input, mixed_clusters(4096, 3000, 32, 5, Fill::Text)).unwrap();
+    let reference = assert_any_worker_count_writes_the_same(
         &input,
-        &reference,
+        dir.path(),
+        &["-c", "-o", "cluster_size=4k"],
+        "2M",
     );
-    let want = std::fs::read(&reference).unwrap();
-    for m in ["1", "2", "8"] {
-        let out = dir.path().join(format!("m{m}.qcow2"));
-        convert_json(
-            &[
-                "-c",
-                "-m",
-                m,
-                "-o",
-                "cluster_size=4k",
-                "--max-in-flight",
-                "2M",
-            ],
-            &input,
-            &out,
-        );
-        assert!(std::fs::read(&out).unwrap() == want, "{m} workers differ");
-    }
     assert_qemu_check_clean(&reference);
 }
 
 #[test]
 fn incompressible_data_is_stored_plain() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.raw");
-    let mut rng = qdedup::sample::Rng::new(1);
-    let mut data = vec![0u8; 65536 * 8];
-    rng.fill(&mut data);
-    std::fs::write(&input, &data).unwrap();
-    let out = dir.path().join("out.qcow2");
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
+    std::fs::write(&input, random_bytes(1, 65536 * 8)).unwrap();
+    let out = dir.join("out.qcow2");
     let r = convert_json(&["-c"], &input, &out);
     assert_eq!(r["clusters-compressed"], 0);
     assert_eq!(read_layout(&out).data_refs.len(), 8);
@@ -187,8 +142,8 @@ fn incompressible_data_is_stored_plain() {
 /// a zero run or a repeat inside, and zero.
 #[test]
 fn compress_probe_skips_random_clusters_and_changes_no_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("in.raw");
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
     let cs = 65536;
     let mut rng = qdedup::sample::Rng::new(11);
     let mut data = vec![0u8; cs * 24];
@@ -213,8 +168,8 @@ fn compress_probe_skips_random_clusters_and_changes_no_byte() {
     }
     std::fs::write(&input, &data).unwrap();
     for o in ["cluster_size=4096", "cluster_size=65536"] {
-        let probed = dir.path().join(format!("probed-{o}.qcow2"));
-        let tried = dir.path().join(format!("tried-{o}.qcow2"));
+        let probed = dir.join(format!("probed-{o}.qcow2"));
+        let tried = dir.join(format!("tried-{o}.qcow2"));
         let a = convert_json(&["-c", "-o", o], &input, &probed);
         let b = convert_json(&["-c", "--no-compress-probe", "-o", o], &input, &tried);
         assert_eq!(

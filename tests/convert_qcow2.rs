@@ -3,9 +3,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
+use qdedup::format::header::off;
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -34,60 +35,49 @@ fn fill(path: &Path, cs: u64) {
     qemu_io(path, &cmds);
 }
 
-struct Dir(tempfile::TempDir);
-impl Dir {
-    fn new() -> Self {
-        Dir(tempfile::tempdir().unwrap())
-    }
-    fn p(&self, name: &str) -> PathBuf {
-        self.0.path().join(name)
-    }
-}
-
 #[test]
 fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
-    let d = Dir::new();
-    let v2 = create_qcow2(d.p("v2.qcow2"), Some("4M"), &["-o", "compat=0.10"]);
+    let d = Scratch::new();
+    let v2 = create_qcow2(d.join("v2.qcow2"), Some("4M"), &["-o", "compat=0.10"]);
     fill(&v2, 65536);
-    let r = convert_and_verify(&v2, &d.p("v2.out"), &[]);
+    let r = convert_and_verify(&v2, &d.join("v2.out"), &[]);
     assert!(
         r["clusters-duplicate"].as_u64().unwrap() > 0,
         "duplicates shared: {r}"
     );
     for cs in ["512", "4096", "65536", "2M"] {
         let p = create_qcow2(
-            d.p(&format!("v3-{cs}.qcow2")),
+            d.join(format!("v3-{cs}.qcow2")),
             Some("64M"),
             &["-o", &format!("cluster_size={cs}")],
         );
         fill(&p, 65536);
-        convert_and_verify(&p, &d.p(&format!("v3-{cs}.out")), &[]);
+        convert_and_verify(&p, &d.join(format!("v3-{cs}.out")), &[]);
     }
 }
 
 #[test]
 fn compressed_inputs_in_zlib_and_zstd_convert_clean() {
-    let d = Dir::new();
-    let raw = d.p("in.raw");
-    make_input(&raw, 65536, 40, 0, 1);
+    let d = Scratch::new();
+    let raw = raw_input(d.path(), 65536, 40, 0, 1);
     for codec in ["zlib", "zstd"] {
-        let c = d.p(&format!("{codec}.qcow2"));
+        let c = d.join(format!("{codec}.qcow2"));
         qcow2_from_raw(
             &raw,
             &c,
             &["-c", "-o", &format!("compression_type={codec}")],
         );
-        convert_and_verify(&c, &d.p(&format!("{codec}.out")), &[]);
-        convert_and_verify(&c, &d.p(&format!("{codec}.c.out")), &["-c"]);
+        convert_and_verify(&c, &d.join(format!("{codec}.out")), &[]);
+        convert_and_verify(&c, &d.join(format!("{codec}.c.out")), &["-c"]);
     }
 }
 
 #[test]
 fn zero_clusters_with_and_without_unmap_read_as_zero() {
-    let d = Dir::new();
-    let base = create_qcow2(d.p("base.qcow2"), Some("4M"), &[]);
+    let d = Scratch::new();
+    let base = create_qcow2(d.join("base.qcow2"), Some("4M"), &[]);
     qemu_io(&base, &["write -P 0x55 0 4M"]);
-    let top = create_qcow2(d.p("top.qcow2"), None, &["-b", s(&base), "-F", "qcow2"]);
+    let top = create_qcow2(d.join("top.qcow2"), None, &["-b", s(&base), "-F", "qcow2"]);
     qemu_io(
         &top,
         &[
@@ -98,17 +88,17 @@ fn zero_clusters_with_and_without_unmap_read_as_zero() {
             "write -z -u 3M 64k",
         ],
     );
-    let r = convert_and_verify(&top, &d.p("top.out"), &[]);
+    let r = convert_and_verify(&top, &d.join("top.out"), &[]);
     assert!(r["clusters-zero"].as_u64().unwrap() >= 8, "{r}");
 }
 
 #[test]
 fn extended_l2_partial_subcluster_writes_over_a_backing_file() {
-    let d = Dir::new();
-    let base = create_qcow2(d.p("base.qcow2"), Some("8M"), &[]);
+    let d = Scratch::new();
+    let base = create_qcow2(d.join("base.qcow2"), Some("8M"), &[]);
     qemu_io(&base, &["write -P 0x77 0 8M"]);
     let top = create_qcow2(
-        d.p("top.qcow2"),
+        d.join("top.qcow2"),
         None,
         &[
             "-o",
@@ -128,75 +118,77 @@ fn extended_l2_partial_subcluster_writes_over_a_backing_file() {
             "write -P 0x88 1M 64k",
         ],
     );
-    convert_and_verify(&top, &d.p("top.out"), &[]);
+    convert_and_verify(&top, &d.join("top.out"), &[]);
 }
 
 #[test]
 fn backing_chains_raw_three_levels_and_shorter_backing_are_flattened() {
-    let d = Dir::new();
+    let d = Scratch::new();
     // Raw backing.
-    let raw = d.p("base.raw");
+    let raw = d.join("base.raw");
     make_input(&raw, 65536, 32, 0, 4);
-    let top = create_qcow2(d.p("over-raw.qcow2"), None, &["-b", s(&raw), "-F", "raw"]);
+    let top = create_qcow2(
+        d.join("over-raw.qcow2"),
+        None,
+        &["-b", s(&raw), "-F", "raw"],
+    );
     qemu_io(&top, &["write -P 0x12 64k 64k"]);
-    convert_and_verify(&top, &d.p("over-raw.out"), &[]);
+    convert_and_verify(&top, &d.join("over-raw.out"), &[]);
     // Three qcow2 levels, relative backing names.
-    let l1 = create_qcow2(d.p("l1.qcow2"), Some("8M"), &[]);
+    let l1 = create_qcow2(d.join("l1.qcow2"), Some("8M"), &[]);
     qemu_io(&l1, &["write -P 0x01 0 8M"]);
-    let l2 = create_qcow2(d.p("l2.qcow2"), None, &["-b", "l1.qcow2", "-F", "qcow2"]);
+    let l2 = create_qcow2(d.join("l2.qcow2"), None, &["-b", "l1.qcow2", "-F", "qcow2"]);
     qemu_io(&l2, &["write -P 0x02 1M 1M"]);
-    let l3 = create_qcow2(d.p("l3.qcow2"), None, &["-b", "l2.qcow2", "-F", "qcow2"]);
+    let l3 = create_qcow2(d.join("l3.qcow2"), None, &["-b", "l2.qcow2", "-F", "qcow2"]);
     qemu_io(&l3, &["write -P 0x03 1536k 1M", "write -P 0x01 6M 64k"]);
-    let r = convert_and_verify(&l3, &d.p("l3.out"), &[]);
+    let r = convert_and_verify(&l3, &d.join("l3.out"), &[]);
     assert!(
         r["clusters-duplicate"].as_u64().unwrap() > 100,
         "the chain's repeated pattern is shared: {r}"
     );
     // The top layer alone equals QEMU's view with "backing": null.
-    let alone = d.p("l3-alone.out");
-    let o = qdedup([
+    let alone = d.join("l3-alone.out");
+    qdedup_ok([
         "convert".as_ref(),
         "--backing-chain".as_ref(),
         "none".as_ref(),
         l3.as_os_str(),
         alone.as_os_str(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let view = d.p("alone.raw");
+    let view = d.join("alone.raw");
     qemu_raw_view(top_alone_spec(&l3).as_ref(), &view, &[]);
     assert_qemu_compare_same(&view, "raw", &alone);
     assert_qemu_check_clean(&alone);
     // A backing file shorter than the overlay reads as zeros past its end.
-    let short = create_qcow2(d.p("short.qcow2"), Some("1M"), &[]);
+    let short = create_qcow2(d.join("short.qcow2"), Some("1M"), &[]);
     qemu_io(&short, &["write -P 0x44 0 1M"]);
     let long = create_qcow2(
-        d.p("long.qcow2"),
+        d.join("long.qcow2"),
         Some("4M"),
         &["-b", s(&short), "-F", "qcow2"],
     );
     qemu_io(&long, &["write -P 0x45 3M 64k"]);
-    convert_and_verify(&long, &d.p("long.out"), &[]);
+    convert_and_verify(&long, &d.join("long.out"), &[]);
 }
 
 #[test]
 fn snapshots_convert_the_active_layer_or_a_named_view() {
-    let d = Dir::new();
-    let p = create_qcow2(d.p("snap.qcow2"), Some("4M"), &[]);
+    let d = Scratch::new();
+    let p = create_qcow2(d.join("snap.qcow2"), Some("4M"), &[]);
     qemu_io(&p, &["write -P 0x21 0 2M"]);
     qemu_snapshot(&p, "first");
     qemu_io(&p, &["write -P 0x22 1M 2M"]);
-    convert_and_verify(&p, &d.p("active.out"), &[]);
+    convert_and_verify(&p, &d.join("active.out"), &[]);
     for sel in ["first", "1"] {
-        let out = d.p(&format!("snap-{sel}.out"));
-        let o = qdedup([
+        let out = d.join(format!("snap-{sel}.out"));
+        qdedup_ok([
             "convert".as_ref(),
             "-l".as_ref(),
             sel.as_ref(),
             p.as_os_str(),
             out.as_os_str(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let view = d.p(&format!("view-{sel}.raw"));
+        let view = d.join(format!("view-{sel}.raw"));
         qemu_raw_view(p.as_os_str(), &view, &["-l", "snapshot.name=first"]);
         assert_qemu_compare_same(&view, "raw", &out);
         assert_qemu_check_clean(&out);
@@ -206,20 +198,19 @@ fn snapshots_convert_the_active_layer_or_a_named_view() {
         "-l".as_ref(),
         "nope".as_ref(),
         p.as_os_str(),
-        d.p("x.out").as_os_str(),
+        d.join("x.out").as_os_str(),
     ]);
     assert!(!o.status.success());
-    assert!(!d.p("x.out").exists());
+    assert!(!d.join("x.out").exists());
 }
 
 #[test]
 fn converting_a_qdedup_output_again_keeps_content_and_host_clusters() {
-    let d = Dir::new();
-    let raw = d.p("in.raw");
-    make_input(&raw, 4096, 500, 0, 8);
-    let once = d.p("once.qcow2");
+    let d = Scratch::new();
+    let raw = raw_input(d.path(), 4096, 500, 0, 8);
+    let once = d.join("once.qcow2");
     let r1 = convert_and_verify_raw(&raw, &once);
-    let twice = d.p("twice.qcow2");
+    let twice = d.join("twice.qcow2");
     let r2 = convert_and_verify(&once, &twice, &["-o", "cluster_size=4k"]);
     assert_qemu_compare_same(&raw, "raw", &twice);
     assert!(r2["host-data-clusters"].as_u64() <= r1["host-data-clusters"].as_u64());
@@ -230,24 +221,15 @@ fn converting_a_qdedup_output_again_keeps_content_and_host_clusters() {
 }
 
 fn convert_and_verify_raw(raw: &Path, out: &Path) -> serde_json::Value {
-    let o = qdedup([
-        "convert".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        "-o".as_ref(),
-        "cluster_size=4k".as_ref(),
-        raw.as_os_str(),
-        out.as_os_str(),
-    ]);
-    assert!(o.status.success());
+    let r = convert_json(&["-o", "cluster_size=4k"], raw, out);
     assert_qemu_check_clean(out);
-    serde_json::from_slice(&o.stdout).unwrap()
+    r
 }
 
 #[test]
 fn a_mostly_empty_terabyte_qcow2_converts_in_seconds() {
-    let d = Dir::new();
-    let p = create_qcow2(d.p("big.qcow2"), Some("1T"), &[]);
+    let d = Scratch::new();
+    let p = create_qcow2(d.join("big.qcow2"), Some("1T"), &[]);
     qemu_io(
         &p,
         &[
@@ -257,7 +239,7 @@ fn a_mostly_empty_terabyte_qcow2_converts_in_seconds() {
         ],
     );
     let t = std::time::Instant::now();
-    let r = convert_and_verify(&p, &d.p("big.out"), &["--no-sync"]);
+    let r = convert_and_verify(&p, &d.join("big.out"), &["--no-sync"]);
     assert!(
         t.elapsed() < std::time::Duration::from_secs(30),
         "{:?}",
@@ -270,28 +252,22 @@ fn a_mostly_empty_terabyte_qcow2_converts_in_seconds() {
     );
 }
 
-fn assert_refused(input: &Path, d: &Dir, what: &str) {
-    let out = d.p("refused.out");
-    let o = qdedup(["convert".as_ref(), input.as_os_str(), out.as_os_str()]);
-    assert!(!o.status.success());
-    assert_ne!(o.status.code(), Some(101), "no panic");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(err.trim().lines().count(), 1, "{err}");
+fn assert_refused(input: &Path, d: &Scratch, what: &str) {
+    let out = d.join("refused.out");
+    let err = qdedup_fails_in_one_line(["convert".as_ref(), input.as_os_str(), out.as_os_str()]);
     assert!(
         err.to_lowercase().contains(what),
         "expected {what:?} in {err}"
     );
     assert!(!out.exists());
-    assert!(!dir_entries(d.0.path())
-        .iter()
-        .any(|n| n.ends_with(".qdedup-tmp")));
+    assert!(!d.entries().iter().any(|n| n.ends_with(".qdedup-tmp")));
 }
 
 #[test]
 fn encrypted_unknown_feature_and_truncated_images_are_refused_by_name() {
-    let d = Dir::new();
+    let d = Scratch::new();
     let enc = create_qcow2(
-        d.p("enc.qcow2"),
+        d.join("enc.qcow2"),
         Some("1M"),
         &[
             "--object",
@@ -301,20 +277,13 @@ fn encrypted_unknown_feature_and_truncated_images_are_refused_by_name() {
         ],
     );
     assert_refused(&enc, &d, "encrypt");
-    let unk = create_qcow2(d.p("unknown.qcow2"), Some("1M"), &[]);
-    let mut b = std::fs::read(&unk).unwrap();
-    b[72 + 7] |= 0x80; // incompatible feature bit 7
-    std::fs::write(&unk, &b).unwrap();
+    let unk = create_qcow2(d.join("unknown.qcow2"), Some("1M"), &[]);
+    let bits = header_field(&unk, off::INCOMPATIBLE_FEATURES);
+    patch_header(&unk, off::INCOMPATIBLE_FEATURES, bits | 1 << 7);
     assert_refused(&unk, &d, "incompatible feature");
-    let tr = create_qcow2(d.p("truncated.qcow2"), Some("4M"), &[]);
+    let tr = create_qcow2(d.join("truncated.qcow2"), Some("4M"), &[]);
     qemu_io(&tr, &["write -P 0x5a 0 4M"]);
-    let len = std::fs::metadata(&tr).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&tr)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    set_file_len(&tr, std::fs::metadata(&tr).unwrap().len() / 2);
     assert_refused(&tr, &d, "corrupt");
 }
 
@@ -336,36 +305,40 @@ fn assert_snapshot_view_like_qemu(img: &Path, snap: &str, out: &Path) {
 
 #[test]
 fn a_snapshot_view_keeps_the_current_size_like_qemu_img_after_a_resize() {
-    let d = Dir::new();
+    let d = Scratch::new();
     // The recipe: the image grew after the snapshot; past the snapshot's
     // 1 MiB the backing file shows through (qemu-img: 2 MiB of 0x11).
-    let base = write_raw(d.0.path(), "base.raw", &vec![0x11; 2 << 20]);
-    let top = create_qcow2(d.p("top.qcow2"), Some("1M"), &["-b", s(&base), "-F", "raw"]);
+    let base = write_raw(d.path(), "base.raw", &vec![0x11; 2 << 20]);
+    let top = create_qcow2(
+        d.join("top.qcow2"),
+        Some("1M"),
+        &["-b", s(&base), "-F", "raw"],
+    );
     qemu_io(&top, &["write -P 0x22 64k 64k"]);
     qemu_snapshot(&top, "s1");
     qemu_resize(&top, "2M", &[]);
     qemu_io(&top, &["write -P 0x33 1536k 64k"]);
-    assert_snapshot_view_like_qemu(&top, "s1", &d.p("grown.out"));
-    let r = convert_json(&["-l", "1"], &top, &d.p("grown-id.out"));
+    assert_snapshot_view_like_qemu(&top, "s1", &d.join("grown.out"));
+    let r = convert_json(&["-l", "1"], &top, &d.join("grown-id.out"));
     assert_eq!(r["virtual-size"], 2 << 20);
 
     // Without a backing file the grown part reads as zeros; a snapshot taken
     // after the resize is unaffected.
-    let alone = create_qcow2(d.p("alone.qcow2"), Some("1M"), &[]);
+    let alone = create_qcow2(d.join("alone.qcow2"), Some("1M"), &[]);
     qemu_io(&alone, &["write -P 0x44 0 1M"]);
     qemu_snapshot(&alone, "small");
     qemu_resize(&alone, "3M", &[]);
     qemu_io(&alone, &["write -P 0x45 2M 64k"]);
     qemu_snapshot(&alone, "big");
-    assert_snapshot_view_like_qemu(&alone, "small", &d.p("small.out"));
-    assert_snapshot_view_like_qemu(&alone, "big", &d.p("big.out"));
+    assert_snapshot_view_like_qemu(&alone, "small", &d.join("small.out"));
+    assert_snapshot_view_like_qemu(&alone, "big", &d.join("big.out"));
 
     // QEMU also shrinks images with snapshots: the view is cut to the current
     // size, even below the snapshot's own.
-    let shrunk = create_qcow2(d.p("shrunk.qcow2"), Some("2M"), &[]);
+    let shrunk = create_qcow2(d.join("shrunk.qcow2"), Some("2M"), &[]);
     qemu_io(&shrunk, &["write -P 0x55 0 2M"]);
     qemu_snapshot(&shrunk, "full");
     qemu_resize(&shrunk, "768k", &["--shrink"]);
-    assert_snapshot_view_like_qemu(&shrunk, "full", &d.p("shrunk.out"));
-    assert_eq!(qemu_virtual_size(&d.p("shrunk.out")), 768 << 10);
+    assert_snapshot_view_like_qemu(&shrunk, "full", &d.join("shrunk.out"));
+    assert_eq!(qemu_virtual_size(&d.join("shrunk.out")), 768 << 10);
 }

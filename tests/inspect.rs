@@ -2,54 +2,31 @@
 
 mod common;
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use common::{make_input, qdedup, qemu, read_layout};
+use common::{
+    convert_json, create_qcow2, qdedup, qdedup_ok, qemu, qemu_convert_qcow2, qemu_img, qemu_info,
+    qemu_io, qemu_io_fmt, qemu_map, qemu_snapshot, raw_input, read_layout, report_json, stdout,
+    Scratch,
+};
 use serde_json::Value;
 
-fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn json(o: &Output, what: &str) -> Value {
-    serde_json::from_str(&ok(o, what)).unwrap_or_else(|e| panic!("{what}: bad JSON: {e}"))
-}
-
+/// `qdedup convert --force [EXTRA] INPUT OUT`, asserted to succeed: its report.
 fn convert(input: &Path, out: &Path, extra: &[&str]) -> Value {
-    let mut args: Vec<&OsStr> = vec!["convert".as_ref(), "-q".as_ref(), "--force".as_ref()];
-    args.extend(extra.iter().map(OsStr::new));
-    args.extend([
-        "--output".as_ref(),
-        "json".as_ref(),
-        input.as_os_str(),
-        out.as_os_str(),
-    ]);
-    json(&qdedup(args), "qdedup convert")
+    let args: Vec<&str> = ["--force"].iter().chain(extra).copied().collect();
+    convert_json(&args, input, out)
 }
 
+/// `qdedup map --output json [EXTRA] IMG`, asserted to succeed.
 fn qdedup_map(img: &Path, extra: &[&str]) -> Value {
-    let mut args: Vec<&OsStr> = vec!["map".as_ref(), "--output".as_ref(), "json".as_ref()];
-    args.extend(extra.iter().map(OsStr::new));
-    args.push(img.as_os_str());
-    json(&qdedup(args), "qdedup map")
+    let words: Vec<&str> = ["map"].iter().chain(extra).copied().collect();
+    report_json(&words, img)
 }
 
-fn qemu_map(img: &Path) -> Value {
-    json(
-        &qemu(
-            "qemu-img",
-            ["map".as_ref(), "--output=json".as_ref(), img.as_os_str()],
-        ),
-        "qemu-img map",
-    )
+/// The table `qdedup map IMG` prints, and the one `qemu-img map IMG` prints.
+fn map_tables(img: &Path) -> (String, String) {
+    let args = ["map".as_ref(), img.as_os_str()];
+    (stdout(&qdedup_ok(args)), stdout(&qemu_img(args)))
 }
 
 fn assert_map_equals_qemu(img: &Path) {
@@ -69,9 +46,7 @@ fn size_of(p: &Path) -> u64 {
 
 /// A 4 MiB raw input of 64 KiB-cluster mix plus a partial tail cluster.
 fn mixed_input(dir: &Path) -> PathBuf {
-    let p = dir.join("in.raw");
-    make_input(&p, 64 << 10, 64, 3000, 7);
-    p
+    raw_input(dir, 64 << 10, 64, 3000, 7)
 }
 
 /// Compressible text blocks, repeats, zeros and random data (sample generator).
@@ -83,7 +58,7 @@ fn text_input(dir: &Path, size: u64) -> PathBuf {
 
 #[test]
 fn map_json_equals_qemu_img_for_qdedup_outputs() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let raw = mixed_input(d.path());
     let text = text_input(d.path(), 8 << 20);
     let cases: &[(&Path, &[&str])] = &[
@@ -100,12 +75,12 @@ fn map_json_equals_qemu_img_for_qdedup_outputs() {
         (&text, &["-o", "cluster_size=16k"]),
     ];
     for (i, (input, opts)) in cases.iter().enumerate() {
-        let out = d.path().join(format!("out{i}.qcow2"));
+        let out = d.join(format!("out{i}.qcow2"));
         convert(input, &out, opts);
         assert_map_equals_qemu(&out);
     }
     // Compressed extents really were exercised.
-    let m = qdedup_map(&d.path().join("out4.qcow2"), &[]);
+    let m = qdedup_map(&d.join("out4.qcow2"), &[]);
     assert!(m
         .as_array()
         .unwrap()
@@ -115,100 +90,52 @@ fn map_json_equals_qemu_img_for_qdedup_outputs() {
 
 #[test]
 fn map_json_equals_qemu_img_on_backing_chains_and_zero_clusters() {
-    let d = tempfile::tempdir().unwrap();
-    let base = d.path().join("base.raw");
-    let mid = d.path().join("mid.qcow2");
-    let top = d.path().join("top.qcow2");
-    let run = |tool: &str, args: &[&OsStr]| ok(&qemu(tool, args), tool);
-    run(
-        "qemu-img",
-        &[
-            "create".as_ref(),
-            "-f".as_ref(),
-            "raw".as_ref(),
-            base.as_os_str(),
-            "4M".as_ref(),
-        ],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-c".as_ref(),
-            "write -P 7 0 1M".as_ref(),
-            "-c".as_ref(),
-            "write -P 9 2M 64k".as_ref(),
-            base.as_os_str(),
-        ],
-    );
+    let d = Scratch::new();
+    let base = d.join("base.raw");
+    let mid = d.join("mid.qcow2");
+    let top = d.join("top.qcow2");
+    qemu_img([
+        "create".as_ref(),
+        "-f".as_ref(),
+        "raw".as_ref(),
+        base.as_os_str(),
+        "4M".as_ref(),
+    ]);
+    qemu_io_fmt(&base, "raw", &["write -P 7 0 1M", "write -P 9 2M 64k"]);
     for (img, backing, fmt, size) in [(&mid, &base, "raw", "5M"), (&top, &mid, "qcow2", "6M")] {
-        run(
-            "qemu-img",
-            &[
-                "create".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-b".as_ref(),
-                backing.as_os_str(),
-                "-F".as_ref(),
-                fmt.as_ref(),
-                img.as_os_str(),
-                size.as_ref(),
-            ],
-        );
+        let backing = backing.to_str().unwrap();
+        create_qcow2(img.clone(), Some(size), &["-b", backing, "-F", fmt]);
     }
-    run(
-        "qemu-io",
+    qemu_io(&mid, &["write -P 1 64k 64k", "write -z 128k 64k"]);
+    qemu_io(
+        &top,
         &[
-            "-c".as_ref(),
-            "write -P 1 64k 64k".as_ref(),
-            "-c".as_ref(),
-            "write -z 128k 64k".as_ref(),
-            mid.as_os_str(),
-        ],
-    );
-    run(
-        "qemu-io",
-        &[
-            "-c".as_ref(),
-            "write -P 2 1M 192k".as_ref(),
-            "-c".as_ref(),
-            "write -z 1088k 64k".as_ref(),
-            "-c".as_ref(),
-            "write -P 3 4608k 64k".as_ref(),
-            top.as_os_str(),
+            "write -P 2 1M 192k",
+            "write -z 1088k 64k",
+            "write -P 3 4608k 64k",
         ],
     );
     for img in [&top, &mid, &base] {
         assert_map_equals_qemu(img);
     }
     // The table lists data extents with the file they live in.
-    let ours = ok(&qdedup(["map".as_ref(), top.as_os_str()]), "qdedup map");
-    let theirs = ok(
-        &qemu("qemu-img", ["map".as_ref(), top.as_os_str()]),
-        "qemu-img map",
-    );
+    let (ours, theirs) = map_tables(&top);
     assert_eq!(ours, theirs);
 }
 
 #[test]
 fn map_table_equals_qemu_img_for_an_uncompressed_output() {
-    let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("o.qcow2");
+    let d = Scratch::new();
+    let out = d.join("o.qcow2");
     convert(&mixed_input(d.path()), &out, &[]);
-    let ours = ok(&qdedup(["map".as_ref(), out.as_os_str()]), "qdedup map");
-    let theirs = ok(
-        &qemu("qemu-img", ["map".as_ref(), out.as_os_str()]),
-        "qemu-img map",
-    );
+    let (ours, theirs) = map_tables(&out);
     assert_eq!(ours, theirs);
 }
 
 #[test]
 fn map_shared_carries_each_host_clusters_refcount() {
-    let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("o.qcow2");
+    let d = Scratch::new();
+    let out = d.join("o.qcow2");
     convert(&mixed_input(d.path()), &out, &["-o", "cluster_size=4k"]);
     let layout = read_layout(&out);
     let cb = layout.header.cluster_bits;
@@ -234,19 +161,16 @@ fn map_shared_carries_each_host_clusters_refcount() {
 
 #[test]
 fn map_svg_draws_a_bounded_grid_with_a_legend() {
-    let d = tempfile::tempdir().unwrap();
-    let out = d.path().join("o.qcow2");
-    let svg = d.path().join("o.svg");
+    let d = Scratch::new();
+    let out = d.join("o.qcow2");
+    let svg = d.join("o.svg");
     convert(&mixed_input(d.path()), &out, &["-o", "cluster_size=512"]);
-    ok(
-        &qdedup([
-            "map".as_ref(),
-            "--svg".as_ref(),
-            svg.as_os_str(),
-            out.as_os_str(),
-        ]),
-        "map --svg",
-    );
+    qdedup_ok([
+        "map".as_ref(),
+        "--svg".as_ref(),
+        svg.as_os_str(),
+        out.as_os_str(),
+    ]);
     let text = std::fs::read_to_string(&svg).unwrap();
     assert!(text.starts_with("<svg"));
     let cells = text.matches("<rect").count();
@@ -258,7 +182,7 @@ fn map_svg_draws_a_bounded_grid_with_a_legend() {
 
 #[test]
 fn info_agrees_with_qemu_img_info_and_the_convert_report() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let text = text_input(d.path(), 8 << 20);
     for (i, opts) in [
         &[][..],
@@ -268,24 +192,10 @@ fn info_agrees_with_qemu_img_info_and_the_convert_report() {
     .iter()
     .enumerate()
     {
-        let out = d.path().join(format!("o{i}.qcow2"));
+        let out = d.join(format!("o{i}.qcow2"));
         let report = convert(&text, &out, opts);
-        let ours = json(
-            &qdedup([
-                "info".as_ref(),
-                "--output".as_ref(),
-                "json".as_ref(),
-                out.as_os_str(),
-            ]),
-            "qdedup info",
-        );
-        let theirs = json(
-            &qemu(
-                "qemu-img",
-                ["info".as_ref(), "--output=json".as_ref(), out.as_os_str()],
-            ),
-            "qemu-img info",
-        );
+        let ours = report_json(&["info"], &out);
+        let theirs = qemu_info(&out);
         for k in [
             "virtual-size",
             "filename",
@@ -319,55 +229,14 @@ fn info_agrees_with_qemu_img_info_and_the_convert_report() {
 
 #[test]
 fn info_reports_backing_files_and_snapshots_like_qemu_img() {
-    let d = tempfile::tempdir().unwrap();
-    let base = d.path().join("base.raw");
-    let top = d.path().join("top.qcow2");
+    let d = Scratch::new();
+    let base = d.join("base.raw");
+    let top = d.join("top.qcow2");
     std::fs::write(&base, vec![5u8; 1 << 20]).unwrap();
-    ok(
-        &qemu(
-            "qemu-img",
-            [
-                "create".as_ref(),
-                "-f".as_ref(),
-                "qcow2".as_ref(),
-                "-b".as_ref(),
-                "base.raw".as_ref(),
-                "-F".as_ref(),
-                "raw".as_ref(),
-                top.as_os_str(),
-                "2M".as_ref(),
-            ],
-        ),
-        "create",
-    );
-    ok(
-        &qemu(
-            "qemu-img",
-            [
-                "snapshot".as_ref(),
-                "-c".as_ref(),
-                "s1".as_ref(),
-                top.as_os_str(),
-            ],
-        ),
-        "snapshot",
-    );
-    let ours = json(
-        &qdedup([
-            "info".as_ref(),
-            "--output".as_ref(),
-            "json".as_ref(),
-            top.as_os_str(),
-        ]),
-        "info",
-    );
-    let theirs = json(
-        &qemu(
-            "qemu-img",
-            ["info".as_ref(), "--output=json".as_ref(), top.as_os_str()],
-        ),
-        "qemu-img info",
-    );
+    create_qcow2(top.clone(), Some("2M"), &["-b", "base.raw", "-F", "raw"]);
+    qemu_snapshot(&top, "s1");
+    let ours = report_json(&["info"], &top);
+    let theirs = qemu_info(&top);
     for k in [
         "backing-filename",
         "full-backing-filename",
@@ -380,24 +249,15 @@ fn info_reports_backing_files_and_snapshots_like_qemu_img() {
     }
 }
 
+/// `qdedup estimate --output json [EXTRA] INPUT`, asserted to succeed.
 fn estimate(input: &Path, extra: &[&str]) -> Value {
-    let mut args: Vec<&OsStr> = vec!["estimate".as_ref(), "--output".as_ref(), "json".as_ref()];
-    args.extend(extra.iter().map(OsStr::new));
-    args.push(input.as_os_str());
-    json(&qdedup(args), "qdedup estimate")
-}
-
-fn qemu_convert(input: &Path, out: &Path, extra: &[&str]) -> u64 {
-    let mut args: Vec<&OsStr> = vec!["convert".as_ref(), "-O".as_ref(), "qcow2".as_ref()];
-    args.extend(extra.iter().map(OsStr::new));
-    args.extend([input.as_os_str(), out.as_os_str()]);
-    ok(&qemu("qemu-img", args), "qemu-img convert");
-    size_of(out)
+    let words: Vec<&str> = ["estimate"].iter().chain(extra).copied().collect();
+    report_json(&words, input)
 }
 
 #[test]
 fn estimate_predicts_both_output_sizes() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let text = text_input(d.path(), 16 << 20);
     let raw = mixed_input(d.path());
     let cases: &[(&Path, &[&str])] = &[
@@ -413,21 +273,21 @@ fn estimate_predicts_both_output_sizes() {
     ];
     for (i, (input, opts)) in cases.iter().enumerate() {
         let e = estimate(input, opts);
-        let out = d.path().join(format!("e{i}.qcow2"));
+        let out = d.join(format!("e{i}.qcow2"));
         convert(input, &out, opts);
         assert_eq!(
             e["estimated-size"].as_u64().unwrap(),
             size_of(&out),
             "case {i} {opts:?}"
         );
-        let qout = d.path().join(format!("q{i}.qcow2"));
+        let qout = d.join(format!("q{i}.qcow2"));
         // qemu-img has no probe: it tries every cluster, with the same result.
         let qopts: Vec<&str> = opts
             .iter()
             .copied()
             .filter(|a| *a != "--no-compress-probe")
             .collect();
-        let q = qemu_convert(input, &qout, &qopts);
+        let q = qemu_convert_qcow2(input, &qout, &qopts);
         let model = e["qemu-img-size"].as_u64().unwrap();
         if opts.contains(&"-c") {
             // Not modelled: the order in which qemu-img's coroutines place streams.
@@ -444,9 +304,9 @@ fn estimate_predicts_both_output_sizes() {
 
 #[test]
 fn zstd_without_c_is_refused_by_convert_and_estimate_alike() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let raw = mixed_input(d.path());
-    let out = d.path().join("out.qcow2");
+    let out = d.join("out.qcow2");
     for args in [
         vec![
             "estimate",
@@ -472,7 +332,7 @@ fn zstd_without_c_is_refused_by_convert_and_estimate_alike() {
 
 #[test]
 fn estimate_tabulates_several_cluster_sizes_in_one_pass() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let text = text_input(d.path(), 8 << 20);
     for extra in [&[][..], &["-c"][..]] {
         let mut args = vec!["--cluster-sizes", "4k,64k,2m"];
@@ -481,7 +341,7 @@ fn estimate_tabulates_several_cluster_sizes_in_one_pass() {
         let table = e["table"].as_array().unwrap();
         assert_eq!(table.len(), 3);
         for (row, cs) in table.iter().zip(["4k", "64k", "2M"]) {
-            let out = d.path().join(format!("t{cs}.qcow2"));
+            let out = d.join(format!("t{cs}.qcow2"));
             let opt = format!("cluster_size={cs}");
             let mut copts = vec!["-o", opt.as_str()];
             copts.extend_from_slice(extra);
@@ -498,12 +358,12 @@ fn estimate_tabulates_several_cluster_sizes_in_one_pass() {
 }
 
 fn sampled_estimate_within(size: u64, cluster: &str, tolerance: f64) {
-    let d = tempfile::tempdir().unwrap();
-    let input = d.path().join("big.raw");
+    let d = Scratch::new();
+    let input = d.join("big.raw");
     qdedup::sample::generate(&input, size, 42, qdedup::sample::Mix::MIXED).unwrap();
     let opt = format!("cluster_size={cluster}");
     let e = estimate(&input, &["--sample", "0.05", "-o", &opt]);
-    let out = d.path().join("big.qcow2");
+    let out = d.join("big.qcow2");
     convert(&input, &out, &["-o", &opt]);
     let real = size_of(&out) as f64;
     let est = e["estimated-size"].as_f64().unwrap();
@@ -558,8 +418,8 @@ fn assert_compare_like_qemu(a: &Path, b: &Path) -> i32 {
 
 #[test]
 fn compare_agrees_with_qemu_img_compare() {
-    let d = tempfile::tempdir().unwrap();
-    let p = |n: &str| d.path().join(n);
+    let d = Scratch::new();
+    let p = |n: &str| d.join(n);
     let raw = mixed_input(d.path());
     convert(&raw, &p("a.qcow2"), &[]);
     convert(&raw, &p("b.qcow2"), &["-c", "-o", "cluster_size=4k"]);
@@ -601,36 +461,19 @@ fn compare_agrees_with_qemu_img_compare() {
 
 #[test]
 fn info_dedup_figures_agree_with_check() {
-    let dir = tempfile::tempdir().unwrap();
-    let raw = dir.path().join("in.raw");
+    let dir = Scratch::new();
+    let raw = dir.join("in.raw");
     qdedup::sample::generate(&raw, 24 << 20, 13, qdedup::sample::Mix::MIXED).unwrap();
     for extra in [
         &[][..],
         &["-c"][..],
         &["-c", "-o", "compression_type=zstd,cluster_size=4k"][..],
     ] {
-        let out = dir.path().join("out.qcow2");
-        let mut a: Vec<&std::ffi::OsStr> =
-            vec!["convert".as_ref(), "-q".as_ref(), "--force".as_ref()];
-        a.extend(extra.iter().map(std::ffi::OsStr::new));
-        a.push(raw.as_os_str());
-        a.push(out.as_os_str());
-        assert!(common::qdedup(&a).status.success());
-        let info = common::qdedup([
-            "info".as_ref(),
-            "--output".as_ref(),
-            "json".as_ref(),
-            out.as_os_str(),
-        ]);
-        let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-        let check = common::qdedup([
-            "check".as_ref(),
-            "--output".as_ref(),
-            "json".as_ref(),
-            out.as_os_str(),
-        ]);
-        assert_eq!(check.status.code(), Some(0));
-        let check: serde_json::Value = serde_json::from_slice(&check.stdout).unwrap();
+        let out = dir.join("out.qcow2");
+        convert(&raw, &out, extra);
+        let info = report_json(&["info"], &out);
+        // `report_json` asserts success: exit code 0, a clean image.
+        let check = report_json(&["check"], &out);
         let d = &info["dedup"];
         let zero_if_absent = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
         assert_eq!(
@@ -663,45 +506,30 @@ fn info_dedup_figures_agree_with_check() {
 
 #[test]
 fn map_json_equals_qemu_img_on_extended_l2_with_partly_allocated_clusters() {
-    let d = tempfile::tempdir().unwrap();
-    let base = d.path().join("base.qcow2");
-    let alone = d.path().join("alone.qcow2");
-    let top = d.path().join("top.qcow2");
-    let run = |tool: &str, args: &[&str]| {
-        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-        ok(&qemu(tool, args), tool);
-    };
-    let (base_s, alone_s, top_s) = (
-        base.to_str().unwrap(),
-        alone.to_str().unwrap(),
-        top.to_str().unwrap(),
-    );
-    run("qemu-img", &["create", "-q", "-f", "qcow2", base_s, "8M"]);
-    run("qemu-io", &["-c", "write -P 5 0 4M", base_s]);
+    let d = Scratch::new();
+    let base = d.join("base.qcow2");
+    let alone = d.join("alone.qcow2");
+    let top = d.join("top.qcow2");
+    create_qcow2(base.clone(), Some("8M"), &[]);
+    qemu_io(&base, &["write -P 5 0 4M"]);
     // Subclusters of 64 KiB (2 MiB clusters) and of 1 KiB (32 KiB clusters), with
     // and without a backing file: written, zeroed and untouched subclusters of one
     // allocated cluster.
-    for (img, backing, cs) in [(alone_s, None, "2M"), (top_s, Some(base_s), "32k")] {
-        let mut args = vec!["create", "-q", "-f", "qcow2", "-o"];
+    let base_s = base.to_str().unwrap();
+    for (img, backing, cs) in [(&alone, None, "2M"), (&top, Some(base_s), "32k")] {
         let o = format!("extended_l2=on,cluster_size={cs}");
-        args.push(&o);
+        let mut args = vec!["-o", o.as_str()];
         if let Some(b) = backing {
             args.extend(["-b", b, "-F", "qcow2"]);
         }
-        args.extend([img, "8M"]);
-        run("qemu-img", &args);
-        run(
-            "qemu-io",
+        create_qcow2(img.clone(), Some("8M"), &args);
+        qemu_io(
+            img,
             &[
-                "-c",
                 "write -P 1 64k 64k",
-                "-c",
                 "write -z 256k 64k",
-                "-c",
                 "write -P 2 2100k 3k",
-                "-c",
                 "write -z 5M 1k",
-                img,
             ],
         );
     }
@@ -712,24 +540,11 @@ fn map_json_equals_qemu_img_on_extended_l2_with_partly_allocated_clusters() {
 
 #[test]
 fn map_json_equals_qemu_img_on_preallocated_images() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     for prealloc in ["metadata", "falloc", "full"] {
-        let img = d.path().join(format!("{prealloc}.qcow2"));
-        let i = img.to_str().unwrap();
         let o = format!("preallocation={prealloc}");
-        for (tool, args) in [
-            (
-                "qemu-img",
-                vec!["create", "-q", "-f", "qcow2", "-o", &o, i, "8M"],
-            ),
-            (
-                "qemu-io",
-                vec!["-c", "write -P 1 64k 64k", "-c", "write -z 1M 128k", i],
-            ),
-        ] {
-            let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
-            ok(&qemu(tool, args), tool);
-        }
+        let img = create_qcow2(d.join(format!("{prealloc}.qcow2")), Some("8M"), &["-o", &o]);
+        qemu_io(&img, &["write -P 1 64k 64k", "write -z 1M 128k"]);
         // With metadata preallocation QEMU asks the file system where the holes
         // under data clusters are; qdedup does the same.
         assert_map_equals_qemu(&img);
@@ -738,16 +553,16 @@ fn map_json_equals_qemu_img_on_preallocated_images() {
 
 #[test]
 fn map_of_a_zero_byte_image_prints_qemu_img_s_one_empty_entry() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let raw = common::write_raw(d.path(), "empty.raw", &[]);
-    let qcow2 = common::create_qcow2(d.path().join("empty.qcow2"), Some("0"), &[]);
+    let qcow2 = common::create_qcow2(d.join("empty.qcow2"), Some("0"), &[]);
     let over_raw = common::create_qcow2(
-        d.path().join("over-raw.qcow2"),
+        d.join("over-raw.qcow2"),
         Some("0"),
         &["-b", raw.to_str().unwrap(), "-F", "raw"],
     );
     let over_qcow2 = common::create_qcow2(
-        d.path().join("over-qcow2.qcow2"),
+        d.join("over-qcow2.qcow2"),
         Some("0"),
         &["-b", qcow2.to_str().unwrap(), "-F", "qcow2"],
     );
@@ -757,11 +572,7 @@ fn map_of_a_zero_byte_image_prints_qemu_img_s_one_empty_entry() {
         assert_eq!(m.as_array().unwrap().len(), 1, "{}", img.display());
         assert_eq!(m[0]["length"], 0);
         // The table has only its heading (no data extents), byte for byte.
-        let ours = ok(&qdedup(["map".as_ref(), img.as_os_str()]), "qdedup map");
-        let theirs = ok(
-            &qemu("qemu-img", ["map".as_ref(), img.as_os_str()]),
-            "qemu-img map",
-        );
+        let (ours, theirs) = map_tables(img);
         assert_eq!(ours, theirs, "{}", img.display());
         // --shared adds no refcount to an extent without a host cluster.
         let shared = qdedup_map(img, &["--shared"]);
@@ -784,7 +595,7 @@ fn assert_qemu_img_size_exact(input: &Path, dir: &Path, what: &str) -> usize {
     for (row, cs) in table.iter().zip(MODEL_SIZES) {
         let out = dir.join(format!("model-{cs}.qcow2"));
         let opt = format!("cluster_size={cs}");
-        let real = qemu_convert(input, &out, &["-o", &opt]);
+        let real = qemu_convert_qcow2(input, &out, &["-o", &opt]);
         assert_eq!(
             row["qemu-img-size"].as_u64().unwrap(),
             real,
@@ -811,8 +622,8 @@ fn assert_qemu_img_size_exact(input: &Path, dir: &Path, what: &str) -> usize {
 fn estimate_counts_the_zero_clusters_qemu_img_writes_next_to_data() {
     // The recipe: two 512-byte writes into 1 MiB, 512-byte clusters:
     // qemu-img's -S 4k writes the whole 4 KiB around each (11264 bytes, not 4096).
-    let d = tempfile::tempdir().unwrap();
-    let raw = d.path().join("two.raw");
+    let d = Scratch::new();
+    let raw = d.join("two.raw");
     let f = std::fs::File::create(&raw).unwrap();
     f.set_len(1 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x5a; 512], 0).unwrap();
@@ -820,7 +631,7 @@ fn estimate_counts_the_zero_clusters_qemu_img_writes_next_to_data() {
     let e = estimate(&raw, &["-o", "cluster_size=512"]);
     assert_eq!(e["qemu-img-size"], 11264);
     assert_eq!(
-        qemu_convert(&raw, &d.path().join("q.qcow2"), &["-o", "cluster_size=512"]),
+        qemu_convert_qcow2(&raw, &d.join("q.qcow2"), &["-o", "cluster_size=512"]),
         11264
     );
     // The sampling model applies the same rule (all units read: p = 1).
@@ -840,7 +651,7 @@ fn estimate_counts_the_zero_clusters_qemu_img_writes_next_to_data() {
     // Images without data: qemu-img's file ends with the L1 table's last entry.
     let empty = common::write_raw(d.path(), "empty.raw", &[]);
     assert_qemu_img_size_exact(&empty, d.path(), "0 bytes");
-    let zeros = d.path().join("zeros.raw");
+    let zeros = d.join("zeros.raw");
     std::fs::File::create(&zeros)
         .unwrap()
         .set_len((1 << 20) + 3584)
@@ -850,11 +661,11 @@ fn estimate_counts_the_zero_clusters_qemu_img_writes_next_to_data() {
 
 #[test]
 fn estimate_qemu_img_size_is_exact_on_random_sparse_raw_and_qcow2_inputs() {
-    let d = tempfile::tempdir().unwrap();
+    let d = Scratch::new();
     let mut rng = qdedup::sample::Rng::new(18);
     let (mut cases, mut padded) = (0, 0);
     for i in 0..8 {
-        let raw = d.path().join(format!("r{i}.raw"));
+        let raw = d.join(format!("r{i}.raw"));
         let size = [1 << 20, (1 << 20) + 3584, 3 << 20][i % 3];
         common::random_sparse_raw(&raw, size, 1 + rng.below(40), &mut rng);
         padded += assert_qemu_img_size_exact(&raw, d.path(), &format!("raw {i}"));
@@ -862,7 +673,7 @@ fn estimate_qemu_img_size_is_exact_on_random_sparse_raw_and_qcow2_inputs() {
     }
     // qcow2 sources: their block status windows (clusters and subclusters under
     // 4 KiB, backing files shorter than the image) bound qemu-img's writes.
-    let base = d.path().join("base.raw");
+    let base = d.join("base.raw");
     common::random_sparse_raw(&base, 600 << 10, 10, &mut rng);
     for (i, opts) in [
         "cluster_size=512",
@@ -876,7 +687,7 @@ fn estimate_qemu_img_size_is_exact_on_random_sparse_raw_and_qcow2_inputs() {
     .enumerate()
     {
         for backing in [false, true] {
-            let img = d.path().join(format!("q{i}{backing}.qcow2"));
+            let img = d.join(format!("q{i}{backing}.qcow2"));
             let mut extra = vec!["-o", opts];
             if backing {
                 extra.extend(["-b", base.to_str().unwrap(), "-F", "raw"]);

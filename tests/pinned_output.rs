@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_qemu_check_clean, assert_qemu_compare_same, qdedup};
+use common::{assert_qemu_check_clean, assert_qemu_compare_same, qdedup_ok, Scratch};
 use qdedup::sample::{generate, Mix};
 
 const SPARSE: Mix = Mix {
@@ -54,23 +54,18 @@ const PINNED: &[(Mix, &[&str], &str)] = &[
 
 #[test]
 fn convert_output_bytes_for_the_sample_inputs_are_pinned() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let mut checked = 0;
     let mut wrong = Vec::new();
     for (i, (mix, opts, want)) in PINNED.iter().enumerate() {
-        let input = dir.path().join(format!("in{i}.raw"));
+        let input = dir.join(format!("in{i}.raw"));
         generate(&input, 6 << 20, 7, *mix).unwrap();
-        let out = dir.path().join(format!("out{i}.qcow2"));
+        let out = dir.join(format!("out{i}.qcow2"));
         let mut args: Vec<&std::ffi::OsStr> = vec!["convert".as_ref()];
         args.extend(opts.iter().map(std::ffi::OsStr::new));
         args.push(input.as_os_str());
         args.push(out.as_os_str());
-        let o = qdedup(&args);
-        assert!(
-            o.status.success(),
-            "convert {opts:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        qdedup_ok(&args);
         assert_qemu_check_clean(&out);
         assert_qemu_compare_same(&input, "raw", &out);
         let got = blake3::hash(&std::fs::read(&out).unwrap())

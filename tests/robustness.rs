@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,20 +12,6 @@ use common::*;
 use qdedup::convert::{self, ConvertOptions};
 use qdedup::source::{BlockStatus, Input, Source};
 
-/// Writes `mib` MiB of unique (non-repeating, non-zero) 4 KiB blocks, quickly.
-fn big_unique_input(path: &Path, mib: usize) {
-    let mut rng = qdedup::sample::Rng::new(3);
-    let mut chunk = vec![0u8; 1 << 20];
-    rng.fill(&mut chunk);
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
-    for i in 0..mib {
-        for (j, block) in chunk.chunks_mut(4096).enumerate() {
-            block[..8].copy_from_slice(&((i * 256 + j) as u64).to_le_bytes());
-        }
-        std::io::Write::write_all(&mut f, &chunk).unwrap();
-    }
-}
-
 fn temporaries(dir: &Path) -> Vec<String> {
     dir_entries(dir)
         .into_iter()
@@ -32,7 +19,7 @@ fn temporaries(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn spawn_convert(args: &[&std::ffi::OsStr]) -> Child {
+fn spawn_convert(args: &[&OsStr]) -> Child {
     Command::new(qdedup_bin())
         .arg("convert")
         .args(args)
@@ -66,22 +53,33 @@ fn signal(child: &Child, sig: &str) {
     assert!(s.success());
 }
 
+/// A scratch directory holding `in.raw`, `mib` MiB of unique data, and the path
+/// of the output `out.qcow2`.
 struct Setup {
-    _dir: tempfile::TempDir,
-    dir: PathBuf,
+    dir: Scratch,
     input: PathBuf,
     out: PathBuf,
 }
 
+impl Setup {
+    /// `qdedup convert OPTS in.raw out.qcow2`, started and seen writing its
+    /// temporary file.
+    fn converting(&self, opts: &[&str]) -> Child {
+        let mut args: Vec<&OsStr> = opts.iter().map(OsStr::new).collect();
+        args.extend([self.input.as_os_str(), self.out.as_os_str()]);
+        let mut child = spawn_convert(&args);
+        wait_for_temp(self.dir.path(), &mut child);
+        child
+    }
+}
+
 fn setup(mib: usize) -> Setup {
-    let d = tempfile::tempdir().unwrap();
-    let dir = d.path().to_path_buf();
-    let input = dir.join("in.raw");
-    big_unique_input(&input, mib);
+    let scratch = Scratch::new();
+    let input = scratch.join("in.raw");
+    unique_blocks(&input, mib);
     Setup {
-        out: dir.join("out.qcow2"),
-        _dir: d,
-        dir,
+        out: scratch.join("out.qcow2"),
+        dir: scratch,
         input,
     }
 }
@@ -89,13 +87,7 @@ fn setup(mib: usize) -> Setup {
 #[test]
 fn ctrl_c_stops_promptly_removes_the_temp_file_and_exits_130() {
     let s = setup(1024);
-    let mut child = spawn_convert(&[
-        "-m".as_ref(),
-        "1".as_ref(),
-        s.input.as_os_str(),
-        s.out.as_os_str(),
-    ]);
-    wait_for_temp(&s.dir, &mut child);
+    let child = s.converting(&["-m", "1"]);
     // Briefly into the run (a fast machine converts the 1 GiB in well under a second).
     std::thread::sleep(Duration::from_millis(50));
     let t = Instant::now();
@@ -114,7 +106,7 @@ fn ctrl_c_stops_promptly_removes_the_temp_file_and_exits_130() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
     assert_eq!(
-        dir_entries(&s.dir),
+        s.dir.entries(),
         vec!["in.raw"],
         "no output, no temporary file"
     );
@@ -124,6 +116,7 @@ fn ctrl_c_stops_promptly_removes_the_temp_file_and_exits_130() {
 fn sigkill_never_leaves_a_half_written_output_and_a_later_run_cleans_up() {
     let s = setup(512);
     std::fs::write(&s.out, b"previous output").unwrap();
+    let mut interrupted = 0;
     for delay_ms in [0u64, 30, 150, 400, 900] {
         let mut child =
             spawn_convert(&["--force".as_ref(), s.input.as_os_str(), s.out.as_os_str()]);
@@ -136,6 +129,7 @@ fn sigkill_never_leaves_a_half_written_output_and_a_later_run_cleans_up() {
                 !status.success(),
                 "a run that succeeded must have replaced OUT"
             );
+            interrupted += 1;
         } else {
             // OUT was replaced: by a run that finished before the kill, or one killed
             // in the moment between the rename and its exit (it still syncs the
@@ -151,28 +145,29 @@ fn sigkill_never_leaves_a_half_written_output_and_a_later_run_cleans_up() {
             std::fs::write(&s.out, b"previous output").unwrap();
         }
         // Leftovers, if any, are clearly named after OUT.
-        for t in temporaries(&s.dir) {
+        for t in temporaries(s.dir.path()) {
             assert!(t.starts_with(".out.qcow2."), "{t}");
         }
     }
+    // The kill at 0 ms, at least, came before the run could finish.
+    assert!(interrupted >= 1, "every run finished before its kill");
+    // A run killed while it writes its temporary file leaves the file behind.
+    let mut child = s.converting(&["--force"]);
+    child.kill().unwrap();
+    assert!(!child.wait().unwrap().success());
+    assert_eq!(std::fs::read(&s.out).unwrap(), b"previous output");
+    assert!(
+        !temporaries(s.dir.path()).is_empty(),
+        "the killed run's temporary file"
+    );
     // A later successful run removes the stale temporary files and says so.
-    let small = s.dir.join("small.raw");
-    std::fs::write(&small, vec![7u8; 100_000]).unwrap();
-    let had_stale = !temporaries(&s.dir).is_empty();
-    let o = qdedup([
-        "convert".as_ref(),
-        "--force".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        small.as_os_str(),
-        s.out.as_os_str(),
-    ]);
-    assert!(o.status.success());
-    assert!(temporaries(&s.dir).is_empty(), "stale temporaries removed");
-    if had_stale {
-        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-        assert!(r["notes"].to_string().contains("interrupted run"), "{r}");
-    }
+    let small = write_raw(s.dir.path(), "small.raw", &vec![7u8; 100_000]);
+    let r = convert_json(&["--force"], &small, &s.out);
+    assert!(
+        temporaries(s.dir.path()).is_empty(),
+        "stale temporaries removed"
+    );
+    assert!(r["notes"].to_string().contains("interrupted run"), "{r}");
     assert_qemu_compare_same(&small, "raw", &s.out);
 }
 
@@ -193,31 +188,20 @@ fn a_full_disk_gives_a_clear_error_and_removes_the_temp_file() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cannot write the output"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert_eq!(dir_entries(&s.dir), vec!["in.raw"]);
+    assert_eq!(s.dir.entries(), vec!["in.raw"]);
 }
 
 #[test]
 fn an_input_truncated_while_converting_is_a_read_error() {
     let s = setup(1024);
-    let mut child = spawn_convert(&[
-        "-m".as_ref(),
-        "1".as_ref(),
-        s.input.as_os_str(),
-        s.out.as_os_str(),
-    ]);
-    wait_for_temp(&s.dir, &mut child);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&s.input)
-        .unwrap()
-        .set_len(100 << 20)
-        .unwrap();
+    let child = s.converting(&["-m", "1"]);
+    set_file_len(&s.input, 100 << 20);
     let out = child.wait_with_output().unwrap();
     assert!(!out.status.success());
     assert_ne!(out.status.code(), Some(101));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("input ended early"), "{err}");
-    assert_eq!(dir_entries(&s.dir), vec!["in.raw"]);
+    assert_eq!(s.dir.entries(), vec!["in.raw"]);
 }
 
 /// A source whose reads fail after `ok_reads` calls.
@@ -255,8 +239,8 @@ impl Source for FailingSource {
 
 #[test]
 fn a_failing_read_at_any_point_fails_the_conversion_and_leaves_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("out.qcow2");
+    let dir = Scratch::new();
+    let out = dir.join("out.qcow2");
     for ok_reads in [0usize, 1, 3, 7] {
         for workers in [0usize, 1, 2] {
             let src = FailingSource {
@@ -272,7 +256,7 @@ fn a_failing_read_at_any_point_fails_the_conversion_and_leaves_nothing() {
             let e = convert::convert_input(&input, &out, &opts).unwrap_err();
             assert!(e.to_string().contains("injected read failure"), "{e}");
             assert!(
-                dir_entries(dir.path()).is_empty(),
+                dir.entries().is_empty(),
                 "nothing left after failing at read {ok_reads}"
             );
         }

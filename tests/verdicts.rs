@@ -14,9 +14,11 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
+use qdedup::format::extensions::{
+    QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_BITMAPS, QCOW2_EXT_MAGIC_CRYPTO_HEADER,
+};
 use qdedup::format::header::off;
 use qdedup::format::snapshot;
-use qdedup::sample::Rng;
 use serde_json::Value;
 
 /// What one tool says about an image: `check`'s exit code, and whether each
@@ -35,7 +37,7 @@ fn qemu_verdicts(img: &Path, scratch: &Path) -> (Verdicts, String) {
     let _ = std::fs::remove_file(&raw);
     let i = img.as_os_str();
     let runs = [
-        qemu("qemu-img", ["check".as_ref(), i]),
+        qemu_img_check(img),
         qemu(
             "qemu-img",
             [
@@ -129,19 +131,16 @@ fn first_snapshot_entry(img: &Path) -> u64 {
 /// 3584 bytes of the file cut off: they are the unused zero tail of the refcount
 /// table, which qdedup writes last (issue 18 D).
 fn refcount_table_tail_cut(dir: &Path, name: &str) -> PathBuf {
-    let mut data = vec![0u8; 1 << 20];
-    Rng::new(18).fill(&mut data);
-    let raw = write_raw(dir, "random.raw", &data);
+    let raw = write_raw(dir, "random.raw", &random_bytes(18, 1 << 20));
     let p = dir.join(name);
     convert_json(&["-o", "cluster_size=4k"], &raw, &p);
     let h = header_of(&p);
     let len = std::fs::metadata(&p).unwrap().len();
-    let rt_end = h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << 12);
+    let rt_end = h.refcount_table_offset + (u64::from(h.refcount_table_clusters) << h.cluster_bits);
     assert_eq!(rt_end, len, "the refcount table ends the file");
     let bytes = std::fs::read(&p).unwrap();
     assert!(bytes[(len - 3584) as usize..].iter().all(|b| *b == 0));
-    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-    f.set_len(len - 3584).unwrap();
+    set_file_len(&p, len - 3584);
     p
 }
 
@@ -209,9 +208,7 @@ fn recipes() -> Vec<Recipe> {
             Box::new(|d: &Path| {
                 let p = with_snapshot(d, "snapl1.qcow2");
                 let at = first_snapshot_entry(&p) + snapshot::off::L1_TABLE_OFFSET as u64;
-                let f = std::fs::read(&p).unwrap();
-                let l1 = u64::from_be_bytes(f[at as usize..at as usize + 8].try_into().unwrap());
-                patch_be(&p, at, 8, l1 | 1 << 63);
+                patch_be(&p, at, 8, read_be(&p, at, 8) | 1 << 63);
                 p
             }),
             // QEMU opens it (a snapshot's L1 table is read when the snapshot is);
@@ -281,7 +278,7 @@ fn recipes() -> Vec<Recipe> {
                 let p = plain(d, "bmext.qcow2");
                 set_only_extension(
                     &p,
-                    0x2385_2875,
+                    QCOW2_EXT_MAGIC_BITMAPS,
                     &[0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16],
                 );
                 p
@@ -292,7 +289,7 @@ fn recipes() -> Vec<Recipe> {
             "backing format name of 17 bytes",
             Box::new(|d: &Path| {
                 let p = plain(d, "bfmt.qcow2");
-                set_only_extension(&p, 0xe279_2aca, b"qcow2qcow2qcow2qc");
+                set_only_extension(&p, QCOW2_EXT_MAGIC_BACKING_FORMAT, b"qcow2qcow2qcow2qc");
                 p
             }),
             refused,
@@ -304,7 +301,7 @@ fn recipes() -> Vec<Recipe> {
                 let mut data = vec![0u8; 16];
                 data[6] = 1; // LUKS header at 0x10000
                 data[14] = 1; // of 0x10000 bytes
-                set_only_extension(&p, 0x0537_be77, &data);
+                set_only_extension(&p, QCOW2_EXT_MAGIC_CRYPTO_HEADER, &data);
                 p
             }),
             refused,
@@ -316,17 +313,8 @@ fn recipes() -> Vec<Recipe> {
                 let p = plain(d, "bitmap.qcow2");
                 qemu_img(["bitmap", "--add", p.to_str().unwrap(), "b0"]);
                 qemu_io(&p, &["write -P 0x12 0 64k"]);
-                let (_, dir) = bitmaps_extension(&p);
-                let f = std::fs::read(&p).unwrap();
-                let be = |at: u64| {
-                    u64::from_be_bytes(f[at as usize..at as usize + 8].try_into().unwrap())
-                };
-                let table = be(dir);
-                let entry = (0..512)
-                    .map(|i| table + 8 * i)
-                    .find(|&at| be(at) != 0)
-                    .unwrap();
-                patch_be(&p, entry, 8, be(entry) | 2);
+                let entry = first_bitmap_table_entry(&p);
+                patch_be(&p, entry, 8, read_be(&p, entry, 8) | 2);
                 p
             }),
             refused,
@@ -392,11 +380,10 @@ fn data_file_image(dir: &Path, name: &str, data: &str, raw: bool) -> PathBuf {
 
 #[test]
 fn every_command_gives_qemus_verdict_on_damaged_headers() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let mut exercised = 0;
     for (what, make, expected_qemu) in recipes() {
-        let d = dir.path().join(format!("case{exercised}"));
-        std::fs::create_dir(&d).unwrap();
+        let d = dir.subdir(format!("case{exercised}"));
         let img = make(&d);
         let (q, qlog) = qemu_verdicts(&img, &d);
         assert_eq!(q, expected_qemu, "{what}: QEMU's verdicts changed:\n{qlog}");
@@ -435,7 +422,7 @@ fn shared_info(v: &Value) -> Value {
 
 #[test]
 fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let d = dir.path();
     let corrupt = plain(d, "corrupt.qcow2");
     patch_header(&corrupt, off::INCOMPATIBLE_FEATURES, 2);
@@ -460,16 +447,8 @@ fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
         ),
     ];
     for (img, problem, refusal) in &cases {
-        let q = qemu_img(["info".as_ref(), "--output=json".as_ref(), img.as_os_str()]);
-        let q: Value = serde_json::from_slice(&q.stdout).unwrap();
-        let o = qdedup([
-            "info".as_ref(),
-            "--output".as_ref(),
-            "json".as_ref(),
-            img.as_os_str(),
-        ]);
-        assert!(o.status.success(), "{}: {}", img.display(), said(&o));
-        let ours: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let q = qemu_info(img);
+        let ours = report_json(&["info"], img);
         assert_eq!(shared_info(&ours), shared_info(&q), "{}", img.display());
         let problems = ours["problems"].as_array().expect("problems listed");
         assert!(
@@ -505,8 +484,7 @@ fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
         ],
     );
-    let q = qemu_img(["info".as_ref(), "--output=json".as_ref(), luks.as_os_str()]);
-    let q: Value = serde_json::from_slice(&q.stdout).unwrap();
+    let q = qemu_info(&luks);
     let o = qdedup([
         "info".as_ref(),
         "--output".as_ref(),
@@ -525,17 +503,7 @@ fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
     ]);
     assert!(said(&c).contains("encrypted image (LUKS)"), "{}", said(&c));
 
-    let c = &cases[0].0;
-    let ours: Value = serde_json::from_slice(
-        &qdedup([
-            "info".as_ref(),
-            "--output".as_ref(),
-            "json".as_ref(),
-            c.as_os_str(),
-        ])
-        .stdout,
-    )
-    .unwrap();
+    let ours = report_json(&["info"], &cases[0].0);
     assert_eq!(
         ours["format-specific"]["data"]["corrupt"],
         Value::Bool(true)
@@ -544,7 +512,7 @@ fn info_describes_images_other_commands_refuse_like_qemu_img_info() {
 
 #[test]
 fn a_cut_refcount_table_tail_is_read_by_every_command_like_qemu() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let d = dir.path();
     let img = refcount_table_tail_cut(d, "cut.qcow2");
     let raw = d.join("random.raw");
@@ -563,31 +531,17 @@ fn a_cut_refcount_table_tail_is_read_by_every_command_like_qemu() {
     let out = d.join("again.qcow2");
     convert_json(&[], &img, &out);
     assert_qemu_compare_same(&raw, "raw", &out);
-    let i = qdedup([
-        "info".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        img.as_os_str(),
-    ]);
-    assert!(i.status.success(), "{}", said(&i));
-    let m = qdedup([
-        "map".as_ref(),
-        "--output".as_ref(),
-        "json".as_ref(),
-        img.as_os_str(),
-    ]);
-    assert!(m.status.success(), "{}", said(&m));
+    report_json(&["info"], &img);
+    report_json(&["map"], &img);
 }
 
 /// `map` and `compare` find backing files as `convert` does: the same name
 /// resolution, format names ("file" is raw, as in QEMU) and loop detection.
 #[test]
 fn every_command_opens_a_backing_chain_alike() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let d = dir.path();
-    let mut data = vec![0u8; 1 << 20];
-    Rng::new(7).fill(&mut data);
-    let base = write_raw(d, "base.raw", &data);
+    let base = write_raw(d, "base.raw", &random_bytes(7, 1 << 20));
     let top = create_qcow2(
         d.join("top.qcow2"),
         Some("1M"),
@@ -595,11 +549,7 @@ fn every_command_opens_a_backing_chain_alike() {
     );
     qemu_io(&top, &["write -P 0x11 0 64k"]);
     let t = top.as_os_str();
-    let ours = qdedup(["map".as_ref(), "--output".as_ref(), "json".as_ref(), t]);
-    assert!(ours.status.success(), "{}", said(&ours));
-    let theirs = qemu_img(["map".as_ref(), "--output=json".as_ref(), t]);
-    let parse = |o: &std::process::Output| -> Value { serde_json::from_slice(&o.stdout).unwrap() };
-    assert_eq!(parse(&ours), parse(&theirs));
+    assert_eq!(report_json(&["map"], &top), qemu_map(&top));
     let c = qdedup(["compare".as_ref(), t, t]);
     assert_eq!(exit_code(&c), 0, "{}", said(&c));
     let out = d.join("out.qcow2");

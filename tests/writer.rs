@@ -5,38 +5,18 @@
 
 mod common;
 
-use common::{assert_qemu_check_clean, assert_qemu_compare_same, qdedup, write_raw};
+use common::{
+    assert_qemu_check_clean, assert_qemu_compare_same, mixed_clusters, qdedup_ok, write_raw, Fill,
+    Scratch,
+};
 use qdedup::format::header::CompressionType;
 use qdedup::io::MemFile;
-use qdedup::sample::Rng;
 use qdedup::writer::WriterBuilder;
 use qdedup::Error;
 
-/// A disk of `n` clusters of `cs` bytes plus a `tail`-byte partial cluster:
-/// repeats, zeros and random clusters drawn from `seed`.
-fn disk(cs: usize, n: usize, tail: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed);
-    let mut templates = vec![vec![0u8; cs]; 3];
-    for t in &mut templates {
-        rng.fill(t);
-    }
-    let mut d = vec![0u8; cs * n + tail];
-    for c in d.chunks_mut(cs) {
-        match rng.below(4) {
-            0 => {}
-            1 => rng.fill(c),
-            _ => {
-                let t = &templates[rng.below(3) as usize];
-                c.copy_from_slice(&t[..c.len()]);
-            }
-        }
-    }
-    d
-}
-
 #[test]
 fn streamed_image_is_sound_and_identical_to_convert_output() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Scratch::new();
     let mut cases = 0;
     for (cs, n, tail, compression) in [
         (65536usize, 40usize, 0usize, None),
@@ -44,9 +24,9 @@ fn streamed_image_is_sound_and_identical_to_convert_output() {
         (512, 300, 100, Some(CompressionType::Zlib)),
         (65536, 20, 4096, Some(CompressionType::Zstd)),
     ] {
-        let data = disk(cs, n, tail, cases);
+        let data = mixed_clusters(cs, n, tail, cases, Fill::Random);
         let raw = write_raw(dir.path(), &format!("in{cases}.raw"), &data);
-        let img = dir.path().join(format!("streamed{cases}.qcow2"));
+        let img = dir.join(format!("streamed{cases}.qcow2"));
         let file = std::fs::File::create(&img).unwrap();
         let mut w = WriterBuilder::new(data.len() as u64)
             .cluster_size(cs as u64)
@@ -71,7 +51,7 @@ fn streamed_image_is_sound_and_identical_to_convert_output() {
         assert_qemu_compare_same(&raw, "raw", &img);
 
         // `convert` with the same settings writes the same bytes.
-        let conv = dir.path().join(format!("converted{cases}.qcow2"));
+        let conv = dir.join(format!("converted{cases}.qcow2"));
         let mut args = vec![
             "convert".to_string(),
             "-o".into(),
@@ -84,8 +64,7 @@ fn streamed_image_is_sound_and_identical_to_convert_output() {
             }
         }
         args.extend([raw.to_str().unwrap().into(), conv.to_str().unwrap().into()]);
-        let o = qdedup(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        qdedup_ok(&args);
         assert_eq!(
             std::fs::read(&img).unwrap(),
             std::fs::read(&conv).unwrap(),

@@ -1,0 +1,170 @@
+//! Guest data for the tests, all drawn from one seeded generator
+//! ([`qdedup::sample::Rng`]): the same seed gives the same bytes on every run.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use qdedup::sample::{fill_text, Rng};
+
+/// Writes `data` to `dir/name` and returns the path.
+pub fn write_raw(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// `len` random (incompressible) bytes.
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// `len` bytes of log-like text (compresses about 3–4×).
+pub fn text_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    fill_text(&mut Rng::new(seed), &mut v);
+    v
+}
+
+/// `len` bytes drawn evenly from `letters` distinct letters: deflate stores each
+/// in about log2(letters) bits (8 letters: a third of the size, 16: a half).
+pub fn letters(seed: u64, len: usize, letters: u8) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    (0..len)
+        .map(|_| b'a' + rng.below(u64::from(letters)) as u8)
+        .collect()
+}
+
+/// What fills the clusters of [`mixed_clusters`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Random bytes; a quarter of the unique clusters hold a single non-zero byte.
+    Random,
+    /// Log-like text; a quarter of the unique clusters are random bytes.
+    Text,
+}
+
+/// `n_clusters` clusters of `cs` bytes plus `tail` bytes: a deterministic mix of
+/// zero clusters (3 in 10), repeats of five templates (4 in 10) and unique
+/// clusters, filled as `fill` says.
+pub fn mixed_clusters(cs: usize, n_clusters: usize, tail: usize, seed: u64, fill: Fill) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let fresh = |rng: &mut Rng, len: usize| {
+        let mut c = vec![0u8; len];
+        match fill {
+            Fill::Random => rng.fill(&mut c),
+            Fill::Text => fill_text(rng, &mut c),
+        }
+        c
+    };
+    let templates: Vec<Vec<u8>> = (0..5).map(|_| fresh(&mut rng, cs)).collect();
+    let mut data = Vec::with_capacity(n_clusters * cs + tail);
+    for _ in 0..n_clusters {
+        match rng.below(10) {
+            0..=2 => data.extend(std::iter::repeat_n(0u8, cs)),
+            3..=6 => data.extend_from_slice(&templates[rng.below(5) as usize]),
+            _ => {
+                let mut c = fresh(&mut rng, cs);
+                if rng.below(4) == 0 {
+                    match fill {
+                        // Only one byte is non-zero: still data.
+                        Fill::Random => {
+                            c.fill(0);
+                            c[rng.below(cs as u64) as usize] = 1 + rng.below(255) as u8;
+                        }
+                        // Incompressible: stored plain even with -c.
+                        Fill::Text => rng.fill(&mut c),
+                    }
+                }
+                data.extend_from_slice(&c);
+            }
+        }
+    }
+    data.extend_from_slice(&fresh(&mut rng, tail));
+    data
+}
+
+/// Writes [`mixed_clusters`] of random bytes to `path`. Returns the number of
+/// distinct non-zero cluster contents (the tail counted as a zero-padded
+/// cluster).
+pub fn make_input(path: &Path, cs: usize, n_clusters: usize, tail: usize, seed: u64) -> usize {
+    let data = mixed_clusters(cs, n_clusters, tail, seed, Fill::Random);
+    std::fs::write(path, &data).unwrap();
+    distinct_nonzero(&data, cs)
+}
+
+/// Writes [`make_input`]'s mix to `dir/in.raw` and returns the path.
+pub fn raw_input(dir: &Path, cs: usize, n_clusters: usize, tail: usize, seed: u64) -> PathBuf {
+    let p = dir.join("in.raw");
+    make_input(&p, cs, n_clusters, tail, seed);
+    p
+}
+
+/// Distinct non-zero cluster contents of `data` (last cluster zero-padded).
+pub fn distinct_nonzero(data: &[u8], cs: usize) -> usize {
+    let mut set = HashSet::new();
+    for c in data.chunks(cs) {
+        let mut v = c.to_vec();
+        v.resize(cs, 0);
+        if v.iter().any(|b| *b != 0) {
+            set.insert(v);
+        }
+    }
+    set.len()
+}
+
+/// Writes `mib` MiB of unique (non-repeating, non-zero) 4 KiB blocks to `path`,
+/// quickly: one random MiB, each block stamped with its index.
+pub fn unique_blocks(path: &Path, mib: usize) {
+    let mut chunk = random_bytes(3, 1 << 20);
+    let mut f = std::io::BufWriter::new(File::create(path).unwrap());
+    for i in 0..mib {
+        for (j, block) in chunk.chunks_mut(4096).enumerate() {
+            block[..8].copy_from_slice(&((i * 256 + j) as u64).to_le_bytes());
+        }
+        std::io::Write::write_all(&mut f, &chunk).unwrap();
+    }
+}
+
+/// Writes a sparse raw file of `size` bytes with `pieces` random writes: at
+/// sector-aligned or unaligned offsets, of 1 byte to 70 KB, most of random bytes,
+/// some of zeros (allocated zeros, not holes). The rest are holes.
+pub fn random_sparse_raw(path: &Path, size: u64, pieces: u64, rng: &mut Rng) {
+    let f = File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let lens = [1u64, 512, 1024, 3000, 4096, 5000, 20_000, 70_000];
+    for _ in 0..pieces {
+        let mut off = rng.below(size / 512) * 512;
+        if rng.below(5) == 0 {
+            off += rng.below(512);
+        }
+        let len = lens[rng.below(lens.len() as u64) as usize].min(size - off);
+        let mut buf = vec![0u8; len as usize];
+        if rng.below(5) != 0 {
+            rng.fill(&mut buf);
+        }
+        f.write_all_at(&buf, off).unwrap();
+    }
+}
+
+/// qemu-io commands for `n` random requests into an image of `size` bytes:
+/// pattern writes (mostly), zero writes, writes of zero bytes and discards, of
+/// 512 B to 64 KiB at sector-aligned offsets.
+pub fn random_qemu_io_cmds(size: u64, n: u64, rng: &mut Rng) -> Vec<String> {
+    let lens = [512u64, 1024, 2048, 3072, 4096, 6144, 8192, 65536];
+    (0..n)
+        .map(|_| {
+            let off = rng.below(size / 512) * 512;
+            let len = lens[rng.below(lens.len() as u64) as usize].min(size - off);
+            match rng.below(10) {
+                0..=5 => format!("write -P {} {off} {len}", 1 + rng.below(255)),
+                6 | 7 => format!("write -z {off} {len}"),
+                8 => format!("write -P 0 {off} {len}"),
+                _ => format!("discard {off} {len}"),
+            }
+        })
+        .collect()
+}
