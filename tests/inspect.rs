@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use common::{
     convert_json, create_qcow2, qdedup, qdedup_ok, qemu, qemu_convert_qcow2, qemu_img, qemu_info,
     qemu_io, qemu_io_fmt, qemu_map, qemu_snapshot, raw_input, read_layout, report_json, stdout,
-    Scratch,
+    succeeded, succeeded_json, Scratch,
 };
 use serde_json::Value;
 
@@ -711,7 +711,7 @@ fn estimate_qemu_img_size_is_exact_on_random_sparse_raw_and_qcow2_inputs() {
 /// clusters), distinct host data clusters (those `qemu-img map` reports an
 /// offset in), and the reference counts and sharing `check` finds.
 fn assert_info_dedup_agrees_with_check(img: &Path, what: &str) -> Value {
-    let info = json(
+    let info = succeeded_json(
         &qdedup([
             "info".as_ref(),
             "--output".as_ref(),
@@ -727,7 +727,7 @@ fn assert_info_dedup_agrees_with_check(img: &Path, what: &str) -> Value {
         n("guest-clusters"),
         "{what}: the three kinds cover the guest"
     );
-    let qcheck = json(
+    let qcheck = succeeded_json(
         &qemu(
             "qemu-img",
             ["check".as_ref(), "--output=json".as_ref(), img.as_os_str()],
@@ -872,11 +872,11 @@ fn info_names_backing_files_like_qemu_img_from_any_directory() {
         let cwd = root.join(cwd);
         for (overlay, _, same_file) in overlays {
             let arg = format!("{prefix}{overlay}");
-            let ours = json(
+            let ours = succeeded_json(
                 &common::qdedup_in(&cwd, ["info", "--output", "json", &arg]),
                 "qdedup info",
             );
-            let theirs = json(
+            let theirs = succeeded_json(
                 &common::qemu_ok_in(&cwd, "qemu-img", ["info", "--output=json", &arg]),
                 "qemu-img info",
             );
@@ -890,7 +890,7 @@ fn info_names_backing_files_like_qemu_img_from_any_directory() {
             }
             if same_file && cwd == root.join(".") {
                 // map names every layer as QEMU does (the table's File column).
-                let ours = ok(&common::qdedup_in(&cwd, ["map", &arg]), "qdedup map");
+                let ours = succeeded(&common::qdedup_in(&cwd, ["map", &arg]), "qdedup map");
                 let theirs = common::qemu_ok_in(&cwd, "qemu-img", ["map", &arg]);
                 assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap(), "map {arg}");
             }
@@ -900,12 +900,12 @@ fn info_names_backing_files_like_qemu_img_from_any_directory() {
     assert_eq!(compared, 4 * overlays.len());
     // The double slash QEMU keeps when combining names.
     let arg = "a//rel.qcow2";
-    let ours = json(
+    let ours = succeeded_json(
         &common::qdedup_in(root, ["info", "--output", "json", arg]),
         "qdedup info",
     );
     assert_eq!(ours["full-backing-filename"], "a//../b/base.raw");
-    let ours = ok(&common::qdedup_in(root, ["map", arg]), "qdedup map");
+    let ours = succeeded(&common::qdedup_in(root, ["map", arg]), "qdedup map");
     let theirs = common::qemu_ok_in(root, "qemu-img", ["map", arg]);
     assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap());
 }

@@ -158,3 +158,28 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8(o.stderr.clone()).expect("stderr is UTF-8")
 }
+
+/// Runs qdedup with `args` in the working directory `dir` (for relative names).
+pub fn qdedup_in<I, S>(dir: &Path, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(qdedup_bin())
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("qdedup runs")
+}
+
+/// Asserts the finished command `what` exited 0 and returns its stdout.
+pub fn succeeded(o: &Output, what: &str) -> String {
+    assert!(o.status.success(), "{what} failed:\n{}", said(o));
+    String::from_utf8(o.stdout.clone()).unwrap_or_else(|e| panic!("{what}: stdout not UTF-8: {e}"))
+}
+
+/// Asserts the finished command `what` exited 0 and returns its stdout as JSON.
+pub fn succeeded_json(o: &Output, what: &str) -> Value {
+    assert!(o.status.success(), "{what} failed:\n{}", said(o));
+    stdout_json(o, what)
+}

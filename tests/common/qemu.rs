@@ -209,3 +209,27 @@ pub fn assert_qemu_compare_same(a: &Path, a_fmt: &str, b: &Path) {
         said(&o)
     );
 }
+
+/// Runs a qemu tool in the working directory `dir` and asserts it exits 0 (a
+/// missing tool fails the test).
+pub fn qemu_ok_in<I, S>(dir: &Path, tool: &str, args: I) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let args: Vec<OsString> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+    let o = Command::new(tool)
+        .current_dir(dir)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
+        });
+    assert!(
+        o.status.success(),
+        "{tool} {args:?} in {} failed:\n{}",
+        dir.display(),
+        said(&o)
+    );
+    o
+}
