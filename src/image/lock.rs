@@ -31,7 +31,8 @@
 //!
 //! The locks belong to the open file description: they last as long as the
 //! [`File`] (and its clones) stays open, and closing another descriptor of the
-//! same file does not drop them (unlike POSIX `F_SETLK` locks). On systems
+//! same file does not drop them (unlike POSIX `F_SETLK` locks); a child
+//! process shares them until it execs (descriptors are close-on-exec). On systems
 //! without OFD locks (anything but Linux), [`lock`] takes nothing.
 //!
 //! ```no_run
@@ -176,8 +177,38 @@ mod imp {
                 }
             }
         }
-        // raw_check_lock_bytes: nobody refuses to share what we use, then nobody
-        // uses what we refuse to share.
+        // A conflict seen for a moment may be a copy of one of this process's
+        // own descriptors of the file in a child being spawned (it goes at
+        // exec): look again for a little while before refusing.
+        let mut tries = 0;
+        let (bit, shared_word, pid) = loop {
+            match conflict(file, perm, shared) {
+                None => return Ok(()),
+                Some(c) if tries == RETRIES => break c,
+                Some(_) => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        };
+        let hint = match mode {
+            LockMode::Write => "stop it first; nothing was written",
+            _ => "-U/--force-share (force_share) reads it anyway, maybe inconsistent",
+        };
+        Err(Error::Locked {
+            path: path.display().to_string(),
+            lock: format!("{shared_word}\"{}\"", perm_name(bit)),
+            holder: format!("{}; {hint}", holder_of(file, pid)),
+        })
+    }
+
+    /// How many times [`lock`] looks again at a conflict (10 ms apart).
+    const RETRIES: u32 = 20;
+
+    /// `raw_check_lock_bytes`: the first conflict, as (permission bit, `""` or
+    /// `"shared "`, the holder's pid where the kernel tells): somebody refuses
+    /// to share what we use, or uses what we refuse to share.
+    fn conflict(file: &File, perm: u32, shared: u32) -> Option<(u32, &'static str, libc::pid_t)> {
         for (base, set, shared_word) in [
             (RAW_LOCK_SHARED_BASE, perm, ""),
             (RAW_LOCK_PERM_BASE, !shared & BLK_PERM_ALL, "shared "),
@@ -190,25 +221,13 @@ mod imp {
                 let mut fl = byte(base + u64::from(i), libc::F_WRLCK);
                 match fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl)) {
                     Ok(_) if i32::from(fl.l_type) == libc::F_UNLCK => {}
-                    Ok(_) => {
-                        let hint = match mode {
-                            LockMode::Write => "stop it first; nothing was written",
-                            _ => {
-                                "-U/--force-share (force_share) reads it anyway, \
-                                  maybe inconsistent"
-                            }
-                        };
-                        return Err(Error::Locked {
-                            path: path.display().to_string(),
-                            lock: format!("{shared_word}\"{}\"", perm_name(bit)),
-                            holder: format!("{}; {hint}", holder_of(file, fl.l_pid)),
-                        });
-                    }
-                    Err(_) => return Ok(()),
+                    Ok(_) => return Some((bit, shared_word, fl.l_pid)),
+                    // Locks cannot be tested here: QEMU goes on unlocked.
+                    Err(_) => return None,
                 }
             }
         }
-        Ok(())
+        None
     }
 
     /// Who holds a byte whose shared lock we could not take.
