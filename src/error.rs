@@ -38,6 +38,17 @@ pub enum Error {
     /// The caller passed an invalid argument or option.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Another process has the image open in a way this use conflicts with:
+    /// QEMU's image locks (see [`crate::image::lock`]). Nothing was written.
+    #[error("Failed to get {lock} lock on {path}: {holder}")]
+    Locked {
+        /// The image.
+        path: String,
+        /// The lock, as QEMU names it: `"write"`, `shared "write"`, …
+        lock: String,
+        /// Who holds the image, as far as can be told, and what to do.
+        holder: String,
+    },
     /// The operation was interrupted (e.g. by Ctrl-C) and cleaned up after itself.
     #[error("interrupted")]
     Interrupted,

@@ -53,6 +53,7 @@ fn library_entry_points_agree_with_the_command_line() {
     // A forced format is honoured: the qcow2 file read as raw.
     let as_raw = InfoOptions {
         format: Some(Format::Raw),
+        ..InfoOptions::default()
     };
     let info_raw = qdedup::info(&by_lib, &as_raw).unwrap();
     assert_eq!(

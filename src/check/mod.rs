@@ -39,6 +39,7 @@ use std::path::Path;
 pub use report::{CheckReport, Finding, FindingClass, FindingKind, RepairMode};
 
 use crate::error::{Error, IoContext, Result};
+use crate::image::lock::{lock, LockMode};
 use crate::image::{Caveat, Image, OpenMode};
 use crate::io::{ReadAt, WriteAt};
 use refcounts::Checker;
@@ -55,6 +56,10 @@ pub struct CheckOptions {
     pub verify_compressed: bool,
     /// Keep at most this many findings in the report; counters stay exact.
     pub max_findings: usize,
+    /// Check an image another process has open for writing (qemu-img's `-U`):
+    /// see [`OpenOptions::force_share`](crate::source::OpenOptions::force_share).
+    /// Refused with `repair`, as qemu-img refuses it.
+    pub force_share: bool,
 }
 
 impl Default for CheckOptions {
@@ -64,6 +69,7 @@ impl Default for CheckOptions {
             repair: None,
             verify_compressed: true,
             max_findings: 1000,
+            force_share: false,
         }
     }
 }
@@ -73,14 +79,29 @@ impl Default for CheckOptions {
 /// Returns an error only if the image cannot be checked at all: it cannot be
 /// opened or read, is not qcow2, or its header is invalid or uses features QEMU
 /// would refuse (callers report that like `qemu-img check`'s exit code 1).
+/// The image gets QEMU's locks first ([`crate::image::lock`]): a check is refused
+/// while another process writes the image (unless `opts.force_share`), a repair
+/// while any other process has it open; nothing is then read or written.
 /// [`check_image`] and [`repair_image`] do the same through a reader.
 pub fn check(path: &Path, opts: &CheckOptions) -> Result<CheckReport> {
     let name = path.display().to_string();
+    if opts.force_share && opts.repair.is_some() {
+        return Err(Error::InvalidArgument(
+            "force-share can only be used with read-only checks, not with a repair \
+             (qemu-img: force-share=on can only be used with read-only images)"
+                .into(),
+        ));
+    }
     let file = OpenOptions::new()
         .read(true)
         .write(opts.repair.is_some())
         .open(path)
         .ctx(|| format!("opening {name}"))?;
+    let mode = match opts.repair {
+        Some(_) => LockMode::Write,
+        None => LockMode::read(opts.force_share),
+    };
+    lock(&file, path, mode)?;
     open_data_file(&Image::open(&file, OpenMode::Check)?)?;
     if opts.repair.is_some() {
         repair_image(&file, &name, opts)

@@ -59,6 +59,10 @@ pub(crate) struct ConvertArgs {
     /// Input format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub(crate) format: Option<InputFormat>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     /// Read through the backing chain (full, default) or the top layer alone (none).
     #[arg(long, value_enum, default_value = "full")]
     pub(crate) backing_chain: BackingChain,
@@ -102,6 +106,10 @@ pub(crate) struct InfoArgs {
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub(crate) format: Option<InputFormat>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub(crate) output: OutputFormat,
@@ -114,6 +122,10 @@ pub(crate) struct MapArgs {
     /// Image format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub(crate) format: Option<InputFormat>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     /// Output format.
     #[arg(long, value_enum, default_value = "human")]
     pub(crate) output: OutputFormat,
@@ -135,6 +147,10 @@ pub(crate) struct CompareArgs {
     /// Format of the second image (probed when omitted).
     #[arg(short = 'F', value_enum)]
     pub(crate) format_b: Option<InputFormat>,
+    /// Open the images even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     /// Print nothing; the exit code says it all (0 same, 1 different, 2 error).
     #[arg(short, long)]
     pub(crate) quiet: bool,
@@ -149,6 +165,10 @@ pub(crate) struct EstimateArgs {
     /// Input format (probed when omitted).
     #[arg(short = 'f', long = "format", value_enum)]
     pub(crate) format: Option<InputFormat>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     #[command(flatten)]
     pub(crate) image: ImageArgs,
     /// Tabulate several cluster sizes in one pass, e.g. 4k,64k,2m.
@@ -191,6 +211,11 @@ pub(crate) struct CheckArgs {
     /// Repair in place what is safe to repair (refused if other corruptions exist).
     #[arg(short = 'r', long, value_enum)]
     pub(crate) repair: Option<RepairArg>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    /// Not with --repair.
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
     /// Do not decompress compressed clusters (faster; qemu-img check does not either).
     #[arg(long)]
     pub(crate) no_verify_compressed: bool,

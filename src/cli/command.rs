@@ -168,6 +168,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         format: input_format(a.format),
         backing_chain: a.backing_chain == BackingChain::Full,
         snapshot: a.snapshot,
+        force_share: a.force_share,
     };
     Ok(Some(Convert {
         input: a.input,
@@ -183,6 +184,7 @@ fn info(a: InfoArgs) -> Info {
         image: a.image,
         opts: InfoOptions {
             format: input_format(a.format),
+            force_share: a.force_share,
         },
         report: a.output,
     }
@@ -194,6 +196,7 @@ fn map(a: MapArgs) -> Map {
         opts: MapOptions {
             format: input_format(a.format),
             shared: a.shared || a.svg.is_some(),
+            force_share: a.force_share,
         },
         list_shared: a.shared,
         svg: a.svg,
@@ -208,6 +211,7 @@ fn compare(a: CompareArgs) -> Compare {
         opts: CompareOptions {
             format_a: input_format(a.format_a),
             format_b: input_format(a.format_b),
+            force_share: a.force_share,
         },
         quiet: a.quiet,
     }
@@ -236,6 +240,7 @@ fn estimate(a: EstimateArgs) -> Result<Option<Estimate>> {
     }
     opts.input = OpenOptions {
         format: input_format(a.format),
+        force_share: a.force_share,
         ..OpenOptions::default()
     };
     Ok(Some(Estimate {
@@ -262,6 +267,7 @@ fn check(a: CheckArgs) -> Check {
             }),
             verify_compressed: !a.no_verify_compressed,
             max_findings: a.max_findings,
+            force_share: a.force_share,
         },
         report: a.output,
     }

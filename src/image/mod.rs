@@ -23,6 +23,7 @@
 //! ```
 
 pub(crate) mod bitmaps;
+pub mod lock;
 mod open;
 pub mod refcounts;
 

@@ -55,13 +55,17 @@ pub struct CompareOptions {
     pub format_a: Option<Format>,
     /// Format of the second image.
     pub format_b: Option<Format>,
+    /// Read images another process has open for writing (qemu-img's `-U`):
+    /// see [`OpenOptions::force_share`](crate::source::OpenOptions::force_share).
+    pub force_share: bool,
 }
 
 /// Opens the image at `p` with its backing chain: the top layer, reading through
 /// the layers below.
-fn open_top(p: &Path, f: Option<Format>) -> Result<Layer> {
+fn open_top(p: &Path, f: Option<Format>, force_share: bool) -> Result<Layer> {
     let opts = OpenOptions {
         format: f,
+        force_share,
         ..OpenOptions::default()
     };
     Ok(link(open_layers(p, &opts)?))
@@ -134,8 +138,8 @@ fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
 
 /// Compares the guest contents of the images at `a` and `b`.
 pub fn compare(a: &Path, b: &Path, opts: &CompareOptions) -> Result<CompareReport> {
-    let la = open_top(a, opts.format_a)?;
-    let lb = open_top(b, opts.format_b)?;
+    let la = open_top(a, opts.format_a, opts.force_share)?;
+    let lb = open_top(b, opts.format_b, opts.force_share)?;
     let (sa, sb) = (la.source(), lb.source());
     let (ta, tb) = (top(a, &la)?, top(b, &lb)?);
     let tops = match (ta, tb) {

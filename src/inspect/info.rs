@@ -273,6 +273,9 @@ fn snapshot_infos(snapshots: &[Snapshot]) -> Vec<SnapshotInfo> {
 pub struct InfoOptions {
     /// Force the format of the image (probed when `None`).
     pub format: Option<Format>,
+    /// Read an image another process has open for writing (qemu-img's `-U`):
+    /// see [`OpenOptions::force_share`](crate::source::OpenOptions::force_share).
+    pub force_share: bool,
 }
 
 /// Describes the image at `path` (format probed unless given). A qcow2 image is
@@ -281,7 +284,7 @@ pub struct InfoOptions {
 /// described in `problems` instead of refused, as `qemu-img info` describes such
 /// images.
 pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
-    let (file, format) = open_image(path, opts.format)?;
+    let (file, format) = open_image(path, opts.format, opts.force_share)?;
     let meta = file
         .metadata()
         .ctx(|| format!("cannot stat {}", path.display()))?;

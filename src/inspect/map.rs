@@ -54,6 +54,9 @@ pub struct MapOptions {
     pub format: Option<Format>,
     /// Report refcounts and do not merge extents with different refcounts.
     pub shared: bool,
+    /// Read an image another process has open for writing (qemu-img's `-U`):
+    /// see [`OpenOptions::force_share`](crate::source::OpenOptions::force_share).
+    pub force_share: bool,
 }
 
 /// A mapped image: its extents and the names of its layers (by depth).
@@ -224,6 +227,7 @@ pub fn map(path: &Path, opts: &MapOptions) -> Result<MapReport> {
         path,
         &OpenOptions {
             format: opts.format,
+            force_share: opts.force_share,
             ..OpenOptions::default()
         },
     )?;

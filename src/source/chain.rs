@@ -25,6 +25,7 @@ use super::raw::RawSource;
 use super::{probe, BlockStatus, Format, OpenOptions, Source};
 use crate::error::{Error, IoContext, Result};
 use crate::format::header;
+use crate::image::lock::{lock, LockMode};
 
 /// Deepest backing chain opened (QEMU has no fixed limit; 64 is far beyond any
 /// real chain and keeps a crafted one from exhausting file descriptors).
@@ -94,11 +95,14 @@ impl Layer {
 #[derive(Default)]
 struct Chain {
     seen: Vec<(u64, u64)>,
+    /// Take QEMU's `-U` locks instead of its read locks.
+    force_share: bool,
 }
 
 impl Chain {
-    /// Opens `path` (the backing file of `overlay`, if given), refusing pipes, a
-    /// file already in the chain, and chains deeper than [`MAX_CHAIN_DEPTH`].
+    /// Opens `path` (the backing file of `overlay`, if given) and takes QEMU's
+    /// read locks on it ([`lock`]), refusing pipes, a file already in the chain,
+    /// and chains deeper than [`MAX_CHAIN_DEPTH`].
     fn open_file(&mut self, path: &Path, overlay: Option<&Path>) -> Result<File> {
         let file = File::open(path).ctx(|| match overlay {
             Some(o) => format!(
@@ -139,6 +143,7 @@ impl Chain {
             )));
         }
         self.seen.push(key);
+        lock(&file, path, LockMode::read(self.force_share))?;
         Ok(file)
     }
 
@@ -162,10 +167,19 @@ impl Chain {
 }
 
 /// Opens the image at `path` alone, as the top of a chain is opened: pipes are
-/// refused, the format is `format` or probed. For `info`, which describes images
-/// without opening their backing file.
-pub(crate) fn open_image(path: &Path, format: Option<Format>) -> Result<(File, Format)> {
-    Chain::default().open_image(path, format, None)
+/// refused, the format is `format` or probed, QEMU's read locks are taken (its
+/// `-U` ones with `force_share`). For `info`, which describes images without
+/// opening their backing file.
+pub(crate) fn open_image(
+    path: &Path,
+    format: Option<Format>,
+    force_share: bool,
+) -> Result<(File, Format)> {
+    Chain {
+        force_share,
+        ..Chain::default()
+    }
+    .open_image(path, format, None)
 }
 
 /// Opens the image at `path` (format `opts.format`, probed when `None`; the view
@@ -173,7 +187,10 @@ pub(crate) fn open_image(path: &Path, format: Option<Format>) -> Result<(File, F
 /// image of its backing chain, top first, each layer alone. Errors a backing
 /// layer raises name its file ([`in_file`]), and so do its later read errors.
 pub(crate) fn open_layers(path: &Path, opts: &OpenOptions) -> Result<Vec<Layer>> {
-    let mut chain = Chain::default();
+    let mut chain = Chain {
+        force_share: opts.force_share,
+        ..Chain::default()
+    };
     let mut layers = Vec::new();
     let mut next = Some((path.to_path_buf(), opts.format, None::<PathBuf>));
     while let Some((p, fmt, overlay)) = next.take() {

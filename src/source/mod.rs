@@ -103,6 +103,11 @@ pub struct OpenOptions {
     /// Read this snapshot's view (matched by ID first, then by name) instead of the
     /// active layer. qcow2 only.
     pub snapshot: Option<String>,
+    /// Read images other processes have open for writing, as qemu-img's
+    /// `-U`/`--force-share` does: take QEMU's shared locks only. By default the
+    /// image and each backing file get QEMU's read locks, and an image a running
+    /// QEMU writes is refused ([`crate::Error::Locked`]).
+    pub force_share: bool,
 }
 
 impl Default for OpenOptions {
@@ -111,6 +116,7 @@ impl Default for OpenOptions {
             format: None,
             backing_chain: true,
             snapshot: None,
+            force_share: false,
         }
     }
 }

@@ -233,3 +233,76 @@ where
     );
     o
 }
+
+/// A QEMU tool kept running with an image open, holding QEMU's image locks on
+/// it, until dropped (then killed and reaped).
+pub struct QemuHolder {
+    child: std::process::Child,
+    what: String,
+}
+
+impl QemuHolder {
+    /// `qemu-io -f qcow2 [EXTRA] IMG`, interactive, its commands read from a pipe
+    /// that stays open: it holds the image as a VM would (read-write, or
+    /// read-only with `-r` in `extra`).
+    pub fn qemu_io(img: &Path, extra: &[&str]) -> QemuHolder {
+        let args = argv(&["-f", "qcow2"], extra, &[img.as_os_str()]);
+        QemuHolder::spawn("qemu-io", &args, img)
+    }
+
+    /// `qemu-nbd -f qcow2 -k SOCKET [EXTRA] IMG` serving the image on a unix
+    /// socket beside it (read-write, or read-only with `-r` in `extra`).
+    pub fn qemu_nbd(img: &Path, extra: &[&str]) -> QemuHolder {
+        let sock = img.with_extension("nbd.sock");
+        let mut args: Vec<&OsStr> = vec!["-f".as_ref(), "qcow2".as_ref(), "-k".as_ref()];
+        args.push(sock.as_os_str());
+        args.extend(extra.iter().map(OsStr::new));
+        args.push(img.as_os_str());
+        QemuHolder::spawn("qemu-nbd", &args, img)
+    }
+
+    fn spawn(tool: &str, args: &[&OsStr], img: &Path) -> QemuHolder {
+        use std::process::Stdio;
+        let child = Command::new(tool)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("{tool} is required for this test (apt-get install qemu-utils): {e}")
+            });
+        let holder = QemuHolder {
+            child,
+            what: format!("{tool} {args:?}"),
+        };
+        holder.wait_for_locks(img);
+        holder
+    }
+
+    /// Waits (10 s at most) until some process holds an OFD lock on `img`, as
+    /// /proc/locks lists them.
+    fn wait_for_locks(&self, img: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata(img).unwrap().ino();
+        let needle = format!(":{ino} ");
+        for _ in 0..1000 {
+            let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+            if locks
+                .lines()
+                .any(|l| l.contains("OFDLCK") && l.contains(&needle))
+            {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("{} never locked {}", self.what, img.display());
+    }
+}
+
+impl Drop for QemuHolder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
