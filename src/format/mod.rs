@@ -1,5 +1,6 @@
 //! On-disk structures of qcow2, one module each. Pure encode/decode, no I/O.
 
+pub mod bitmap;
 pub mod compressed;
 pub mod extensions;
 pub mod header;

@@ -3,44 +3,17 @@
 //! in use. QEMU refuses to open an image where this fails; `check` reports the
 //! same problems as check errors (it shares the parsing below).
 //!
-//! Bitmaps extension data (24 bytes): u32 `nb_bitmaps`, u32 reserved (0),
-//! u64 `bitmap_directory_size`, u64 `bitmap_directory_offset`. QEMU ignores the
-//! extension unless autoclear bit 0 is set.
-//!
-//! Bitmap directory entry (8-byte aligned):
-//!
-//! | offset | size | field                                     |
-//! |-------:|-----:|-------------------------------------------|
-//! |      0 |    8 | `bitmap_table_offset` (cluster aligned)     |
-//! |      8 |    4 | `bitmap_table_size` (entries)               |
-//! |     12 |    4 | flags: bit 0 `in_use`, bit 1 auto           |
-//! |     16 |    1 | type (1 = dirty tracking)                 |
-//! |     17 |    1 | `granularity_bits` (9..=31)                 |
-//! |     18 |    2 | `name_size` (≤ 1023)                        |
-//! |     20 |    4 | `extra_data_size` (QEMU supports only 0)    |
-//! |     24 |    … | extra data, name, padding to 8            |
-//!
-//! Bitmap table entry: bit 0 "all ones" (only with offset 0), bits 9–55 data
-//! cluster offset, everything else reserved.
+//! The byte layout and limits are in [`crate::format::bitmap`].
 
 use super::open::BitmapsExtension;
 use crate::error::{Error, IoContext, Result};
+use crate::format::bitmap::{
+    dir, table_entry_valid, BME_FLAG_IN_USE, BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE,
+    BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE, BME_MIN_GRANULARITY_BITS, BME_RESERVED_FLAGS,
+    BT_DIRTY_TRACKING_BITMAP,
+};
 use crate::format::header::QEMU_MAX_LENGTH;
 use crate::io::ReadAt;
-
-const DIR_ENTRY_FIXED: usize = 24;
-const BME_MAX_TABLE_SIZE: u32 = 0x800_0000;
-const BME_MAX_PHYS_SIZE: u64 = 0x2000_0000;
-const BME_MIN_GRANULARITY_BITS: u8 = 9;
-const BME_MAX_GRANULARITY_BITS: u8 = 31;
-const BME_MAX_NAME_SIZE: u16 = 1023;
-const BME_FLAG_IN_USE: u32 = 1;
-const BME_RESERVED_FLAGS: u32 = 0xffff_fffc;
-const BT_DIRTY_TRACKING_BITMAP: u8 = 1;
-const BME_TABLE_ENTRY_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
-/// Offset field of a bitmap table entry.
-pub(crate) const BME_TABLE_ENTRY_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const BME_TABLE_ENTRY_FLAG_ALL_ONES: u64 = 1;
 
 fn be(b: &[u8], at: usize, n: usize) -> u64 {
     // Callers pass slices of at least at + n bytes.
@@ -91,13 +64,6 @@ impl DirEntry {
         }
         None
     }
-}
-
-/// QEMU's `check_table_entry`: whether bitmap table entry `e` is valid.
-pub(crate) fn table_entry_valid(e: u64, cluster_size: u64) -> bool {
-    let off = e & BME_TABLE_ENTRY_OFFSET_MASK;
-    e & BME_TABLE_ENTRY_RESERVED_MASK == 0
-        && (off == 0 || (e & BME_TABLE_ENTRY_FLAG_ALL_ONES == 0 && off % cluster_size == 0))
 }
 
 /// Whether the directory of `ext` ends inside the file (QEMU reads zeros past the
@@ -173,7 +139,7 @@ pub(crate) fn parse_directory(
     while pos < dir.len() {
         let at = dir_off + pos as u64;
         let fixed = dir
-            .get(pos..pos + DIR_ENTRY_FIXED)
+            .get(pos..pos + dir::FIXED_LEN)
             .ok_or_else(|| (at, "broken bitmap directory: truncated entry".to_string()))?;
         if out.len() >= nb as usize {
             return Err((
@@ -181,19 +147,19 @@ pub(crate) fn parse_directory(
                 "more bitmaps found than specified in the header extension".into(),
             ));
         }
-        let table_offset = be(fixed, 0, 8);
-        let table_size = be(fixed, 8, 4) as u32;
-        let flags = be(fixed, 12, 4) as u32;
-        let kind = fixed[16];
-        let gran = fixed[17];
-        let name_size = be(fixed, 18, 2) as u16;
-        let extra = be(fixed, 20, 4) as u32;
+        let table_offset = be(fixed, dir::TABLE_OFFSET, 8);
+        let table_size = be(fixed, dir::TABLE_SIZE, 4) as u32;
+        let flags = be(fixed, dir::FLAGS, 4) as u32;
+        let kind = fixed[dir::TYPE];
+        let gran = fixed[dir::GRANULARITY_BITS];
+        let name_size = be(fixed, dir::NAME_SIZE, 2) as u16;
+        let extra = be(fixed, dir::EXTRA_DATA_SIZE, 4) as u32;
         let var = usize::from(name_size) + extra as usize;
-        let next = (pos + DIR_ENTRY_FIXED + var).div_ceil(8) * 8;
+        let next = (pos + dir::FIXED_LEN + var).div_ceil(8) * 8;
         if next > dir.len() {
             return Err((at, "broken bitmap directory: entry crosses its end".into()));
         }
-        let name_start = pos + DIR_ENTRY_FIXED + extra as usize;
+        let name_start = pos + dir::FIXED_LEN + extra as usize;
         let name = String::from_utf8_lossy(&dir[name_start..name_start + usize::from(name_size)])
             .into_owned();
         if extra != 0 {
