@@ -731,6 +731,27 @@ fn the_zero_flag_in_a_v2_image_is_a_corruption_qemu_misses() {
     assert!(has_finding(&r, FindingKind::V2ZeroFlag, e));
 }
 
+/// With an external data file, guest cluster 0 lives at host offset 0; zeroed
+/// with its preallocation kept, its entry is the zero flag and COPIED with offset
+/// 0, which QEMU classifies as a plain zero cluster (not allocated): `check`
+/// decodes it the same way (it used to count it as allocated).
+#[test]
+fn a_zeroed_data_file_cluster_at_host_offset_0_is_not_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU opens a relative data file name from the current directory.
+    let opt = format!(
+        "data_file={},cluster_size=64k",
+        dir.path().join("d.raw").display()
+    );
+    let p = create_qcow2(dir.path().join("df.qcow2"), Some("1M"), &["-o", &opt]);
+    qemu_io(&p, &["write -P 1 0 128k", "write -z 0 64k"]);
+    let img = Img::open(&p);
+    assert_eq!(img.u64_at(img.l2_entry(0, 0)), QCOW_OFLAG_COPIED | 1);
+    let r = ours(&p);
+    assert_same_figures(&p, &r);
+    assert_eq!((r.allocated_clusters, r.exit_code()), (1, 0));
+}
+
 #[test]
 fn conflicting_subcluster_bits_are_corruptions() {
     let dir = Scratch::new();

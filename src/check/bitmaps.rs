@@ -5,9 +5,8 @@
 use super::refcounts::{Checker, ROLE_META};
 use super::report::FindingKind as K;
 use crate::error::Result;
-use crate::image::bitmaps::{
-    directory_in_file, parse_directory, table_entry_valid, DirEntry, BME_TABLE_ENTRY_OFFSET_MASK,
-};
+use crate::format::bitmaps::{table_entry_offset, table_entry_valid};
+use crate::image::bitmaps::{directory_in_file, parse_directory, DirEntry};
 use crate::io::ReadAt;
 
 impl<R: ReadAt + ?Sized> Checker<'_, R> {
@@ -75,7 +74,7 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
         for (i, c) in table.chunks_exact(8).enumerate() {
             let e = u64::from_be_bytes(c.try_into().expect("8 bytes"));
             let at = bm.table_offset + 8 * i as u64;
-            let off = e & BME_TABLE_ENTRY_OFFSET_MASK;
+            let off = table_entry_offset(e);
             if !table_entry_valid(e, cs) {
                 let name = &bm.name;
                 // QEMU fails to open the image over a bad entry of a bitmap it loads

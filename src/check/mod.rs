@@ -169,7 +169,7 @@ pub fn repair_image<F: ReadAt + WriteAt + ?Sized>(
     let l1_offset = ck.im.header.l1_table_offset;
     let mut ck = ck;
     if mode.leaks() && first.leaks > 0 {
-        repair::repair_leaks(img, &ck)?;
+        repair::repair_leaks(img, &mut ck)?;
         if mode.copied() {
             // COPIED follows the stored refcounts, which just changed.
             let (again, ck2) = run(img, filename, opts)?;

@@ -9,7 +9,7 @@
 //!    every refcount block, whose own refcount must come out as exactly 1.
 //! 2. `compare_refcounts`: stored < computed is a corruption, stored > computed a
 //!    leak; `image-end-offset` follows the highest cluster in use.
-//! 3. `check_oflag_copied`: in the active tree, `QCOW_OFLAG_COPIED` must agree with
+//! 3. `check_oflag_copied`: in the active tree, the COPIED flag must agree with
 //!    the *stored* refcount being 1 (qdedup's relaxed rule: refcount 1 without the
 //!    flag is only counted, unless `--strict`).
 //!
@@ -18,23 +18,29 @@
 //! refcounts stored for clusters past the end of the file must be zero, and no
 //! cluster may be both metadata and guest data.
 //!
-//! Memory: one `u32` counter, one role byte and one bit per host cluster (up to one
-//! cluster past the end of the file), plus the active L1 and refcount tables, which
-//! `Header::validate` has bounded by the file size.
+//! The trees are walked by [`crate::image::tables::Walker`] (this module's
+//! [`Checker`] is its visitor, the COPIED pass a second one), entries decoded by
+//! [`L2Layout`](crate::format::l1l2::L2Layout), stored refcounts read through
+//! [`Refcounts`].
+//!
+//! Memory: one `u32` counter, one role byte and two bits per host cluster (up to
+//! one cluster past the end of the file: the walker's visited L2 tables and the
+//! stored refcounts equal to 1), plus the L1 table being walked and the refcount
+//! table, which the opener has bounded.
 
 use std::collections::{HashMap, HashSet};
 
 use super::decompress::{verify_streams, Inflater};
 use super::report::{FindingKind as K, Tally};
 use crate::error::{Error, IoContext, Result};
-use crate::format::compressed::CompressedDescriptor;
 use crate::format::header::{off as hoff, QEMU_MAX_LENGTH};
-use crate::format::l1l2::{
-    L1E_OFFSET_MASK, L1E_RESERVED_MASK, L2E_OFFSET_MASK, L2E_STD_RESERVED_MASK,
-    QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO,
-};
+use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount::{self, REFT_OFFSET_MASK, REFT_RESERVED_MASK};
 use crate::format::snapshot::{self, Snapshot, V3_MIN_EXTRA};
+use crate::image::refcounts::{BlockRead, Refcounts, Stored};
+use crate::image::tables::{
+    L1Problem, L1Ref, L2Ref, L2Table, PastEof, Tables, Tree, Visitor, Walker,
+};
 use crate::image::{read_snapshot_table, Image};
 use crate::io::ReadAt;
 
@@ -45,13 +51,10 @@ pub(crate) const ROLE_DATA: u8 = 2;
 /// The cluster holds (part of) a compressed stream.
 pub(crate) const ROLE_COMPRESSED: u8 = 4;
 
-/// QEMU's limit on a snapshot's L1 table, in entries (32 MiB).
-const MAX_L1_ENTRIES: u32 = 4 << 20;
-
 /// Compressed streams collected before they are decompressed (in parallel).
 const STREAM_BATCH: usize = 4096;
 
-/// A planned change of `QCOW_OFLAG_COPIED` in one table entry.
+/// A planned change of the COPIED flag in one table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct CopiedFix {
     /// File offset of the table holding the entry.
@@ -93,22 +96,18 @@ pub(crate) struct Checker<'a, R: ReadAt + ?Sized> {
     pub computed: Vec<u32>,
     /// `ROLE_*` bits per cluster.
     roles: Vec<u8>,
-    /// One bit per cluster: this L2 table's once-only checks are done.
-    l2_seen: Vec<u64>,
     /// The computed counters saturate here (QEMU's `refcount_max`, or `u32::MAX`).
     counter_max: u64,
     /// Largest refcount the image's width can hold.
     refcount_max: u64,
-    /// The refcount table.
-    pub reftable: Vec<u64>,
+    /// The stored refcounts.
+    pub refcounts: Refcounts,
     /// Clusters compared with the stored refcounts.
     pub compare_len: u64,
     /// One bit per compared cluster: the stored refcount is 1.
     stored_one: Vec<u64>,
     /// Refcount table indices whose block offset is unaligned (lookups fail).
     bad_blocks: HashSet<u64>,
-    /// The active L1 table as read.
-    pub active_l1: Vec<u64>,
     /// COPIED changes that `--repair copied` would make.
     pub copied_fixes: Vec<CopiedFix>,
     pub frag: FragInfo,
@@ -121,8 +120,10 @@ pub(crate) struct Checker<'a, R: ReadAt + ?Sized> {
     pub image_end_offset: u64,
     verify_compressed: bool,
     inflater: Inflater,
-    l2_buf: Vec<u8>,
     pending_streams: Vec<(u64, u64, u64)>,
+    /// The host offset that would continue the current L2 table's last data
+    /// cluster (QEMU's fragmentation count; 0 at the start of a table).
+    next_contiguous: u64,
 }
 
 impl<R: ReadAt + ?Sized> std::fmt::Debug for Checker<'_, R> {
@@ -132,11 +133,6 @@ impl<R: ReadAt + ?Sized> std::fmt::Debug for Checker<'_, R> {
             .field("tally", &self.tally)
             .finish_non_exhaustive()
     }
-}
-
-fn be64(buf: &[u8], at: usize) -> u64 {
-    // Callers index buffers they sized themselves (whole entries only).
-    u64::from_be_bytes(buf[at..at + 8].try_into().expect("8-byte slice"))
 }
 
 fn bit(set: &[u64], i: u64) -> bool {
@@ -164,20 +160,19 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         let order = im.header.refcount_order;
         let refcount_max = refcount::max_refcount(order);
         let inflater = Inflater::new(im.compression, cs as usize);
+        let refcounts = Refcounts::load(img, &im.header)?;
         Ok(Checker {
             img,
             tally,
             nb_clusters,
             computed: vec![0; table_len],
             roles: vec![0; table_len],
-            l2_seen: vec![0; table_len.div_ceil(64)],
             counter_max: refcount_max.min(u64::from(u32::MAX)),
             refcount_max,
-            reftable: Vec::new(),
+            refcounts,
             compare_len: 0,
             stored_one: Vec::new(),
             bad_blocks: HashSet::new(),
-            active_l1: Vec::new(),
             copied_fixes: Vec::new(),
             frag: FragInfo::default(),
             share: ShareInfo::default(),
@@ -187,8 +182,8 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             image_end_offset: 0,
             verify_compressed,
             inflater,
-            l2_buf: vec![0; cs as usize],
             pending_streams: Vec::new(),
+            next_contiguous: 0,
             im,
         })
     }
@@ -198,13 +193,15 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         if !self.read_snapshot_table()? {
             return Ok(());
         }
-        self.read_reftable()?;
         let cs = self.im.cluster_size;
         let h = self.im.header.clone();
         self.inc(0, cs, ROLE_META, "header", ("header", hoff::MAGIC as u64));
-        let by = ("header", hoff::L1_TABLE_OFFSET as u64);
-        self.walk_l1(h.l1_table_offset, h.l1_size, true, by)?;
-        self.walk_snapshots()?;
+        // One walker for all trees: an L2 table's once-only checks are made at its
+        // first visit, in whichever tree.
+        let img = self.img;
+        let mut walker = Walker::new(Tables::new(img, &self.im, PastEof::Zeros))?;
+        walker.walk(&[Tree::active(&h)], self)?;
+        self.walk_snapshots(&mut walker)?;
         self.verify_pending_streams()?;
         let rt_bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
         self.inc(
@@ -236,7 +233,42 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
     /// QEMU's `qcow2_inc_refcounts_imrt`: +1 for every cluster touched by
     /// `[offset, offset + size)`. `what` names the referenced object, `by` the
     /// referring structure and the file offset of the reference.
+    #[inline]
     pub(crate) fn inc(
+        &mut self,
+        offset: u64,
+        size: u64,
+        role: u8,
+        what: &'static str,
+        by: (&'static str, u64),
+    ) {
+        // The common case, once per data cluster of every tree: one whole aligned
+        // cluster inside the file whose counter is below the limit. The general
+        // path below gives the same result for it.
+        let cs = self.im.cluster_size;
+        if size == cs && offset & (cs - 1) == 0 {
+            let k = offset >> self.im.cluster_bits;
+            if k < self.nb_clusters {
+                // k < nb_clusters < computed.len() == roles.len().
+                let (Some(c), Some(r)) = (
+                    self.computed.get_mut(k as usize),
+                    self.roles.get_mut(k as usize),
+                ) else {
+                    return;
+                };
+                if u64::from(*c) < self.counter_max {
+                    *c += 1;
+                    *r |= role;
+                    return;
+                }
+            }
+        }
+        self.inc_range(offset, size, role, what, by);
+    }
+
+    /// [`Checker::inc`] for any range, with the findings.
+    #[inline(never)]
+    fn inc_range(
         &mut self,
         offset: u64,
         size: u64,
@@ -287,15 +319,6 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             *c += 1;
             self.roles[k as usize] |= role;
         }
-    }
-
-    fn read_reftable(&mut self) -> Result<()> {
-        let h = &self.im.header;
-        let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
-        // validate() checked that the table (≤ 8 MiB) lies inside the file.
-        let raw = self.read_in_file(h.refcount_table_offset, bytes, "refcount table")?;
-        self.reftable = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        Ok(())
     }
 
     /// Reads the snapshot table like `qcow2_check_read_snapshot_table`. Returns
@@ -350,7 +373,7 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         }
     }
 
-    fn walk_snapshots(&mut self) -> Result<()> {
+    fn walk_snapshots(&mut self, walker: &mut Walker<'a, R>) -> Result<()> {
         if self.im.data_file && !self.snapshots.is_empty() {
             let n = self.snapshots.len();
             let at = hoff::NB_SNAPSHOTS as u64;
@@ -358,42 +381,43 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                 format!("{n} snapshots in an image with an external data file")
             });
         }
-        let cs = self.im.cluster_size;
-        let list: Vec<(u64, u32, u64, String)> = self
-            .snapshots
-            .iter()
-            .map(|s| (s.l1_table_offset, s.l1_size, s.entry_offset, s.id.clone()))
-            .collect();
-        for (l1_off, l1_size, entry, id) in list {
-            if l1_off % cs != 0 {
-                self.tally.note(K::Snapshot, "snapshot table", entry, || {
-                    format!("snapshot {id}: L1 table offset {l1_off:#x} is not cluster aligned")
-                });
-                continue;
-            }
-            if l1_size > MAX_L1_ENTRIES {
-                self.tally.note(K::Snapshot, "snapshot table", entry, || {
-                    format!("snapshot {id}: L1 table of {l1_size} entries exceeds 32 MiB")
-                });
-                continue;
-            }
-            let end = l1_off.checked_add(u64::from(l1_size) * 8);
-            if l1_size > 0 && end.is_none_or(|e| e > QEMU_MAX_LENGTH) {
-                // QEMU cannot read it (its check fails with an I/O error).
+        walker.walk(&Tree::snapshots(&self.snapshots), self)?;
+        let (off, size) = (self.im.header.snapshots_offset, self.snapshots_size);
+        let by = ("header", hoff::SNAPSHOTS_OFFSET as u64);
+        self.inc(off, size, ROLE_META, "snapshot table", by);
+        Ok(())
+    }
+
+    /// Notes why a snapshot's L1 table cannot be walked, if it cannot.
+    fn snapshot_l1_problem(&mut self, tree: &Tree) -> bool {
+        let Some(p) = tree.problem(self.im.cluster_size) else {
+            return false;
+        };
+        let entry = tree.referrer.1;
+        let id = tree
+            .snapshot
+            .and_then(|i| self.snapshots.get(i))
+            .map(|s| s.id.clone())
+            .unwrap_or_default();
+        let (l1_off, l1_size) = (tree.l1_offset, tree.l1_size);
+        match p {
+            L1Problem::Unaligned => self.tally.note(K::Snapshot, "snapshot table", entry, || {
+                format!("snapshot {id}: L1 table offset {l1_off:#x} is not cluster aligned")
+            }),
+            L1Problem::TooLarge => self.tally.note(K::Snapshot, "snapshot table", entry, || {
+                format!("snapshot {id}: L1 table of {l1_size} entries exceeds 32 MiB")
+            }),
+            // QEMU cannot read it (its check fails with an I/O error).
+            L1Problem::PastMaxLength => {
                 self.tally.note(K::CheckError, "snapshot table", entry, || {
                     format!(
                         "snapshot {id}: L1 table at {l1_off:#x} cannot be read: it ends past \
                          QEMU's largest file offset ({QEMU_MAX_LENGTH:#x})"
                     )
                 });
-                continue;
             }
-            self.walk_l1(l1_off, l1_size, false, ("snapshot table", entry))?;
         }
-        let (off, size) = (self.im.header.snapshots_offset, self.snapshots_size);
-        let by = ("header", hoff::SNAPSHOTS_OFFSET as u64);
-        self.inc(off, size, ROLE_META, "snapshot table", by);
-        Ok(())
+        true
     }
 
     fn count_crypto_header(&mut self) {
@@ -414,195 +438,19 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         }
     }
 
-    /// QEMU's `check_refcounts_l1`.
-    fn walk_l1(
-        &mut self,
-        l1_off: u64,
-        l1_size: u32,
-        active: bool,
-        by: (&'static str, u64),
-    ) -> Result<()> {
-        if l1_size == 0 {
-            return Ok(());
-        }
-        let structure = if active {
-            "L1 table"
-        } else {
-            "snapshot L1 table"
+    fn note_l2_unaligned(&mut self, e: &L2Ref, offset: u64) {
+        let i = e.index;
+        // Extended entries: a cluster with no allocated subcluster is preallocated.
+        let what = match e.entry {
+            L2Entry::ZeroAlloc { .. } => "preallocated zero cluster",
+            _ if self.im.extended_l2 && e.slot.bitmap.allocation() == 0 => {
+                "preallocated zero cluster"
+            }
+            _ => "data cluster",
         };
-        let bytes = u64::from(l1_size) * 8;
-        self.inc(l1_off, bytes, ROLE_META, structure, by);
-        let raw = self.read_in_file(l1_off, bytes, structure)?;
-        let l1: Vec<u64> = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        let cs = self.im.cluster_size;
-        for (i, &e) in l1.iter().enumerate() {
-            if e == 0 {
-                continue;
-            }
-            let at = l1_off + 8 * i as u64;
-            if e & L1E_RESERVED_MASK != 0 {
-                self.tally.note(K::ReservedBits, structure, at, || {
-                    format!("L1 entry {i} = {e:#018x} has reserved bits set")
-                });
-            }
-            let l2_off = e & L1E_OFFSET_MASK;
-            if l2_off == 0 {
-                // QEMU would count cluster 0 again and read the header as an L2
-                // table (a refcount error); reads treat the entry as unallocated.
-                self.tally.note(K::L1Entry, structure, at, || {
-                    format!("L1 entry {i} = {e:#018x} has flags but no L2 table offset")
-                });
-                continue;
-            }
-            self.inc(l2_off, cs, ROLE_META, "L2 table", (structure, at));
-            if l2_off % cs != 0 {
-                self.tally.note(K::Unaligned, structure, at, || {
-                    format!("L1 entry {i}: L2 table offset {l2_off:#x} is not cluster aligned")
-                });
-                // QEMU reads an L2 table at the unaligned offset; its entries are
-                // meaningless, so qdedup does not interpret them.
-                continue;
-            }
-            self.walk_l2(l2_off, active)?;
-        }
-        if active {
-            self.active_l1 = l1;
-            self.active_l1.resize(l1_size as usize, 0);
-        }
-        Ok(())
-    }
-
-    /// QEMU's `check_refcounts_l2`, plus qdedup's once-per-table checks.
-    fn walk_l2(&mut self, l2_off: u64, active: bool) -> Result<()> {
-        let mut buf = std::mem::take(&mut self.l2_buf);
-        let res = self.walk_l2_in(l2_off, active, &mut buf);
-        self.l2_buf = buf;
-        res
-    }
-
-    fn walk_l2_in(&mut self, l2_off: u64, active: bool, buf: &mut [u8]) -> Result<()> {
-        self.img
-            .read_at_zero_fill(buf, l2_off)
-            .ctx(|| format!("reading the L2 table at {l2_off:#x}"))?;
-        let im = &self.im;
-        let (cs, cb, esize) = (im.cluster_size, im.cluster_bits, im.l2_entry_size);
-        let (ext, data_file, v2) = (im.extended_l2, im.data_file, im.header.version < 3);
-        let verify = self.verify_compressed && im.header.crypt_method == 0;
-        let cluster = l2_off >> cb;
-        let first_visit = !bit(&self.l2_seen, cluster);
-        set_bit(&mut self.l2_seen, cluster);
-        let mut next_contiguous = 0u64;
-        for i in 0..self.im.l2_entries {
-            let pos = (i * esize) as usize;
-            let raw = be64(buf, pos);
-            let bitmap = if ext { be64(buf, pos + 8) } else { 0 };
-            let at = l2_off + i * esize;
-            if raw == 0 && bitmap == 0 {
-                continue;
-            }
-            let compressed = raw & QCOW_OFLAG_COMPRESSED != 0;
-            if !compressed && raw & L2E_STD_RESERVED_MASK != 0 {
-                self.tally.note(K::ReservedBits, "L2 table", at, || {
-                    format!("L2 entry {i} = {raw:#018x} has reserved bits set")
-                });
-            }
-            let offset = raw & L2E_OFFSET_MASK;
-            let zero_flag = !ext && raw & QCOW_OFLAG_ZERO != 0;
-            if compressed {
-                if raw & QCOW_OFLAG_COPIED != 0 {
-                    self.tally.note(K::CopiedFlag, "L2 table", at, || {
-                        format!("L2 entry {i}: COPIED must never be set on a compressed cluster")
-                    });
-                    self.copied_fixes.push(CopiedFix {
-                        table_offset: l2_off,
-                        table_len: cs,
-                        entry_offset: at,
-                        set: false,
-                    });
-                }
-                if data_file {
-                    self.tally.note(K::CompressedEntry, "L2 table", at, || {
-                        format!("L2 entry {i}: compressed cluster in an image with a data file")
-                    });
-                    continue;
-                }
-                if bitmap != 0 {
-                    self.tally.note(K::CompressedEntry, "L2 table", at, || {
-                        format!("L2 entry {i}: compressed cluster with subcluster bitmap {bitmap:#018x}")
-                    });
-                    continue;
-                }
-                let d = CompressedDescriptor::decode(raw, cb);
-                let csize = d.read_len();
-                self.inc(
-                    d.host_offset,
-                    csize,
-                    ROLE_COMPRESSED,
-                    "compressed cluster",
-                    ("L2 table", at),
-                );
-                if active {
-                    self.frag.allocated += 1;
-                    self.frag.compressed += 1;
-                    self.frag.fragmented += 1;
-                }
-                let n = &mut self.streams.entry(d.host_offset).or_insert((0, csize)).0;
-                *n = n.saturating_add(1);
-                if first_visit && verify {
-                    self.pending_streams.push((at, d.host_offset, csize));
-                }
-            } else if offset != 0 || (data_file && raw & QCOW_OFLAG_COPIED != 0) {
-                // NORMAL or ZERO_ALLOC.
-                let conflict = (bitmap >> 32) & bitmap;
-                if conflict != 0 {
-                    self.tally.note(K::SubclusterBitmap, "L2 table", at, || {
-                        format!(
-                            "L2 entry {i}: subclusters {conflict:#x} are both allocated and zero"
-                        )
-                    });
-                }
-                if offset % cs != 0 {
-                    let what = if zero_flag || (ext && bitmap as u32 == 0) {
-                        "preallocated zero cluster"
-                    } else {
-                        "data cluster"
-                    };
-                    self.tally.note(K::Unaligned, "L2 table", at, || {
-                        format!("L2 entry {i}: {what} offset {offset:#x} is not cluster aligned")
-                    });
-                }
-                if active {
-                    self.frag.allocated += 1;
-                    if next_contiguous != 0 && offset != next_contiguous {
-                        self.frag.fragmented += 1;
-                    }
-                    next_contiguous = offset.wrapping_add(cs);
-                }
-                if !data_file {
-                    self.inc(offset, cs, ROLE_DATA, "data cluster", ("L2 table", at));
-                }
-                if first_visit && v2 && zero_flag {
-                    self.note_v2_zero(i, at);
-                }
-            } else if zero_flag {
-                // ZERO_PLAIN.
-                if first_visit && v2 {
-                    self.note_v2_zero(i, at);
-                }
-            } else if bitmap & 0xffff_ffff != 0 {
-                // UNALLOCATED with allocation bits.
-                self.tally.note(K::SubclusterBitmap, "L2 table", at, || {
-                    format!(
-                        "L2 entry {i}: unallocated cluster has subcluster allocation bits {:#x}",
-                        bitmap & 0xffff_ffff
-                    )
-                });
-            }
-        }
-        if self.pending_streams.len() >= STREAM_BATCH {
-            self.verify_pending_streams()?;
-        }
-        Ok(())
+        self.tally.note(K::Unaligned, "L2 table", e.at, || {
+            format!("L2 entry {i}: {what} offset {offset:#x} is not cluster aligned")
+        });
     }
 
     fn note_v2_zero(&mut self, i: u64, at: u64) {
@@ -646,8 +494,8 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         let cs = self.im.cluster_size;
         let cb = self.im.cluster_bits;
         let rt_off = self.im.header.refcount_table_offset;
-        for i in 0..self.reftable.len() {
-            let e = self.reftable[i];
+        for i in 0..self.refcounts.table().len() {
+            let e = self.refcounts.table()[i];
             let at = rt_off + 8 * i as u64;
             let off = e & REFT_OFFSET_MASK;
             if e & REFT_RESERVED_MASK != 0 {
@@ -702,22 +550,24 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         self.stored_one = vec![0; to_usize(compare_len.div_ceil(64), "host clusters")?];
         let bb = self.entries_per_block_bits();
         let epb = 1u64 << bb;
-        let nblocks = (compare_len.div_ceil(epb)).max(self.reftable.len() as u64);
+        let nblocks = (compare_len.div_ceil(epb)).max(self.refcounts.table().len() as u64);
+        // Every block is read once, whole, into one buffer (`Refcounts::read_block`):
+        // looking each cluster up with `Refcounts::get` would cost a cache lookup
+        // per cluster, and copy every block into a cache that is never hit again.
         let mut block = vec![0u8; cs as usize];
         let mut highest = 0u64;
         for b in 0..nblocks {
             let first = b << bb;
             let end = first + epb;
             let in_range_end = end.min(compare_len);
-            let e = self.reftable.get(b as usize).copied().unwrap_or(0);
-            let off = e & REFT_OFFSET_MASK;
+            let off = self.refcounts.block_offset(b);
             if first >= compare_len && (off == 0 || off >= file_len) {
                 // Nothing to compare, and no stored refcounts to look at.
                 continue;
             }
-            if off == 0 {
-                block.fill(0);
-            } else if off % cs != 0 {
+            if let BlockRead::Unreadable { block: off } =
+                self.refcounts.read_block(self.img, b, &mut block)?
+            {
                 if first < compare_len {
                     self.bad_blocks.insert(b);
                     let n = in_range_end - first;
@@ -725,12 +575,6 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
                         format!("can't get refcounts for clusters {first}..{in_range_end}: refcount block {b} at {off:#x} is unaligned")
                     });
                 }
-                continue;
-            } else if first < compare_len || off < file_len {
-                self.img
-                    .read_at_zero_fill(&mut block, off)
-                    .ctx(|| format!("reading the refcount block at {off:#x}"))?;
-            } else {
                 continue;
             }
             for c in first..in_range_end {
@@ -794,42 +638,28 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         Ok(())
     }
 
-    /// The stored refcount of `cluster`, read from its refcount block (zeros past
-    /// the end of the file, as QEMU reads them). `None` if the lookup fails.
-    pub(crate) fn stored_refcount(&self, cluster: u64) -> Result<Option<u64>> {
-        let bb = self.entries_per_block_bits();
-        let b = cluster >> bb;
-        let Some(&e) = self
-            .reftable
-            .get(to_usize(b, "refcount table index").unwrap_or(usize::MAX))
-        else {
-            return Ok(Some(0));
-        };
-        let off = e & REFT_OFFSET_MASK;
-        if off == 0 {
-            return Ok(Some(0));
-        }
-        if off % self.im.cluster_size != 0 {
-            return Ok(None);
-        }
-        let order = self.im.header.refcount_order;
-        let slot = cluster & ((1 << bb) - 1);
-        // Read the bytes holding the slot (one byte for sub-byte widths).
-        let width = (1u64 << order).div_ceil(8);
-        let byte = (slot << order) / 8;
-        let mut buf = [0u8; 8];
-        let buf = &mut buf[..width as usize];
-        self.img
-            .read_at_zero_fill(buf, off + byte)
-            .ctx(|| format!("reading the refcount block at {off:#x}"))?;
-        let sub = if order < 3 { slot % (8 >> order) } else { 0 };
-        Ok(Some(refcount::get(buf, order, sub)))
+    /// The stored refcount of `cluster` (zeros past the end of the file, as QEMU
+    /// reads them). `None` if the lookup fails (an unaligned refcount block).
+    pub(crate) fn stored_refcount(&mut self, cluster: u64) -> Result<Option<u64>> {
+        Ok(match self.refcounts.get(self.img, cluster)? {
+            Stored::Count(n) => Some(n),
+            Stored::Unreadable { .. } => None,
+        })
     }
 
-    fn stored_is_one(&self, cluster: u64) -> Result<Option<bool>> {
+    /// Whether the stored refcount of `cluster` is 1 (`None` if it cannot be read):
+    /// from the bits the comparison recorded, else read. Inlined: the COPIED pass
+    /// asks once per entry of the active tree.
+    #[inline]
+    fn stored_is_one(&mut self, cluster: u64) -> Result<Option<bool>> {
         if cluster < self.compare_len {
-            let b = cluster >> self.entries_per_block_bits();
-            if self.bad_blocks.contains(&b) {
+            // Hashing only when some block is unreadable (rare): this runs once
+            // per entry of the active tree.
+            if !self.bad_blocks.is_empty()
+                && self
+                    .bad_blocks
+                    .contains(&(cluster >> self.entries_per_block_bits()))
+            {
                 return Ok(None);
             }
             return Ok(Some(bit(&self.stored_one, cluster)));
@@ -837,72 +667,13 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
         Ok(self.stored_refcount(cluster)?.map(|r| r == 1))
     }
 
-    /// QEMU's `check_oflag_copied` on the active tree, with qdedup's relaxed rule.
+    /// QEMU's `check_oflag_copied` on the active tree, with qdedup's relaxed rule:
+    /// a second walk of the active tree, after the stored refcounts were compared.
     fn check_copied(&mut self) -> Result<()> {
-        let l1 = std::mem::take(&mut self.active_l1);
-        let mut buf = std::mem::take(&mut self.l2_buf);
-        let res = self.check_copied_in(&l1, &mut buf);
-        self.active_l1 = l1;
-        self.l2_buf = buf;
-        res
-    }
-
-    fn check_copied_in(&mut self, l1: &[u64], buf: &mut [u8]) -> Result<()> {
-        let im = &self.im;
-        let (cs, cb, esize) = (im.cluster_size, im.cluster_bits, im.l2_entry_size);
-        let data_file = im.data_file;
-        let l1_off = im.header.l1_table_offset;
-        let l1_len = 8 * l1.len() as u64;
-        for (i, &e) in l1.iter().enumerate() {
-            let l2_off = e & L1E_OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            let at = l1_off + 8 * i as u64;
-            if let Some(one) = self.stored_is_one(l2_off >> cb)? {
-                self.copied_rule(
-                    one,
-                    e & QCOW_OFLAG_COPIED != 0,
-                    l2_off >> cb,
-                    "L1 table",
-                    at,
-                    (l1_off, l1_len),
-                )?;
-            }
-            if l2_off % cs != 0 {
-                continue;
-            }
-            self.img
-                .read_at_zero_fill(buf, l2_off)
-                .ctx(|| format!("reading the L2 table at {l2_off:#x}"))?;
-            for j in 0..self.im.l2_entries {
-                let raw = be64(buf, (j * esize) as usize);
-                if raw & QCOW_OFLAG_COMPRESSED != 0 {
-                    continue;
-                }
-                let offset = raw & L2E_OFFSET_MASK;
-                let copied = raw & QCOW_OFLAG_COPIED != 0;
-                if offset == 0 && !(data_file && copied) {
-                    continue; // unallocated or ZERO_PLAIN
-                }
-                let one = if data_file {
-                    Some(true)
-                } else {
-                    self.stored_is_one(offset >> cb)?
-                };
-                if let Some(one) = one {
-                    self.copied_rule(
-                        one,
-                        copied,
-                        offset >> cb,
-                        "L2 table",
-                        l2_off + j * esize,
-                        (l2_off, cs),
-                    )?;
-                }
-            }
-        }
-        Ok(())
+        let img = self.img;
+        let tables = Tables::new(img, &self.im, PastEof::Zeros);
+        let active = Tree::active(&self.im.header);
+        Walker::new(tables)?.walk(&[active], &mut CopiedPass(self))
     }
 
     fn copied_rule(
@@ -938,6 +709,218 @@ impl<'a, R: ReadAt + ?Sized> Checker<'a, R> {
             entry_offset: at,
             set: one,
         });
+        Ok(())
+    }
+}
+
+/// The refcount walk: QEMU's `check_refcounts_l1` and `check_refcounts_l2`, plus
+/// qdedup's once-per-table checks.
+impl<R: ReadAt + ?Sized> Visitor for Checker<'_, R> {
+    fn tree(&mut self, tree: &Tree) -> Result<bool> {
+        if !tree.is_active() && self.snapshot_l1_problem(tree) {
+            return Ok(false);
+        }
+        if tree.l1_size == 0 {
+            return Ok(false);
+        }
+        let what = tree.l1_structure();
+        self.inc(
+            tree.l1_offset,
+            tree.l1_bytes(),
+            ROLE_META,
+            what,
+            tree.referrer,
+        );
+        Ok(true)
+    }
+
+    fn l1_entry(&mut self, e: &L1Ref) -> Result<bool> {
+        let (structure, at, i, raw) = (e.tree.l1_structure(), e.at, e.index, e.raw);
+        if L1Entry::reserved_bits(raw) != 0 {
+            self.tally.note(K::ReservedBits, structure, at, || {
+                format!("L1 entry {i} = {raw:#018x} has reserved bits set")
+            });
+        }
+        let l2_off = e.entry.l2_offset;
+        if l2_off == 0 {
+            // QEMU would count cluster 0 again and read the header as an L2
+            // table (a refcount error); reads treat the entry as unallocated.
+            self.tally.note(K::L1Entry, structure, at, || {
+                format!("L1 entry {i} = {raw:#018x} has flags but no L2 table offset")
+            });
+            return Ok(false);
+        }
+        let cs = self.im.cluster_size;
+        self.inc(l2_off, cs, ROLE_META, "L2 table", (structure, at));
+        if l2_off % cs != 0 {
+            self.tally.note(K::Unaligned, structure, at, || {
+                format!("L1 entry {i}: L2 table offset {l2_off:#x} is not cluster aligned")
+            });
+            // QEMU reads an L2 table at the unaligned offset; its entries are
+            // meaningless, so qdedup does not interpret them.
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn l2_table(&mut self, _: &L2Table) -> Result<()> {
+        self.next_contiguous = 0;
+        Ok(())
+    }
+
+    #[inline]
+    fn l2_entry(&mut self, t: &L2Table, e: &L2Ref) -> Result<()> {
+        let (i, at, raw, bitmap) = (e.index, e.at, e.slot.raw, e.slot.bitmap);
+        let cs = self.im.cluster_size;
+        let (data_file, v2) = (self.im.data_file, self.im.header.version < 3);
+        if L2Entry::reserved_bits(raw) != 0 {
+            self.tally.note(K::ReservedBits, "L2 table", at, || {
+                format!("L2 entry {i} = {raw:#018x} has reserved bits set")
+            });
+        }
+        match e.entry {
+            L2Entry::Compressed { desc, copied } => {
+                if copied {
+                    self.tally.note(K::CopiedFlag, "L2 table", at, || {
+                        format!("L2 entry {i}: COPIED must never be set on a compressed cluster")
+                    });
+                    self.copied_fixes.push(CopiedFix {
+                        table_offset: t.offset,
+                        table_len: cs,
+                        entry_offset: at,
+                        set: false,
+                    });
+                }
+                if data_file {
+                    self.tally.note(K::CompressedEntry, "L2 table", at, || {
+                        format!("L2 entry {i}: compressed cluster in an image with a data file")
+                    });
+                    return Ok(());
+                }
+                if bitmap.0 != 0 {
+                    let bm = bitmap.0;
+                    self.tally.note(K::CompressedEntry, "L2 table", at, || {
+                        format!(
+                            "L2 entry {i}: compressed cluster with subcluster bitmap {bm:#018x}"
+                        )
+                    });
+                    return Ok(());
+                }
+                let csize = desc.read_len();
+                self.inc(
+                    desc.host_offset,
+                    csize,
+                    ROLE_COMPRESSED,
+                    "compressed cluster",
+                    ("L2 table", at),
+                );
+                if t.active() {
+                    self.frag.allocated += 1;
+                    self.frag.compressed += 1;
+                    self.frag.fragmented += 1;
+                }
+                let n = &mut self.streams.entry(desc.host_offset).or_insert((0, csize)).0;
+                *n = n.saturating_add(1);
+                let verify = self.verify_compressed && self.im.header.crypt_method == 0;
+                if t.first_visit && verify {
+                    self.pending_streams.push((at, desc.host_offset, csize));
+                }
+            }
+            L2Entry::Normal { offset, .. } | L2Entry::ZeroAlloc { offset, .. } => {
+                let conflicts = bitmap.conflicts();
+                if conflicts != 0 {
+                    self.tally.note(K::SubclusterBitmap, "L2 table", at, || {
+                        format!(
+                            "L2 entry {i}: subclusters {conflicts:#x} are both allocated and zero"
+                        )
+                    });
+                }
+                // cs is a power of two: a mask, not a division, on this hot path.
+                if offset & (cs - 1) != 0 {
+                    self.note_l2_unaligned(e, offset);
+                }
+                if t.active() {
+                    self.frag.allocated += 1;
+                    if self.next_contiguous != 0 && offset != self.next_contiguous {
+                        self.frag.fragmented += 1;
+                    }
+                    self.next_contiguous = offset.wrapping_add(cs);
+                }
+                if !data_file {
+                    self.inc(offset, cs, ROLE_DATA, "data cluster", ("L2 table", at));
+                }
+                if t.first_visit && v2 && matches!(e.entry, L2Entry::ZeroAlloc { .. }) {
+                    self.note_v2_zero(i, at);
+                }
+            }
+            L2Entry::ZeroPlain => {
+                if t.first_visit && v2 {
+                    self.note_v2_zero(i, at);
+                }
+            }
+            L2Entry::Unallocated => {
+                let alloc = bitmap.allocation();
+                if alloc != 0 {
+                    self.tally.note(K::SubclusterBitmap, "L2 table", at, || {
+                        format!(
+                            "L2 entry {i}: unallocated cluster has subcluster allocation bits \
+                             {alloc:#x}"
+                        )
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn l2_table_end(&mut self, _: &L2Table) -> Result<()> {
+        if self.pending_streams.len() >= STREAM_BATCH {
+            self.verify_pending_streams()?;
+        }
+        Ok(())
+    }
+}
+
+/// QEMU's `check_oflag_copied`: COPIED on each entry of the active tree must
+/// agree with the stored refcount being 1 (qdedup's relaxed rule applies).
+struct CopiedPass<'c, 'a, R: ReadAt + ?Sized>(&'c mut Checker<'a, R>);
+
+impl<R: ReadAt + ?Sized> Visitor for CopiedPass<'_, '_, R> {
+    fn l1_entry(&mut self, e: &L1Ref) -> Result<bool> {
+        let ck = &mut *self.0;
+        let l2_off = e.entry.l2_offset;
+        if l2_off == 0 {
+            return Ok(false);
+        }
+        let (cb, cs) = (ck.im.cluster_bits, ck.im.cluster_size);
+        let table = (e.tree.l1_offset, e.tree.l1_bytes());
+        if let Some(one) = ck.stored_is_one(l2_off >> cb)? {
+            let copied = e.entry.copied;
+            ck.copied_rule(one, copied, l2_off >> cb, "L1 table", e.at, table)?;
+        }
+        Ok(l2_off % cs == 0)
+    }
+
+    #[inline]
+    fn l2_entry(&mut self, t: &L2Table, e: &L2Ref) -> Result<()> {
+        let ck = &mut *self.0;
+        // Compressed entries were checked in the walk; unallocated and ZERO_PLAIN
+        // ones have no cluster.
+        let (L2Entry::Normal { offset, copied } | L2Entry::ZeroAlloc { offset, copied }) = e.entry
+        else {
+            return Ok(());
+        };
+        let cb = ck.im.cluster_bits;
+        // Clusters of an external data file always have refcount 1 (QEMU).
+        let one = if ck.im.data_file {
+            Some(true)
+        } else {
+            ck.stored_is_one(offset >> cb)?
+        };
+        if let Some(one) = one.filter(|one| *one != copied) {
+            let table = (t.offset, ck.im.cluster_size);
+            ck.copied_rule(one, copied, offset >> cb, "L2 table", e.at, table)?;
+        }
         Ok(())
     }
 }

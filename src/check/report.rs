@@ -16,7 +16,7 @@ pub enum FindingClass {
     Leak,
     /// Counted in `check-errors` (exit code 1): the check could not look at something.
     CheckError,
-    /// A refcount-1 entry without `QCOW_OFLAG_COPIED`: allowed by qdedup's relaxed
+    /// A refcount-1 entry without the COPIED flag: allowed by qdedup's relaxed
     /// rule (writes copy the cluster instead of writing in place); counted in
     /// `relaxed-copied`. With `--strict` such entries are corruptions instead.
     RelaxedCopied,
@@ -42,9 +42,9 @@ pub enum FindingKind {
     ReservedBits,
     /// A table or data cluster offset that is not cluster aligned.
     Unaligned,
-    /// `QCOW_OFLAG_COPIED` set where the refcount is not 1, or on a compressed entry.
+    /// The COPIED flag set where the refcount is not 1, or on a compressed entry.
     CopiedFlag,
-    /// Refcount 1 without `QCOW_OFLAG_COPIED` (see [`FindingClass::RelaxedCopied`]).
+    /// Refcount 1 without the COPIED flag (see [`FindingClass::RelaxedCopied`]).
     RelaxedCopied,
     /// Invalid subcluster bitmap in an extended L2 entry.
     SubclusterBitmap,
@@ -96,7 +96,7 @@ pub struct Finding {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RepairMode {
-    /// Make `QCOW_OFLAG_COPIED` agree with the refcounts in the active tables.
+    /// Make the COPIED flag agree with the refcounts in the active tables.
     Copied,
     /// Lower stored refcounts that are too high.
     Leaks,
@@ -167,7 +167,7 @@ pub struct CheckReport {
     #[serde(skip_serializing_if = "is_zero")]
     pub compressed_clusters: u64,
 
-    /// Active entries with refcount 1 but without `QCOW_OFLAG_COPIED`.
+    /// Active entries with refcount 1 but without the COPIED flag.
     pub relaxed_copied: u64,
     /// Relaxed-COPIED entries a `--repair copied` fixed.
     pub relaxed_copied_fixed: u64,

@@ -15,8 +15,7 @@ use crate::format::bitmaps::{
 use crate::format::header::QEMU_MAX_LENGTH;
 use crate::io::ReadAt;
 
-pub(crate) use crate::format::bitmaps::table_entry_valid;
-pub(crate) use crate::format::bitmaps::BME_TABLE_ENTRY_OFFSET_MASK;
+use crate::format::bitmaps::table_entry_valid;
 
 /// One parsed directory entry.
 pub(crate) struct DirEntry {

@@ -1,5 +1,7 @@
-//! Existing qcow2 images: the one opener every command uses ([`Image::open`]) and
-//! the one reader and writer of stored refcounts ([`refcounts::Refcounts`]).
+//! Existing qcow2 images: the one opener every command uses ([`Image::open`]), the
+//! one reader and writer of stored refcounts ([`refcounts::Refcounts`]) and of L1/L2
+//! tables, with the walker over the active and snapshot trees
+//! ([`tables::Walker`]).
 //!
 //! [`Image::open`] reads the header and cluster 0 (header extensions, backing file
 //! name) and makes every check QEMU's `qcow2_do_open` makes, in the verdict class
@@ -26,6 +28,7 @@ pub(crate) mod bitmaps;
 pub mod lock;
 mod open;
 pub mod refcounts;
+pub mod tables;
 
 pub use crate::format::header::OpenMode;
 pub use open::{read_snapshot_table, BitmapsExtension, Caveat, CryptoHeader, Image};

@@ -36,6 +36,23 @@ pub enum Stored {
     },
 }
 
+/// What [`Refcounts::read_block`] found for one refcount table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRead {
+    /// No block: every refcount it would hold is 0 (the buffer was zeroed).
+    Empty,
+    /// The entry points at an unaligned offset: no block can be read.
+    Unreadable {
+        /// The refcount table entry's offset field.
+        block: u64,
+    },
+    /// The block at this offset was read (zeros past the end of the file).
+    Read {
+        /// Offset of the block.
+        offset: u64,
+    },
+}
+
 #[derive(Debug)]
 struct Block {
     data: Box<[u8]>,
@@ -66,7 +83,7 @@ impl Refcounts {
         file.read_at_zero_fill(&mut raw, h.refcount_table_offset)
             .ctx(|| {
                 format!(
-                    "cannot read the refcount table at {:#x}",
+                    "reading the refcount table at {:#x}",
                     h.refcount_table_offset
                 )
             })?;
@@ -109,6 +126,48 @@ impl Refcounts {
         (b, e & REFT_OFFSET_MASK)
     }
 
+    /// Offset of refcount block `b` (the table entry's offset field; 0 where the
+    /// table has no block or no entry `b`).
+    pub fn block_offset(&self, b: u64) -> u64 {
+        self.block_of(b << self.entries_per_block_bits()).1
+    }
+
+    /// Reads refcount block `b` whole into `buf` (one cluster; zeros past the end
+    /// of the file, and for an empty entry), bypassing the cache: for scans that
+    /// read every block once, such as `check`'s comparison of every stored
+    /// refcount, where [`Refcounts::get`] would cost a cache lookup per cluster
+    /// and copy each block into the cache for nothing. Slot `s` of the block is
+    /// then [`refcount::get`]`(buf, order, s)`.
+    pub fn read_block(
+        &self,
+        file: &(impl ReadAt + ?Sized),
+        b: u64,
+        buf: &mut [u8],
+    ) -> Result<BlockRead> {
+        debug_assert_eq!(buf.len(), 1 << self.cluster_bits);
+        let off = self.block_offset(b);
+        if off == 0 {
+            buf.fill(0);
+            return Ok(BlockRead::Empty);
+        }
+        if off & ((1 << self.cluster_bits) - 1) != 0 {
+            return Ok(BlockRead::Unreadable { block: off });
+        }
+        if let Some(blk) = self.blocks.get(&b) {
+            // A changed block not flushed yet: its cached copy is the truth.
+            buf.copy_from_slice(&blk.data);
+        } else {
+            file.read_at_zero_fill(buf, off)
+                .ctx(|| format!("reading the refcount block at {off:#x}"))?;
+        }
+        Ok(BlockRead::Read { offset: off })
+    }
+
+    /// The refcount order (log2 of the width in bits).
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+
     fn load_block(
         &mut self,
         file: &(impl ReadAt + ?Sized),
@@ -121,7 +180,7 @@ impl Refcounts {
             }
             let mut data = vec![0u8; 1 << self.cluster_bits].into_boxed_slice();
             file.read_at_zero_fill(&mut data, off)
-                .ctx(|| format!("cannot read the refcount block at {off:#x}"))?;
+                .ctx(|| format!("reading the refcount block at {off:#x}"))?;
             self.blocks.insert(b, Block { data, dirty: false });
         }
         Ok(self.blocks.get_mut(&b).expect("inserted above"))
@@ -220,7 +279,7 @@ impl Refcounts {
             let (_, off) = self.block_of(b << self.entries_per_block_bits());
             let blk = self.blocks.get_mut(&b).expect("listed above");
             file.write_all_at(&blk.data, off)
-                .ctx(|| format!("cannot write the refcount block at {off:#x}"))?;
+                .ctx(|| format!("writing the refcount block at {off:#x}"))?;
             blk.dirty = false;
         }
         Ok(())
