@@ -113,21 +113,19 @@ fn find_snapshot(snaps: &[Snapshot], want: &str) -> Result<Snapshot> {
         let by_id = snaps.iter().position(|s| s.id == want);
         by_id.or_else(|| snaps.iter().position(|s| s.name == want))
     };
-    match found {
-        Some(i) => Ok(snaps[i].clone()),
-        None => {
-            let what = match (id, name) {
-                (Some(i), Some(n)) => format!("ID {i:?} and name {n:?}"),
-                (Some(i), None) => format!("ID {i:?}"),
-                (None, Some(n)) => format!("name {n:?}"),
-                (None, None) => format!("ID or name {want:?}"),
-            };
-            Err(Error::InvalidArgument(format!(
-                "no snapshot with {what} (the image has {} snapshots)",
-                snaps.len()
-            )))
-        }
+    if let Some(i) = found {
+        return Ok(snaps[i].clone());
     }
+    let what = match (id, name) {
+        (Some(i), Some(n)) => format!("ID {i:?} and name {n:?}"),
+        (Some(i), None) => format!("ID {i:?}"),
+        (None, Some(n)) => format!("name {n:?}"),
+        (None, None) => format!("ID or name {want:?}"),
+    };
+    Err(Error::InvalidArgument(format!(
+        "no snapshot with {what} (the image has {} snapshots)",
+        snaps.len()
+    )))
 }
 
 /// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table
