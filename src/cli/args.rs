@@ -42,8 +42,8 @@ pub(crate) struct ImageArgs {
     /// Compress clusters (codec from -o compression_type, default zlib).
     #[arg(short = 'c', long = "compress")]
     pub(crate) compress: bool,
-    /// Compression level (zlib 0-9, zstd 1-22).
-    #[arg(long)]
+    /// Compression level (zlib 0-9, zstd 1-22; needs -c).
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) compression_level: Option<i32>,
     /// Try deflate on every distinct cluster, also those the incompressibility
     /// probe would store plain untried (slower on random data; rarely smaller).
