@@ -443,7 +443,7 @@ fn a_closed_stdout_never_panics_nor_changes_the_exit_code() {
         (vec!["demo".into(), "--size".into(), "4M".into()], 0),
     ];
     for (args, want) in &cases {
-        let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        let args: Vec<&OsStr> = args.iter().map(std::ffi::OsString::as_os_str).collect();
         // The same code as with stdout open.
         assert_eq!(exit_code(&qdedup(&args)), *want, "qdedup {args:?}");
         if args[0] == "convert" {
