@@ -6,24 +6,28 @@ mod cli;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use qdedup::convert::options::ProgressFn;
 use qdedup::source::{Format, Input, OpenOptions};
 use qdedup::ConvertOptions;
 
 use cli::args::Cli;
 use cli::command::{self, Command, OutputFormat};
 
-/// `print!` that ends the process quietly when stdout is closed (e.g. piped into
-/// `head`) instead of panicking.
+/// `print!` that never panics: when stdout is closed (piped into `head`, a
+/// closed terminal) the rest of the output is dropped and the command goes on,
+/// so its exit code (a check's verdict) is the same as with an open stdout.
 macro_rules! out {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
-            stdout_failed(&e);
+        if !STDOUT_GONE.load(Ordering::Relaxed) {
+            if let Err(e) = write!(std::io::stdout().lock(), $($arg)*) {
+                stdout_failed(&e);
+            }
         }
     }};
 }
@@ -32,11 +36,36 @@ macro_rules! out {
 macro_rules! outln {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
-        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
-            stdout_failed(&e);
+        if !STDOUT_GONE.load(Ordering::Relaxed) {
+            if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+                stdout_failed(&e);
+            }
         }
     }};
 }
+
+/// `eprint!` that never panics (`eprint!` does when stderr is a terminal that was
+/// closed, as after SIGHUP): what cannot be written is dropped.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` with the same handling as [`err!`].
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
+/// Set once stdout cannot be written to: later output is dropped.
+static STDOUT_GONE: AtomicBool = AtomicBool::new(false);
+/// Set when stdout failed for another reason than a closed reader (a full disk):
+/// a command that would have exited 0 exits 1 instead.
+static STDOUT_FAILED: AtomicBool = AtomicBool::new(false);
 
 /// The error and its causes on one line, skipping a cause whose text the line
 /// already holds (library I/O errors include their OS error in their message).
@@ -55,12 +84,15 @@ fn error_chain(e: &anyhow::Error) -> String {
     line
 }
 
-fn stdout_failed(e: &std::io::Error) -> ! {
-    if e.kind() == std::io::ErrorKind::BrokenPipe {
-        std::process::exit(0);
+/// A write to stdout failed: the rest of the output is dropped. A closed reader
+/// (EPIPE) is what `| head` does and is not an error; anything else is reported
+/// once and turns a success into exit code 1, never a verdict into another.
+fn stdout_failed(e: &std::io::Error) {
+    STDOUT_GONE.store(true, Ordering::Relaxed);
+    if e.kind() != std::io::ErrorKind::BrokenPipe {
+        STDOUT_FAILED.store(true, Ordering::Relaxed);
+        errln!("qdedup: error: cannot write to stdout: {e}");
     }
-    eprintln!("qdedup: error: cannot write to stdout: {e}");
-    std::process::exit(1);
 }
 
 /// `-o help`: the options `-o` takes, like `qemu-img create -o help`.
@@ -128,7 +160,7 @@ fn run_compare(c: &command::Compare) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("qdedup: error: {e}");
+            errln!("qdedup: error: {e}");
             ExitCode::from(2)
         }
     }
@@ -146,76 +178,181 @@ fn run_estimate(c: &command::Estimate) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn progress_bar(quiet: bool) -> Option<indicatif::ProgressBar> {
-    if quiet || !std::io::stderr().is_terminal() {
+/// What reports the progress of a conversion on stderr: a bar on a terminal; with
+/// `-p` and no terminal, qemu-img's `    (12.00/100%)` lines.
+fn progress_callback(c: &command::Convert) -> Option<(Arc<ProgressFn>, Bar)> {
+    if c.quiet {
         return None;
     }
-    let pb = indicatif::ProgressBar::new(0);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .expect("valid template"),
-    );
-    Some(pb)
+    if std::io::stderr().is_terminal() {
+        let pb = indicatif::ProgressBar::new(0);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template"),
+        );
+        let bar = pb.clone();
+        let f: Arc<ProgressFn> = Arc::new(move |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        });
+        return Some((f, Bar::Terminal(pb)));
+    }
+    if !c.progress {
+        return None;
+    }
+    // Like qemu-img -p: a line each whole percent (hundredths, as qemu-img prints).
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(u64::MAX));
+    let f: Arc<ProgressFn> = Arc::new(move |done, total| {
+        let pct = if total == 0 {
+            100
+        } else {
+            (u128::from(done) * 100 / u128::from(total)).min(100) as u64
+        };
+        if last.swap(pct, Ordering::Relaxed) != pct {
+            err!("    ({pct}.00/100%)\r");
+        }
+    });
+    Some((f, Bar::Lines))
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM set the returned flag: the conversion stops at the
-/// next batch and removes its temporary file. A second Ctrl-C exits at once.
+/// The progress display to close when the conversion ends.
+enum Bar {
+    Terminal(indicatif::ProgressBar),
+    Lines,
+}
+
+/// The signals that end a command: Ctrl-C, `kill`, a closed terminal.
+const TERMINATING: [i32; 3] = [
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGHUP,
+];
+
+/// Which terminating signals arrived, and one flag set by any of them.
+struct Signals {
+    any: Arc<AtomicBool>,
+    each: Vec<(i32, Arc<AtomicBool>)>,
+}
+
+impl Signals {
+    /// The first terminating signal that arrived (in [`TERMINATING`] order).
+    fn caught(&self) -> Option<i32> {
+        self.each
+            .iter()
+            .find(|(_, f)| f.load(Ordering::SeqCst))
+            .map(|(s, _)| *s)
+    }
+
+    /// The exit code of a command a signal stopped: 128 + the signal, as a shell
+    /// reports a process the signal killed (130 INT, 143 TERM, 129 HUP).
+    fn exit_code(&self) -> ExitCode {
+        let sig = self.caught().unwrap_or(signal_hook::consts::SIGINT);
+        ExitCode::from(u8::try_from(128 + sig).unwrap_or(1))
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP set the returned flags instead of ending the process.
+/// With `second_exits`, a second one exits at once (128 + signal), as a second
+/// Ctrl-C does in a conversion that does not stop fast enough; without it every
+/// one is held until the command ends (a repair is never cut short).
 /// SIGXFSZ is caught too, so that a file size limit makes writes fail with EFBIG
 /// (reported, temporary file removed) instead of killing the process.
-fn install_signal_handlers() -> Arc<AtomicBool> {
-    use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
-    let flag = Arc::new(AtomicBool::new(false));
-    for sig in [SIGINT, SIGTERM] {
-        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone());
-        let _ = signal_hook::flag::register(sig, flag.clone());
+fn install_signal_handlers(second_exits: bool) -> Signals {
+    let any = Arc::new(AtomicBool::new(false));
+    let mut each = Vec::new();
+    for sig in TERMINATING {
+        let mine = Arc::new(AtomicBool::new(false));
+        if second_exits {
+            let _ = signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, any.clone());
+        }
+        let _ = signal_hook::flag::register(sig, any.clone());
+        let _ = signal_hook::flag::register(sig, mine.clone());
+        each.push((sig, mine));
     }
-    let _ = signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)));
-    flag
+    let _ = signal_hook::flag::register(
+        signal_hook::consts::SIGXFSZ,
+        Arc::new(AtomicBool::new(false)),
+    );
+    Signals { any, each }
 }
 
 fn run_convert(c: &command::Convert) -> Result<ExitCode> {
     let mut opts = c.opts.clone();
-    let pb = progress_bar(c.quiet);
-    if let Some(pb) = &pb {
-        let pb = pb.clone();
-        opts.progress = Some(Arc::new(move |done, total| {
-            pb.set_length(total);
-            pb.set_position(done);
-        }));
-    }
-    opts.cancel = Some(install_signal_handlers());
+    let progress = progress_callback(c);
+    let bar = progress.map(|(f, bar)| {
+        opts.progress = Some(f);
+        bar
+    });
+    let signals = install_signal_handlers(true);
+    opts.cancel = Some(signals.any.clone());
     let input = Input::open(&c.input, &opts.input)
         .with_context(|| format!("cannot open input {}", c.input.display()))?;
     let report = qdedup::convert::convert_input(&input, &c.output, &opts);
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
+    match bar {
+        Some(Bar::Terminal(pb)) => pb.finish_and_clear(),
+        // The last progress line ends.
+        Some(Bar::Lines) => errln!(),
+        None => {}
     }
     let report = match report {
         Err(qdedup::Error::Interrupted) => {
-            eprintln!("qdedup: interrupted; no output written");
-            return Ok(ExitCode::from(130));
+            errln!("qdedup: interrupted; no output written");
+            return Ok(signals.exit_code());
         }
         r => r.with_context(|| format!("cannot convert {}", c.input.display()))?,
     };
     match c.report {
+        // -q: nothing on success, as qemu-img convert -q.
+        OutputFormat::Human if c.quiet => {}
         OutputFormat::Human => outln!("{report}"),
         OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit code of `qemu-img check` on an image whose format has no checks (raw).
+const CHECK_NOT_SUPPORTED: u8 = 63;
+
 fn run_check(c: &command::Check) -> Result<ExitCode> {
+    // Like qemu-img check on a raw image: not an error in the image, a format
+    // without checks (exit 63).
+    if let Ok(f) = std::fs::File::open(&c.image) {
+        if f.metadata().is_ok_and(|m| m.is_file())
+            && qdedup::source::probe(&f).is_ok_and(|p| p == Format::Raw)
+        {
+            errln!(
+                "qdedup: error: {} is not a qcow2 image (it reads as raw): this format does not \
+                 support checks",
+                c.image.display()
+            );
+            return Ok(ExitCode::from(CHECK_NOT_SUPPORTED));
+        }
+    }
+    // A repair is never cut short: a terminating signal waits for its end.
+    let signals = c
+        .opts
+        .repair
+        .is_some()
+        .then(|| install_signal_handlers(false));
     let report = qdedup::check(&c.image, &c.opts)
-        .with_context(|| format!("cannot check {}", c.image.display()))?;
+        .with_context(|| format!("cannot check {}", c.image.display()));
+    if let Some(sig) = signals.as_ref().and_then(Signals::caught) {
+        errln!("qdedup: signal {sig} arrived during the repair: it was completed first");
+    }
+    let report = report?;
     match c.report {
+        OutputFormat::Human if c.quiet => {}
         OutputFormat::Human => {
             // Like qemu-img check: details on stderr, the summary on stdout.
-            eprint!("{}", report.human_findings());
+            err!("{}", report.human_findings());
             out!("{}", report.human_summary());
         }
         OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if let Some(s) = signals.filter(|s| s.caught().is_some()) {
+        return Ok(s.exit_code());
     }
     // exit_code() is 0..=3.
     Ok(ExitCode::from(report.exit_code() as u8))
@@ -242,6 +379,7 @@ fn run_demo(c: &command::Demo) -> Result<ExitCode> {
     };
     let input = dir.join("sample.raw");
     let output = dir.join("sample.qcow2");
+    check_free_space(&dir, size, c.size_text.as_str())?;
     outln!(
         "generating a {} MiB sample disk (zeros, repeated blocks, text, random) ...",
         size >> 20
@@ -287,8 +425,38 @@ fn run_demo(c: &command::Demo) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses a demo whose files cannot fit in `dir`: the sample disk (`size`
+/// bytes, written in full) and its conversion (at most about half of it).
+fn check_free_space(dir: &std::path::Path, size: u64, size_text: &str) -> Result<()> {
+    let need = size.saturating_add(size / 2);
+    let Ok(st) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        anyhow::bail!(
+            "demo --size {size_text} needs about {} free in {} (the sample disk and its \
+             conversion), which has {}",
+            qdedup::inspect::info::human_size(need),
+            dir.display(),
+            qdedup::inspect::info::human_size(free)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
-    let r = Command::from_args(Cli::parse()).and_then(|cmd| match &cmd {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(why) = cli::qemu_img::explain_unknown(&e) {
+                errln!("qdedup: error: {why}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
+    let r = Command::from_args(cli).and_then(|cmd| match &cmd {
         Command::Convert(c) => run_convert(c),
         Command::Check(c) => run_check(c),
         Command::Demo(c) => run_demo(c),
@@ -298,11 +466,15 @@ fn main() -> ExitCode {
         Command::Estimate(c) => run_estimate(c),
         Command::ImageOptionsHelp => Ok(run_image_options_help()),
     });
-    match r {
+    let code = match r {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("qdedup: error: {}", error_chain(&e));
+            errln!("qdedup: error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
+    };
+    if code == ExitCode::SUCCESS && STDOUT_FAILED.load(Ordering::Relaxed) {
+        return ExitCode::FAILURE;
     }
+    code
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use qdedup::convert::{self, ConvertOptions};
+use qdedup::format::l1l2::L2E_OFFSET_MASK;
 use qdedup::source::{BlockStatus, Input, Source};
 
 fn temporaries(dir: &Path) -> Vec<String> {
@@ -286,4 +287,175 @@ fn a_failing_write_at_any_point_is_an_error_not_a_panic() {
     }
     // Every write (data, L2, L1, refcount blocks, table, header) was made to fail once.
     assert!(n >= 6, "only {n} writes");
+}
+
+#[test]
+fn sigterm_and_sighup_remove_the_temp_file_and_exit_128_plus_the_signal() {
+    let mut cases = 0;
+    for (sig, code) in [("TERM", 143), ("HUP", 129)] {
+        let s = setup(1024);
+        let child = s.converting(&["-m", "1"]);
+        std::thread::sleep(Duration::from_millis(50));
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(code), "SIG{sig}: {}", said(&out));
+        assert!(
+            stderr(&out).contains("interrupted"),
+            "SIG{sig}: {}",
+            said(&out)
+        );
+        assert_eq!(
+            s.dir.entries(),
+            vec!["in.raw"],
+            "SIG{sig}: no output, no temporary file"
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, 2);
+}
+
+/// A qcow2 image with two leaked clusters (qemu-img check exits 3).
+fn leaky_image(dir: &Path) -> PathBuf {
+    let p = create_qcow2(dir.join("leaky.qcow2"), Some("64M"), &[]);
+    qemu_io(&p, &["write -P 0x11 0 8M", "write -P 0x22 32M 8M"]);
+    let img = Img::open(&p);
+    img.set_refcount(0, 2);
+    img.set_refcount(img.h.refcount_table_offset / img.cs(), 3);
+    assert_eq!(exit_code(&qemu_img_check(&p)), 3);
+    p
+}
+
+#[test]
+fn a_repair_interrupted_by_any_signal_leaves_a_sound_image() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Scratch::new();
+    let leaky = leaky_image(dir.path());
+    let (mut cases, mut held) = (0, 0);
+    for (sig, num) in [("INT", 2), ("TERM", 15), ("HUP", 1)] {
+        for delay_ms in [0u64, 2, 10, 40] {
+            let p = copy_file(&leaky, dir.join("img.qcow2"));
+            let child = Command::new(qdedup_bin())
+                .args(["check", "-r", "leaks"])
+                .arg(&p)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            signal(&child, sig);
+            let out = child.wait_with_output().unwrap();
+            let what = format!("SIG{sig} after {delay_ms} ms");
+            assert_ne!(out.status.code(), Some(101), "{what}: {}", said(&out));
+            let qemu = exit_code(&qemu_img_check(&p));
+            match (out.status.code(), out.status.signal()) {
+                // Killed before the handlers were installed: nothing was written.
+                (None, Some(s)) => {
+                    assert_eq!(s, num, "{what}");
+                    assert_eq!(qemu, 3, "{what}: the image is as it was");
+                }
+                // Held until the repair ended, then reported.
+                (Some(c), _) if c == 128 + num => {
+                    held += 1;
+                    assert_eq!(qemu, 0, "{what}: the repair was completed");
+                }
+                // The repair ended before the signal came.
+                (Some(0), _) => assert_eq!(qemu, 0, "{what}"),
+                other => panic!("{what}: unexpected end {other:?}: {}", said(&out)),
+            }
+            std::fs::remove_file(&p).unwrap();
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 12);
+    // Whichever way each run ended, the image was sound; `held` only says how
+    // many signals came during the repair on this machine.
+    eprintln!("{held} of {cases} signals arrived during a repair");
+}
+
+/// Runs qdedup with `args` and its stdout a pipe whose reader is closed before
+/// qdedup writes; returns its exit code, asserted not to be a panic's.
+fn exit_code_with_closed_stdout(args: &[&OsStr]) -> i32 {
+    let mut child = Command::new(qdedup_bin())
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let code = exit_code(&out);
+    assert_ne!(code, 101, "qdedup {args:?} panicked: {}", said(&out));
+    assert!(
+        !stderr(&out).contains("panicked"),
+        "qdedup {args:?}: {}",
+        said(&out)
+    );
+    code
+}
+
+#[test]
+fn a_closed_stdout_never_panics_nor_changes_the_exit_code() {
+    let dir = Scratch::new();
+    let raw = raw_input(dir.path(), 65536, 64, 0, 7);
+    let other = write_raw(dir.path(), "other.raw", &vec![9u8; 64 * 65536]);
+    let img = dir.join("img.qcow2");
+    convert_json(&[], &raw, &img);
+    // A corrupt image (check exits 2) and a leaky one (3).
+    let bad = copy_file(&img, dir.join("bad.qcow2"));
+    let b = Img::open(&bad);
+    let c = (b.u64_at(b.l2_entry(0, 0)) & L2E_OFFSET_MASK) / b.cs();
+    b.set_refcount(c, 0);
+    let leaky = leaky_image(dir.path());
+    let out = dir.join("out.qcow2");
+    let s = |p: &Path| p.as_os_str().to_owned();
+    let cases: Vec<(Vec<std::ffi::OsString>, i32)> = vec![
+        (vec!["check".into(), s(&bad)], 2),
+        (
+            vec!["check".into(), "--output".into(), "json".into(), s(&bad)],
+            2,
+        ),
+        (vec!["check".into(), s(&leaky)], 3),
+        (vec!["check".into(), s(&img)], 0),
+        (vec!["info".into(), s(&img)], 0),
+        (
+            vec!["info".into(), "--output".into(), "json".into(), s(&img)],
+            0,
+        ),
+        (vec!["map".into(), "--shared".into(), s(&img)], 0),
+        (
+            vec!["map".into(), "--output".into(), "json".into(), s(&img)],
+            0,
+        ),
+        (vec!["compare".into(), s(&raw), s(&img)], 0),
+        (vec!["compare".into(), s(&other), s(&img)], 1),
+        (vec!["estimate".into(), s(&raw)], 0),
+        (
+            vec![
+                "convert".into(),
+                "-o".into(),
+                "help".into(),
+                s(&raw),
+                s(&out),
+            ],
+            0,
+        ),
+        (vec!["convert".into(), s(&raw), s(&out)], 0),
+        (vec!["demo".into(), "--size".into(), "4M".into()], 0),
+    ];
+    for (args, want) in &cases {
+        let args: Vec<&OsStr> = args.iter().map(std::ffi::OsString::as_os_str).collect();
+        // The same code as with stdout open.
+        assert_eq!(exit_code(&qdedup(&args)), *want, "qdedup {args:?}");
+        if args[0] == "convert" {
+            let _ = std::fs::remove_file(&out);
+        }
+        assert_eq!(
+            exit_code_with_closed_stdout(&args),
+            *want,
+            "qdedup {args:?} | (closed)"
+        );
+    }
+    // The conversion whose report could not be printed still wrote its output.
+    assert_qemu_compare_same(&raw, "raw", &out);
+    assert_eq!(cases.len(), 14);
 }

@@ -42,8 +42,8 @@ pub(crate) struct ImageArgs {
     /// Compress clusters (codec from -o compression_type, default zlib).
     #[arg(short = 'c', long = "compress")]
     pub(crate) compress: bool,
-    /// Compression level (zlib 0-9, zstd 1-22).
-    #[arg(long)]
+    /// Compression level (zlib 0-9, zstd 1-22; needs -c).
+    #[arg(long, allow_negative_numbers = true)]
     pub(crate) compression_level: Option<i32>,
     /// Try deflate on every distinct cluster, also those the incompressibility
     /// probe would store plain untried (slower on random data; rarely smaller).
@@ -66,8 +66,9 @@ pub(crate) struct ConvertArgs {
     /// Read through the backing chain (full, default) or the top layer alone (none).
     #[arg(long, value_enum, default_value = "full")]
     pub(crate) backing_chain: BackingChain,
-    /// Convert this snapshot's view (ID or name) instead of the active layer.
-    #[arg(short = 'l', long = "snapshot", value_name = "ID|NAME")]
+    /// Convert this snapshot's view instead of the active layer: ID or name (ID
+    /// first), or qemu-img's snapshot.id=ID / snapshot.name=NAME.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     pub(crate) snapshot: Option<String>,
     /// Output format; only qcow2 (accepted for qemu-img compatibility).
     #[arg(short = 'O', value_parser = ["qcow2"], default_value = "qcow2")]
@@ -89,16 +90,39 @@ pub(crate) struct ConvertArgs {
     /// Replace OUT if it exists.
     #[arg(long)]
     pub(crate) force: bool,
-    /// No progress bar.
+    /// Print nothing on success, as qemu-img -q (no progress, no human report;
+    /// an asked-for --output json is still printed).
     #[arg(short, long)]
     pub(crate) quiet: bool,
     /// Report format.
     #[arg(long, value_enum, default_value = "human")]
     pub(crate) output: OutputFormat,
+    #[command(flatten)]
+    pub(crate) qemu: QemuImgConvertArgs,
     /// Input image.
     pub(crate) input: PathBuf,
     /// Output qcow2 image.
     pub(crate) output_image: PathBuf,
+}
+
+/// qemu-img convert's options that qdedup takes as qemu-img users type them.
+/// Those it cannot honour are refused by name ([`super::qemu_img`]).
+#[derive(clap::Args)]
+pub(crate) struct QemuImgConvertArgs {
+    /// Show progress even when stderr is not a terminal (as qemu-img -p).
+    #[arg(short = 'p')]
+    pub(crate) progress: bool,
+    /// Output cache mode, as qemu-img: unsafe = --no-sync; none, writeback,
+    /// writethrough, directsync = sync the output (the default).
+    #[arg(short = 't', value_name = "CACHE")]
+    pub(crate) cache: Option<String>,
+    /// Source cache mode (qemu-img -T): accepted and ignored, the input is only read.
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    pub(crate) src_cache: Option<String>,
+    /// Out-of-order writes (qemu-img -W): accepted and ignored, qdedup orders its
+    /// writes itself.
+    #[arg(short = 'W')]
+    pub(crate) out_of_order: bool,
 }
 
 #[derive(clap::Args)]
@@ -219,6 +243,10 @@ pub(crate) struct CheckArgs {
     /// Do not decompress compressed clusters (faster; qemu-img check does not either).
     #[arg(long)]
     pub(crate) no_verify_compressed: bool,
+    /// Print nothing but errors, as qemu-img check -q (the exit code is the
+    /// verdict; an asked-for --output json is still printed).
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
     /// List at most this many findings (the counts stay exact).
     #[arg(long, default_value_t = 1000)]
     pub(crate) max_findings: usize,

@@ -38,8 +38,10 @@ pub(crate) struct Convert {
     pub(crate) output: PathBuf,
     /// Everything but `progress` and `cancel`, which belong to the terminal.
     pub(crate) opts: ConvertOptions,
-    /// No progress bar.
+    /// Nothing printed on success: no progress, no human report (`-q`).
     pub(crate) quiet: bool,
+    /// Progress even when stderr is not a terminal (`-p`).
+    pub(crate) progress: bool,
     pub(crate) report: OutputFormat,
 }
 
@@ -80,6 +82,8 @@ pub(crate) struct Estimate {
 pub(crate) struct Check {
     pub(crate) image: PathBuf,
     pub(crate) opts: CheckOptions,
+    /// No human report (`-q`): the exit code says it.
+    pub(crate) quiet: bool,
     pub(crate) report: OutputFormat,
 }
 
@@ -87,6 +91,8 @@ pub(crate) struct Check {
 pub(crate) struct Demo {
     /// Bytes of the sample disk.
     pub(crate) size: u64,
+    /// The size as typed, for messages.
+    pub(crate) size_text: String,
     pub(crate) keep: Option<PathBuf>,
 }
 
@@ -108,6 +114,7 @@ impl Command {
             Cmd::Check(a) => Command::Check(check(a)),
             Cmd::Demo { size, keep } => Command::Demo(Demo {
                 size: parse_size(&size)?,
+                size_text: size,
                 keep,
             }),
         })
@@ -148,9 +155,43 @@ fn image_options(a: &ImageArgs) -> Result<Option<ConvertOptions>> {
             );
         }
     }
-    opts.compression_level = a.compression_level;
+    opts.compression_level = compression_level(a.compression_level, opts.compression)?;
     opts.compress_probe = !a.no_compress_probe;
     Ok(Some(opts))
+}
+
+/// `--compression-level` checked against the codec's range (zlib 0-9, zstd 1-22);
+/// refused without `-c`, where it would change nothing.
+fn compression_level(level: Option<i32>, codec: Option<CompressionType>) -> Result<Option<i32>> {
+    let Some(level) = level else {
+        return Ok(None);
+    };
+    let (name, range) = match codec {
+        None => bail!("--compression-level needs -c (without it nothing is compressed)"),
+        Some(CompressionType::Zlib) => ("zlib", 0..=9),
+        Some(CompressionType::Zstd) => ("zstd", 1..=22),
+    };
+    if !range.contains(&level) {
+        bail!(
+            "--compression-level {level} is out of range for {name}: {}-{}",
+            range.start(),
+            range.end()
+        );
+    }
+    Ok(Some(level))
+}
+
+/// Whether qemu-img's output cache mode `-t MODE` syncs the output: `unsafe`
+/// does not (qdedup's --no-sync), the others do.
+fn cache_syncs(option: &str, mode: &str) -> Result<bool> {
+    match mode {
+        "unsafe" => Ok(false),
+        "none" | "writeback" | "writethrough" | "directsync" => Ok(true),
+        _ => bail!(
+            "{option} {mode}: unknown cache mode (qemu-img's modes: none, writeback, \
+             writethrough, directsync, unsafe)"
+        ),
+    }
 }
 
 fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
@@ -162,7 +203,21 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         opts.workers = w;
     }
     opts.max_in_flight = usize::try_from(parse_size(&a.max_in_flight)?)?;
+    if opts.max_in_flight == 0 {
+        bail!("--max-in-flight 0: give a size of at least 1 byte, e.g. 64M (the default)");
+    }
     opts.sync = !a.no_sync;
+    if let Some(mode) = &a.qemu.cache {
+        let sync = cache_syncs("-t", mode)?;
+        if sync && a.no_sync {
+            bail!("-t {mode} syncs the output, --no-sync does not: give one of them");
+        }
+        opts.sync = sync;
+    }
+    if let Some(mode) = &a.qemu.src_cache {
+        // Checked, then ignored: the input is only read.
+        cache_syncs("-T", mode)?;
+    }
     opts.force = a.force;
     opts.input = OpenOptions {
         format: input_format(a.format),
@@ -175,6 +230,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         output: a.output_image,
         opts,
         quiet: a.quiet,
+        progress: a.qemu.progress,
         report: a.output,
     }))
 }
@@ -269,6 +325,7 @@ fn check(a: CheckArgs) -> Check {
             max_findings: a.max_findings,
             force_share: a.force_share,
         },
+        quiet: a.quiet,
         report: a.output,
     }
 }

@@ -4,3 +4,4 @@
 
 pub(crate) mod args;
 pub(crate) mod command;
+pub(crate) mod qemu_img;

@@ -225,6 +225,34 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// Gives the temporary file the owner and group of the file `old` it will replace
+/// (a root-run `--force` keeps a libvirt- or user-owned image theirs); returns
+/// the mode `old` has, for the new file. Fails, before anything is converted,
+/// where the owner cannot be kept.
+fn keep_owner(file: &File, old: &std::fs::Metadata, output: &Path) -> Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let st = rustix::fs::fstat(file)
+        .map_err(std::io::Error::from)
+        .ctx(|| "cannot read the temporary file's owner".to_string())?;
+    if st.st_uid != old.uid() || st.st_gid != old.gid() {
+        let (uid, gid) = (
+            rustix::fs::Uid::from_raw(old.uid()),
+            rustix::fs::Gid::from_raw(old.gid()),
+        );
+        rustix::fs::fchown(file, Some(uid), Some(gid))
+            .map_err(std::io::Error::from)
+            .ctx(|| {
+                format!(
+                    "cannot give the new {} the owner {}:{} of the file it replaces",
+                    output.display(),
+                    old.uid(),
+                    old.gid()
+                )
+            })?;
+    }
+    Ok(old.mode() & 0o7777)
+}
+
 /// Removes temporary files of earlier runs for the same output name that were
 /// killed (no process holds their lock any more). Returns what was removed.
 fn remove_stale_temporaries(dir: &Path, name: &str) -> Vec<std::path::PathBuf> {
@@ -287,7 +315,8 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         }
         _ => output,
     };
-    match std::fs::metadata(output) {
+    let existing = std::fs::metadata(output);
+    match &existing {
         Ok(m) if m.is_dir() => {
             return Err(Error::InvalidArgument(format!(
                 "output {} is a directory",
@@ -329,13 +358,47 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         .ok_or_else(|| Error::InvalidArgument(format!("bad output path {}", output.display())))?
         .to_string_lossy()
         .into_owned();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::InvalidArgument(format!(
+                "output directory {} is not a directory",
+                dir.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::InvalidArgument(format!(
+                "output directory {} does not exist",
+                dir.display()
+            )))
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot reach the output directory {}", dir.display()),
+                e,
+            ))
+        }
+    }
+    // Created 0644 less the umask, the mode a new OUT gets; kept 0600 while written.
     let tmp = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))
         .prefix(&format!(".{name}."))
         .suffix(".qdedup-tmp")
         .tempfile_in(dir)
+        // tempfile's error names the temporary file; the directory says more.
+        .map_err(|e| std::io::Error::from(e.kind()))
         .ctx(|| format!("cannot create a temporary file in {}", dir.display()))?;
     let file: &File = tmp.as_file();
+    let final_mode = match &existing {
+        Ok(m) => keep_owner(file, m, output)?,
+        Err(_) => rustix::fs::fstat(file)
+            .map(|st| st.st_mode & 0o7777)
+            .map_err(std::io::Error::from)
+            .ctx(|| "cannot read the temporary file's mode".to_string())?,
+    };
+    rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(0o600))
+        .map_err(std::io::Error::from)
+        .ctx(|| "cannot make the temporary file private".to_string())?;
     // Held until the file is closed: tells later runs this temporary file is live.
     let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
     let ConvertStats {
@@ -343,6 +406,9 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         bytes_read,
         index_bytes,
     } = convert_to(src, file, opts)?;
+    rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(final_mode))
+        .map_err(std::io::Error::from)
+        .ctx(|| format!("cannot set the mode {final_mode:o} of the new output"))?;
     if opts.sync {
         file.sync_all()
             .ctx(|| "cannot sync the output".to_string())?;

@@ -100,7 +100,8 @@ pub struct OpenOptions {
     /// Read through the backing chain (default). `false` reads the top layer alone:
     /// clusters it does not allocate read as zeros.
     pub backing_chain: bool,
-    /// Read this snapshot's view (matched by ID first, then by name) instead of the
+    /// Read this snapshot's view (matched by ID first, then by name;
+    /// `snapshot.id=ID` or `snapshot.name=NAME` match only one) instead of the
     /// active layer. qcow2 only.
     pub snapshot: Option<String>,
     /// Read images other processes have open for writing, as qemu-img's

@@ -86,16 +86,46 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
     })
 }
 
+/// The snapshot `want` names: `snapshot.id=ID` matches IDs only,
+/// `snapshot.name=NAME` names only (qemu-img's `-l` syntax; both, separated by a
+/// comma, must match the same snapshot); a bare word matches an ID first, then a
+/// name.
 fn find_snapshot(snaps: &[Snapshot], want: &str) -> Result<Snapshot> {
-    let by_id = snaps.iter().position(|s| s.id == want);
-    let by_name = || snaps.iter().position(|s| s.name == want);
-    match by_id.or_else(by_name) {
-        Some(i) => Ok(snaps[i].clone()),
-        None => Err(Error::InvalidArgument(format!(
-            "no snapshot with ID or name {want:?} (the image has {} snapshots)",
-            snaps.len()
-        ))),
+    let (mut id, mut name) = (None, None);
+    if want.starts_with("snapshot.") {
+        for part in want.split(',') {
+            match part.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "bad snapshot option {part:?}: use snapshot.id=ID or snapshot.name=NAME"
+                    )))
+                }
+            }
+        }
     }
+    let found = if id.is_some() || name.is_some() {
+        snaps
+            .iter()
+            .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n))
+    } else {
+        let by_id = snaps.iter().position(|s| s.id == want);
+        by_id.or_else(|| snaps.iter().position(|s| s.name == want))
+    };
+    if let Some(i) = found {
+        return Ok(snaps[i].clone());
+    }
+    let what = match (id, name) {
+        (Some(i), Some(n)) => format!("ID {i:?} and name {n:?}"),
+        (Some(i), None) => format!("ID {i:?}"),
+        (None, Some(n)) => format!("name {n:?}"),
+        (None, None) => format!("ID or name {want:?}"),
+    };
+    Err(Error::InvalidArgument(format!(
+        "no snapshot with {what} (the image has {} snapshots)",
+        snaps.len()
+    )))
 }
 
 /// The checks QEMU's `qcow2_snapshot_load_tmp` applies to a snapshot's L1 table
