@@ -71,8 +71,7 @@ impl<R: ReadAt + ?Sized> Checker<'_, R> {
         // QEMU; `inc` reported it if it ends a cluster or more past the end. Only
         // the part inside the file is read, so the allocation is bounded by it.
         let table = self.read_in_file(bm.table_offset, bytes, "bitmap table")?;
-        for (i, c) in table.chunks_exact(8).enumerate() {
-            let e = u64::from_be_bytes(c.try_into().expect("8 bytes"));
+        for (i, e) in crate::format::be64_words(&table).enumerate() {
             let at = bm.table_offset + 8 * i as u64;
             let off = table_entry_offset(e);
             if !table_entry_valid(e, cs) {

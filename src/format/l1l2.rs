@@ -273,6 +273,21 @@ impl L2Layout {
         })
     }
 
+    /// Every entry of the L2 table `table` (the table's bytes), in order: the
+    /// sequential form of [`L2Layout::slot`], for walks over whole tables.
+    pub fn slots(self, table: &[u8]) -> impl Iterator<Item = L2Slot> + '_ {
+        let extended = self.extended;
+        table
+            .chunks_exact(self.entry_bytes() as usize)
+            .map(move |c| {
+                let word = |k: usize| u64::from_be_bytes(c[k..k + 8].try_into().expect("8 bytes"));
+                L2Slot {
+                    raw: word(0),
+                    bitmap: SubclusterBitmap(if extended { word(8) } else { 0 }),
+                }
+            })
+    }
+
     /// Classifies a raw entry like QEMU's `qcow2_get_cluster_type`.
     pub fn decode(self, raw: u64) -> L2Entry {
         match L2Entry::decode(raw, self.cluster_bits, self.extended) {

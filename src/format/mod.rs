@@ -25,3 +25,11 @@ pub fn be16_at(buf: &[u8], at: usize) -> Option<u16> {
     let b = buf.get(at..at.checked_add(2)?)?;
     Some(u16::from_be_bytes(b.try_into().ok()?))
 }
+
+/// The big-endian `u64` words of a table (L1, refcount, bitmap tables); a
+/// trailing partial word is ignored.
+pub fn be64_words(bytes: &[u8]) -> impl Iterator<Item = u64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes")))
+}

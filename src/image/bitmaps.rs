@@ -105,8 +105,7 @@ pub(crate) fn load<R: ReadAt + ?Sized>(
         let mut table = vec![0u8; n as usize];
         file.read_exact_at(&mut table, bm.table_offset)
             .ctx(|| format!("reading the bitmap table at {:#x}", bm.table_offset))?;
-        for (i, c) in table.chunks_exact(8).enumerate() {
-            let e = u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes"));
+        for (i, e) in crate::format::be64_words(&table).enumerate() {
             if !table_entry_valid(e, cluster_size) {
                 return Err(Error::corrupt(
                     "bitmap table",

@@ -87,10 +87,7 @@ impl Refcounts {
                     h.refcount_table_offset
                 )
             })?;
-        let table = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes")))
-            .collect();
+        let table = crate::format::be64_words(&raw).collect();
         Ok(Refcounts {
             cluster_bits: h.cluster_bits,
             order: h.refcount_order,

@@ -42,7 +42,7 @@
 
 use crate::error::{Error, IoContext, Result};
 use crate::format::header::{off as hoff, Header, MAX_L1_BYTES, QEMU_MAX_LENGTH};
-use crate::format::l1l2::{L1Entry, L2Entry, L2Layout, L2Slot, SubclusterBitmap};
+use crate::format::l1l2::{L1Entry, L2Entry, L2Layout, L2Slot};
 use crate::format::snapshot::Snapshot;
 use crate::io::{ReadAt, WriteAt};
 
@@ -299,10 +299,7 @@ impl<'f, R: ReadAt + ?Sized> Tables<'f, R> {
         self.file
             .read_at_zero_fill(&mut raw, off)
             .ctx(|| format!("reading the {what} at {off:#x}"))?;
-        let entries = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().expect("chunks of 8 bytes")))
-            .collect();
+        let entries = crate::format::be64_words(&raw).collect();
         Ok(L1Table {
             tree: *tree,
             entries,
@@ -463,29 +460,18 @@ impl<'f, R: ReadAt + ?Sized> Walker<'f, R> {
         let n = layout.entries_per_table();
         // < 2^22 L1 entries · ≤ 2^18 entries per table: no overflow.
         let first_cluster = from.index * n;
-        // The buffer is one cluster: exactly `n` slots. Whole chunks of the entry
-        // size are decoded here rather than through `L2Layout::slot`, whose
-        // checked indexing costs measurably on this path (every entry of every
-        // tree).
-        for (j, chunk) in (0u64..).zip(self.buf.chunks_exact(esize as usize)) {
-            let word = |k: usize| {
-                let b: [u8; 8] = chunk[k..k + 8].try_into().expect("8-byte slice");
-                u64::from_be_bytes(b)
-            };
-            let raw = word(0);
-            let bitmap = if layout.extended { word(8) } else { 0 };
-            if raw == 0 && bitmap == 0 {
+        // The buffer is one cluster: exactly `n` slots, decoded in sequence
+        // (`L2Layout::slots`: no checked indexing per entry on this hot path).
+        for (j, slot) in (0u64..).zip(layout.slots(&self.buf)) {
+            if slot.raw == 0 && slot.bitmap.0 == 0 {
                 continue;
             }
             let e = L2Ref {
                 index: j,
                 at: offset + j * esize,
                 guest_cluster: first_cluster + j,
-                slot: L2Slot {
-                    raw,
-                    bitmap: SubclusterBitmap(bitmap),
-                },
-                entry: layout.decode(raw),
+                slot,
+                entry: layout.decode(slot.raw),
             };
             v.l2_entry(&t, &e)?;
         }

@@ -1,11 +1,12 @@
 //! A walk of the active L1/L2 tree of one qcow2 image, cluster by cluster, for
 //! `info`'s figures. Entries are decoded by the one decoder
-//! ([`L2Layout`], [`L2Entry::subcluster`]); the layers of a backing chain are
+//! (`L2Layout`, [`L2Entry::subcluster`]) and walked by the one tree walker
+//! (`image::tables`); the layers of a backing chain are
 //! opened by [`crate::source::chain`].
 
-use crate::error::{Error, Result};
-use crate::format::be64_at;
-use crate::format::l1l2::{L1Entry, L2Entry, L2Layout, Subcluster, SubclusterBitmap, SUBCLUSTERS};
+use crate::error::Result;
+use crate::format::l1l2::{L2Entry, Subcluster, SubclusterBitmap, SUBCLUSTERS};
+use crate::image::tables::{L1Ref, L2Ref, L2Table, PastEof, Tables, Tree, Visitor, Walker};
 use crate::image::Image;
 use crate::io::ReadAt;
 
@@ -53,67 +54,43 @@ fn classify(entry: L2Entry, bitmap: Option<SubclusterBitmap>) -> ClusterEntry {
 }
 
 /// Calls `f(guest_cluster, entry)` for every guest cluster below `virtual_size`
-/// of the active L1/L2 tree of the image `im` opened from `file` that has an L2
-/// table (clusters under empty L1 entries are skipped: they are unallocated).
-pub(crate) fn walk_l2(
-    file: &dyn ReadAt,
+/// of the active L1/L2 tree of the image `im` opened from `file` whose L2 entry
+/// is not empty (the others are unallocated). The walk is the one tree walker's
+/// (`image::tables`); an L2 table not wholly inside the file is refused.
+pub(crate) fn walk_l2<R: ReadAt + ?Sized>(
+    file: &R,
     im: &Image,
     virtual_size: u64,
-    mut f: impl FnMut(u64, ClusterEntry),
+    f: impl FnMut(u64, ClusterEntry),
 ) -> Result<()> {
-    let h = &im.header;
-    let layout = L2Layout {
-        cluster_bits: im.cluster_bits,
-        extended: im.extended_l2,
-        data_file: im.data_file,
-    };
-    let cs = im.cluster_size;
-    let l2_entries = layout.entries_per_table();
-    let n_clusters = virtual_size.div_ceil(cs);
-    let file_len = im.file_len;
-    // The opener bounded the L1 table by QEMU's 32 MiB limit; past the end of the
-    // file it reads as zeros, as in QEMU.
-    let mut l1 = vec![0u8; h.l1_size as usize * 8];
-    file.read_at_zero_fill(&mut l1, h.l1_table_offset)
-        .map_err(|e| Error::io("cannot read the L1 table", e))?;
-    // A cluster: no larger than 2 MiB (validated cluster_bits).
-    let mut table = vec![0u8; cs as usize];
-    for i in 0..u64::from(h.l1_size) {
-        let first = i * l2_entries;
-        if first >= n_clusters {
-            break;
+    struct Active<F> {
+        n_clusters: u64,
+        per_table: u64,
+        extended: bool,
+        f: F,
+    }
+    impl<F: FnMut(u64, ClusterEntry)> Visitor for Active<F> {
+        fn l1_entry(&mut self, e: &L1Ref) -> Result<bool> {
+            Ok(e.index.saturating_mul(self.per_table) < self.n_clusters)
         }
-        // i < l1_size, and l1 holds l1_size entries.
-        let raw = be64_at(&l1, (i * 8) as usize).unwrap_or(0);
-        let l1e = L1Entry::decode(raw);
-        if l1e.l2_offset == 0 {
-            continue;
-        }
-        let at = h.l1_table_offset + i * 8;
-        if l1e.l2_offset & (cs - 1) != 0 || l1e.l2_offset + cs > file_len {
-            return Err(Error::corrupt(
-                "L1 table",
-                at,
-                format!(
-                    "L1 entry {i}: L2 table offset {:#x} is unaligned or past the end of the file",
-                    l1e.l2_offset
-                ),
-            ));
-        }
-        file.read_exact_at(&mut table, l1e.l2_offset).map_err(|e| {
-            Error::io(
-                format!("cannot read the L2 table at {:#x}", l1e.l2_offset),
-                e,
-            )
-        })?;
-        for j in 0..l2_entries.min(n_clusters - first) {
-            // j < entries_per_table: the slot lies inside the table.
-            let slot = layout.slot(&table, j).unwrap_or_default();
-            let bitmap = layout.extended.then_some(slot.bitmap);
-            f(first + j, classify(layout.decode(slot.raw), bitmap));
+
+        fn l2_entry(&mut self, _: &L2Table, e: &L2Ref) -> Result<()> {
+            if e.guest_cluster < self.n_clusters {
+                let bitmap = self.extended.then_some(e.slot.bitmap);
+                (self.f)(e.guest_cluster, classify(e.entry, bitmap));
+            }
+            Ok(())
         }
     }
-    Ok(())
+    let tables = Tables::new(file, im, PastEof::Corrupt);
+    let layout = tables.layout();
+    let mut v = Active {
+        n_clusters: virtual_size.div_ceil(im.cluster_size),
+        per_table: layout.entries_per_table(),
+        extended: layout.extended,
+        f,
+    };
+    Walker::new(tables)?.walk(&[Tree::active(&im.header)], &mut v)
 }
 
 #[cfg(test)]

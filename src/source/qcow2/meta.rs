@@ -68,10 +68,7 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
         file.read_exact_at(&mut raw, l1_offset)
             .map_err(io_err("L1 table"))?;
     }
-    let l1 = raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().expect("8-byte chunk")))
-        .collect();
+    let l1 = crate::format::be64_words(&raw).collect();
     let backing_name = im.backing_file().map(<[u8]>::to_vec);
     Ok(Meta {
         virtual_size: im.header.guest_size(),
