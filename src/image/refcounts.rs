@@ -6,9 +6,9 @@
 //! dirty; [`Refcounts::flush`] writes each dirty block with one write of the whole
 //! block (a block is the unit QEMU writes too, so an interrupted flush leaves
 //! every block either old or new). When a cluster has no refcount block yet,
-//! [`Refcounts::set`] places one at the end of the file ([`Refcounts::grow`]);
-//! the table itself is never moved here (callers that need a larger table
-//! rewrite the header, which is the writer's business).
+//! [`Refcounts::set`] places one at the end of the file ([`Refcounts::grow`]),
+//! and a table too short for it is moved to a larger one ([`Refcounts::grow_table`],
+//! which switches the header to it).
 //!
 //! Lookups follow QEMU: a cluster past the table or under an empty table entry has
 //! refcount 0; a block past the end of the file reads as zeros.
@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, IoContext, Result};
-use crate::format::header::Header;
+use crate::format::header::{off as hoff, Header, MAX_REFTABLE_BYTES};
 use crate::format::refcount::{self, REFT_OFFSET_MASK};
 use crate::io::{ReadAt, WriteAt};
 
@@ -234,33 +234,100 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Gives table entry `b` a new, zeroed refcount block at the end of the file,
-    /// counting the block itself (its own refcount goes into the block when the
-    /// block covers itself, else into the block that does). The table entry is
-    /// written at once; the block is written by the next [`Refcounts::flush`].
-    /// Fails when the table has no entry `b` (the table would have to grow).
+    /// Gives table entry `b` a new refcount block at the end of the file, counting
+    /// the block itself (its own refcount goes into the block when the block
+    /// covers itself, else into the block that does, written first). The block
+    /// is on disk before the table entry refers to it, so an interruption leaves
+    /// at most a leak. A table without entry `b` is first moved to a larger one
+    /// ([`Refcounts::grow_table`]).
     pub fn grow(&mut self, file: &(impl ReadAt + WriteAt + ?Sized), b: u64) -> Result<u64> {
-        let idx = usize::try_from(b).ok().filter(|i| *i < self.table.len());
-        let Some(idx) = idx else {
-            return Err(Error::LimitExceeded(format!(
-                "the refcount table ({} entries) has no entry {b}; growing the table is not supported",
-                self.table.len()
-            )));
-        };
+        if usize::try_from(b).map_or(true, |i| i >= self.table.len()) {
+            self.grow_table(file, b + 1)?;
+        }
+        let idx = usize::try_from(b).expect("the table has entry b");
         let cs = 1u64 << self.cluster_bits;
         let len = file.len().ctx(|| "cannot stat the image".to_string())?;
         let off = len.div_ceil(cs) * cs;
-        let data = vec![0u8; cs as usize].into_boxed_slice();
-        // The block is allocated by writing it out, so that the file covers it
-        // before the table entry refers to it.
+        let own = off >> self.cluster_bits;
+        let bits = self.entries_per_block_bits();
+        let mut data = vec![0u8; cs as usize].into_boxed_slice();
+        if own >> bits == b {
+            refcount::set(&mut data, self.order, own & ((1 << bits) - 1), 1);
+        }
         file.write_all_at(&data, off)
             .ctx(|| format!("cannot write a new refcount block at {off:#x}"))?;
-        self.blocks.insert(b, Block { data, dirty: true });
+        self.blocks.insert(b, Block { data, dirty: false });
         self.table[idx] = off;
+        if own >> bits != b {
+            self.set(file, own, 1)?;
+            self.flush(file)?;
+        }
         file.write_all_at(&off.to_be_bytes(), self.table_offset + 8 * b)
             .ctx(|| "cannot write the refcount table".to_string())?;
-        self.set(file, off >> self.cluster_bits, 1)?;
         Ok(off)
+    }
+
+    /// Moves the refcount table to a new one at the end of the file with at least
+    /// `entries` entries (twice the old size at least, as QEMU grows it): the new
+    /// table and the refcounts of its clusters are written and synced, then the
+    /// header is switched to it with one write, then the old table's clusters are
+    /// freed. An interruption at any point leaves the old table or the new one in
+    /// force, and at most leaked clusters, never a corruption.
+    pub fn grow_table(
+        &mut self,
+        file: &(impl ReadAt + WriteAt + ?Sized),
+        entries: u64,
+    ) -> Result<()> {
+        let cb = self.cluster_bits;
+        let cs = 1u64 << cb;
+        let per_cluster = cs / 8;
+        let old_offset = self.table_offset;
+        let old_clusters = (self.table.len() as u64).div_ceil(per_cluster);
+        let len = file.len().ctx(|| "cannot stat the image".to_string())?;
+        let off = len.div_ceil(cs) * cs;
+        // The new table must also cover its own clusters and the blocks counting
+        // them (at most one per cluster of the table, plus one).
+        let mut clusters = entries
+            .max(2 * self.table.len() as u64)
+            .div_ceil(per_cluster)
+            .max(1);
+        loop {
+            let last = (off >> cb) + 2 * clusters + 1;
+            if (clusters * per_cluster) << self.entries_per_block_bits() > last {
+                break;
+            }
+            clusters += 1;
+        }
+        if clusters * cs > MAX_REFTABLE_BYTES {
+            return Err(Error::LimitExceeded(format!(
+                "the refcount table would need {clusters} clusters, more than QEMU's 8 MiB limit"
+            )));
+        }
+        let n = usize::try_from(clusters * per_cluster)
+            .map_err(|_| Error::LimitExceeded("refcount table larger than memory".into()))?;
+        let mut table = self.table.clone();
+        table.resize(n, 0);
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_all_at(&bytes, off)
+            .ctx(|| format!("cannot write the new refcount table at {off:#x}"))?;
+        self.table = table;
+        self.table_offset = off;
+        for c in (off >> cb)..(off >> cb) + clusters {
+            self.set(file, c, 1)?;
+        }
+        self.flush(file)?;
+        file.sync().ctx(|| "cannot sync the image".to_string())?;
+        // refcount_table_offset and refcount_table_clusters are adjacent: one write.
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(clusters as u32).to_be_bytes());
+        file.write_all_at(&hdr, hoff::REFCOUNT_TABLE_OFFSET as u64)
+            .ctx(|| "cannot write the header".to_string())?;
+        file.sync().ctx(|| "cannot sync the image".to_string())?;
+        for c in (old_offset >> cb)..(old_offset >> cb) + old_clusters {
+            self.set(file, c, 0)?;
+        }
+        self.flush(file)
     }
 
     /// Writes every changed block (one write per block).
@@ -344,6 +411,44 @@ mod tests {
         let len = f.len().unwrap();
         again.set(&f, 1 << 20, 0).unwrap();
         assert_eq!(f.len().unwrap(), len);
+    }
+
+    #[test]
+    fn a_cluster_past_the_table_moves_the_table_and_switches_the_header() {
+        // 512-byte clusters: one table cluster has 64 entries of 256 clusters each.
+        let cs = 512u64;
+        let mut h = Header::new_v3(9, 4, 1 << 30);
+        h.refcount_table_offset = cs;
+        h.refcount_table_clusters = 1;
+        let mut bytes = vec![0u8; 3 * cs as usize];
+        h.encode(&mut bytes[..Header::ENCODED_LEN]);
+        bytes[cs as usize..cs as usize + 8].copy_from_slice(&(2 * cs).to_be_bytes());
+        for c in 0..3 {
+            refcount::set(&mut bytes[2 * cs as usize..], 4, c, 1);
+        }
+        let f = MemFile::new(bytes);
+        let mut r = Refcounts::load(&f, &h).unwrap();
+        let far = 64 * 256 + 10;
+        r.set(&f, far, 5).unwrap();
+        r.flush(&f).unwrap();
+        let h2 = Header::decode(&f.contents()[..Header::ENCODED_LEN]).unwrap();
+        assert_ne!(
+            h2.refcount_table_offset, cs,
+            "the header points to the new table"
+        );
+        assert!(h2.refcount_table_clusters >= 2);
+        let mut again = Refcounts::load(&f, &h2).unwrap();
+        assert_eq!(again.get(&f, far).unwrap(), Stored::Count(5));
+        // The old table's cluster is free, the new table's clusters are counted.
+        assert_eq!(again.get(&f, 1).unwrap(), Stored::Count(0));
+        let first = h2.refcount_table_offset / cs;
+        for c in first..first + u64::from(h2.refcount_table_clusters) {
+            assert_eq!(again.get(&f, c).unwrap(), Stored::Count(1), "cluster {c}");
+        }
+        // Every block the table names counts itself once.
+        for &e in again.table().to_vec().iter().filter(|e| **e != 0) {
+            assert_eq!(again.get(&f, e / cs).unwrap(), Stored::Count(1));
+        }
     }
 
     #[test]
