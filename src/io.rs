@@ -101,7 +101,20 @@ impl ReadAt for File {
         FileExt::read_at(self, buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
+        file_length(self)
+    }
+}
+
+/// The length of a file in bytes; for a block device (whose `st_size` is 0) the
+/// size of the device, found by seeking to its end (the position is irrelevant:
+/// every read and write here is positional).
+pub fn file_length(file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = file.metadata()?;
+    if meta.file_type().is_block_device() {
+        Ok(rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?)
+    } else {
+        Ok(meta.len())
     }
 }
 

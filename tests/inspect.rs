@@ -909,3 +909,137 @@ fn info_names_backing_files_like_qemu_img_from_any_directory() {
     let theirs = common::qemu_ok_in(root, "qemu-img", ["map", arg]);
     assert_eq!(ours, String::from_utf8(theirs.stdout).unwrap());
 }
+
+/// The cells of a table line and the column each starts at.
+fn cells(line: &str) -> Vec<(usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = None;
+    for (i, ch) in line.char_indices().chain([(line.len(), ' ')]) {
+        match (ch == ' ', start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                out.push((s, &line[s..i]));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn map_shared_table_lines_up_whatever_the_widths() {
+    let d = Scratch::new();
+    // A 16-digit guest offset (wider than qemu-img's %-16 columns) in a backing
+    // file with a long name, and an overlay with a short one.
+    let base = d.join("a-rather-long-backing-file-name.qcow2");
+    let top = d.join("o.qcow2");
+    let create = |img: &Path, extra: &[&std::ffi::OsStr], size: &str| {
+        let mut args: Vec<&std::ffi::OsStr> =
+            ["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M"]
+                .iter()
+                .map(AsRef::as_ref)
+                .collect();
+        args.extend_from_slice(extra);
+        args.push(img.as_os_str());
+        if !size.is_empty() {
+            args.push(size.as_ref());
+        }
+        qemu_img(args);
+    };
+    create(&base, &[], "8P");
+    qemu_io(
+        &base,
+        &["write -P 3 0 2M", "write -P 4 9007199252643840 2M"],
+    );
+    create(
+        &top,
+        &[
+            "-F".as_ref(),
+            "qcow2".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+        ],
+        "",
+    );
+    qemu_io(&top, &["write -P 5 4M 2M", "write -P 3 8M 2M"]);
+    let table = stdout(&qdedup_ok([
+        "map".as_ref(),
+        "--shared".as_ref(),
+        top.as_os_str(),
+    ]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 5, "{table}");
+    let head: Vec<(usize, &str)> = cells(lines[0])
+        .into_iter()
+        .filter(|c| c.1 != "to")
+        .collect();
+    let names: Vec<&str> = head.iter().map(|c| c.1).collect();
+    assert_eq!(names, ["Offset", "Length", "Mapped", "File", "Refcount"]);
+    let mut files = Vec::new();
+    for l in &lines[1..] {
+        let row = cells(l);
+        assert_eq!(row.len(), 5, "{l:?}");
+        for col in 0..4 {
+            assert_eq!(row[col].0, head[col].0, "column {col} of {l:?} in\n{table}");
+        }
+        // Refcount is right-aligned under its heading.
+        assert_eq!(l.len(), lines[0].len(), "{l:?} in\n{table}");
+        assert_eq!(row[4].1, "1");
+        files.push(row[3].1);
+    }
+    assert!(lines[4].starts_with("0x1fffffffe00000 "), "{table}");
+    assert!(files.iter().any(|f| f.ends_with("/o.qcow2")));
+    assert!(files
+        .iter()
+        .any(|f| f.ends_with("a-rather-long-backing-file-name.qcow2")));
+}
+
+#[test]
+fn info_gives_a_files_length_and_a_block_devices_size() {
+    struct Detach(PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let d = Scratch::new();
+    let raw = raw_input(d.path(), 64 << 10, 48, 0, 3);
+    let img = d.join("o.qcow2");
+    convert(&raw, &img, &[]);
+    let len = size_of(&img);
+    assert_eq!(report_json(&["info"], &img)["file-size"], len);
+    let human = stdout(&qdedup_ok(["info".as_ref(), img.as_os_str()]));
+    assert!(human.contains(&format!("({len} bytes)")), "{human}");
+
+    // A block device's st_size is 0: the device's size is reported instead.
+    // Loop devices need root (a file we create is ours: uid 0 means root).
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&img).unwrap()) != 0 {
+        eprintln!("not root: the loop-device half of this test needs root");
+        return;
+    }
+    let attach = std::process::Command::new("losetup")
+        .args(["-f", "--show", "-r"])
+        .arg(&img)
+        .output()
+        .expect("losetup (util-linux) runs");
+    assert!(
+        attach.status.success(),
+        "losetup: {}",
+        String::from_utf8_lossy(&attach.stderr)
+    );
+    let dev = PathBuf::from(String::from_utf8(attach.stdout).unwrap().trim());
+    let _detach = Detach(dev.clone());
+    // The loop device is the image rounded up to 512-byte sectors.
+    let dev_len = len.next_multiple_of(512);
+    let r = report_json(&["info"], &dev);
+    assert_eq!(r["file-size"], dev_len, "{r}");
+    assert_eq!(r["format"], "qcow2");
+    assert_eq!(r["dedup"]["guest-clusters"], 48, "{r}");
+    let human = stdout(&qdedup_ok(["info".as_ref(), dev.as_os_str()]));
+    assert!(human.contains(&format!("({dev_len} bytes)")), "{human}");
+    assert!(!human.contains("file length: 0 B"), "{human}");
+}

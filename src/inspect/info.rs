@@ -290,6 +290,9 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
         .ctx(|| format!("cannot stat {}", path.display()))?;
     let filename = path.display().to_string();
     let actual_size = meta.blocks() * 512;
+    // A block device's size (its st_size is 0).
+    let file_size =
+        crate::io::file_length(&file).ctx(|| format!("cannot size {}", path.display()))?;
     if format == Format::Raw {
         let r = RawSource::from_file(file, path)?;
         return Ok(InfoReport {
@@ -305,7 +308,7 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
             full_backing_filename: None,
             backing_filename_format: None,
             dirty_flag: false,
-            file_size: meta.len(),
+            file_size,
             dedup: None,
             problems: Vec::new(),
         });
@@ -353,7 +356,7 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
             .map(|b| String::from_utf8_lossy(b).into_owned()),
         backing_filename_format: im.backing_format.clone(),
         dirty_flag: h.incompatible_features & QCOW2_INCOMPAT_DIRTY != 0,
-        file_size: meta.len(),
+        file_size,
         dedup,
         problems,
     })

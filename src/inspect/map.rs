@@ -310,40 +310,66 @@ pub fn to_json(entries: &[MapEntry]) -> String {
     s
 }
 
-/// C's `%#-16x`: `0` has no prefix.
-fn hex16(v: u64) -> String {
-    let h = if v == 0 {
+/// C's `%#x`: `0` has no prefix.
+fn hex(v: u64) -> String {
+    if v == 0 {
         "0".to_string()
     } else {
         format!("{v:#x}")
-    };
-    format!("{h:<16}")
+    }
 }
 
 /// qemu-img map's default table: data extents only. Compressed extents (which
 /// qemu-img refuses to print) show "compressed" instead of a host offset.
+///
+/// The columns are qemu-img's (`%#-16x` three times, then the file name), so the
+/// table is byte for byte qemu-img's while every number fits in 15 characters;
+/// a wider number widens its column (one space at least between columns), and
+/// with `shared` the file column is padded to the longest name so that the
+/// right-aligned `Refcount` column lines up whatever the names.
 pub fn to_human(m: &MapReport, shared: bool) -> String {
-    let mut s = format!(
-        "{:<16}{:<16}{:<16}{}",
-        "Offset", "Length", "Mapped to", "File"
-    );
-    if shared {
-        s.push_str("  Refcount");
-    }
-    s.push('\n');
-    for e in m.entries.iter().filter(|e| e.data && !e.zero) {
-        let mapped = match e.offset {
-            Some(o) => hex16(o),
-            None => format!("{:<16}", "compressed"),
-        };
-        s.push_str(&hex16(e.start));
-        s.push_str(&hex16(e.length));
-        s.push_str(&mapped);
-        s.push_str(&m.files[e.depth as usize]);
-        if let (true, Some(r)) = (shared, e.refcount) {
-            let _ = write!(s, "  {r}");
+    let header = ["Offset", "Length", "Mapped to", "File", "Refcount"];
+    let rows: Vec<[String; 5]> = m
+        .entries
+        .iter()
+        .filter(|e| e.data && !e.zero)
+        .map(|e| {
+            [
+                hex(e.start),
+                hex(e.length),
+                e.offset.map_or_else(|| "compressed".to_string(), hex),
+                m.files.get(e.depth as usize).cloned().unwrap_or_default(),
+                e.refcount.map(|r| r.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let width = |col: usize| {
+        rows.iter()
+            .map(|r| r[col].len())
+            .chain([header[col].len()])
+            .max()
+            .unwrap_or(0)
+    };
+    // qemu-img's 16 (`%-16`), or more where a cell needs it.
+    let num_widths = [0, 1, 2].map(|c| (width(c) + 1).max(16));
+    let file_width = width(3);
+    let rc_width = width(4);
+    let line = |cells: [&str; 5]| {
+        let mut l = String::new();
+        for (c, w) in cells[..3].iter().zip(num_widths) {
+            let _ = write!(l, "{c:<w$}");
         }
-        s.push('\n');
+        if shared {
+            let _ = write!(l, "{:<file_width$}  {:>rc_width$}", cells[3], cells[4]);
+        } else {
+            l.push_str(cells[3]);
+        }
+        l.push('\n');
+        l
+    };
+    let mut s = line(header);
+    for r in &rows {
+        s.push_str(&line([&r[0], &r[1], &r[2], &r[3], &r[4]]));
     }
     s
 }

@@ -41,13 +41,9 @@ impl RawSource {
                 path.display()
             )));
         }
-        let file_len = if meta.file_type().is_file() {
-            meta.len()
-        } else {
-            // Block devices: seek to the end for the size.
-            rustix::fs::seek(file.as_fd(), rustix::fs::SeekFrom::End(0))
-                .map_err(|e| Error::io(format!("cannot size {}", path.display()), e.into()))?
-        };
+        // Block devices: the device's size.
+        let file_len = crate::io::file_length(&file)
+            .map_err(|e| Error::io(format!("cannot size {}", path.display()), e))?;
         let virtual_size = file_len
             .checked_next_multiple_of(512)
             .ok_or_else(|| Error::LimitExceeded("raw image size".into()))?;
