@@ -445,18 +445,30 @@ fn check_free_space(dir: &std::path::Path, size: u64, size_text: &str) -> Result
     Ok(())
 }
 
+/// The exit code of a usage error (a bad option or value), as clap's and
+/// qemu-img's argument errors.
+const USAGE_ERROR: u8 = 2;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             if let Some(why) = cli::qemu_img::explain_unknown(&e) {
                 errln!("qdedup: error: {why}");
-                return ExitCode::from(2);
+                return ExitCode::from(USAGE_ERROR);
             }
             e.exit()
         }
     };
-    let r = Command::from_args(cli).and_then(|cmd| match &cmd {
+    // A value qdedup itself refuses is a usage error like clap's: exit 2.
+    let cmd = match Command::from_args(cli) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            errln!("qdedup: error: {}", error_chain(&e));
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    let r = match &cmd {
         Command::Convert(c) => run_convert(c),
         Command::Check(c) => run_check(c),
         Command::Demo(c) => run_demo(c),
@@ -465,7 +477,7 @@ fn main() -> ExitCode {
         Command::Compare(c) => Ok(run_compare(c)),
         Command::Estimate(c) => run_estimate(c),
         Command::ImageOptionsHelp => Ok(run_image_options_help()),
-    });
+    };
     let code = match r {
         Ok(c) => c,
         Err(e) => {

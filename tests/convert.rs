@@ -423,7 +423,7 @@ fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
             input.as_os_str(),
             bad.as_os_str(),
         ]);
-        assert_eq!(o.status.code(), Some(1), "{opt}");
+        assert_eq!(o.status.code(), Some(2), "{opt}");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(says), "{opt}: {err}");
         assert!(!bad.exists());

@@ -357,3 +357,74 @@ fn demo_refuses_a_size_that_cannot_fit_before_writing() {
     );
     assert!(dir_entries(&keep).is_empty(), "nothing generated");
 }
+
+#[test]
+fn usage_errors_exit_2_and_runtime_errors_exit_1() {
+    let dir = Scratch::new();
+    let raw = raw_input(dir.path(), 65536, 16, 0, 2);
+    let out = dir.join("out.qcow2");
+    let img = dir.join("img.qcow2");
+    convert_json(&[], &raw, &img);
+    let missing = dir.join("missing.raw");
+    let (r, o, i, m) = (
+        raw.as_os_str(),
+        out.as_os_str(),
+        img.as_os_str(),
+        missing.as_os_str(),
+    );
+    let usage: Vec<Vec<&std::ffi::OsStr>> = vec![
+        // qdedup's own value checks.
+        argv(&["convert", "-o", "cluster_size=1000"], &[], &[r, o]),
+        argv(&["convert", "-o", "compat=0.10"], &[], &[r, o]),
+        argv(&["convert", "-o", "nonsense=1"], &[], &[r, o]),
+        argv(&["convert", "-o", "compression_type=zstd"], &[], &[r, o]),
+        argv(
+            &["convert", "-c", "--compression-level", "99"],
+            &[],
+            &[r, o],
+        ),
+        argv(&["convert", "--compression-level", "3"], &[], &[r, o]),
+        argv(&["convert", "--max-in-flight", "0"], &[], &[r, o]),
+        argv(&["convert", "--max-in-flight", "lots"], &[], &[r, o]),
+        argv(&["convert", "-t", "sometimes"], &[], &[r, o]),
+        argv(
+            &["convert", "-t", "unsafe", "--no-sync", "-t", "none"],
+            &[],
+            &[r, o],
+        ),
+        argv(&["estimate", "--cluster-sizes", "4k,3k"], &[], &[r]),
+        argv(&["estimate", "-o", "refcount_bits=3"], &[], &[r]),
+        argv(&["demo", "--size", "big"], &[], &[]),
+        argv(&["check", "-U", "--repair", "leaks"], &[], &[i]),
+        // clap's errors and refused qemu-img options.
+        argv(&["convert", "--bogus"], &[], &[r, o]),
+        argv(&["convert", "-n"], &[], &[r, o]),
+        argv(&["convert", "-f", "vmdk"], &[], &[r, o]),
+        argv(&["info"], &[], &[]),
+        argv(&["map", "--start-offset", "0"], &[], &[i]),
+        argv(&["check", "--repair", "some"], &[], &[i]),
+    ];
+    let cases = usage.len();
+    for args in usage {
+        let out_ = qdedup(&args);
+        assert_eq!(exit_code(&out_), 2, "{args:?}: {}", said(&out_));
+        assert!(!out.exists(), "{args:?}: nothing written");
+    }
+    assert_eq!(cases, 20);
+    // Runtime errors (the arguments were fine): exit 1.
+    for args in [
+        argv(&["convert"], &[], &[m, o]),
+        argv(&["info"], &[], &[m]),
+        argv(&["map"], &[], &[m]),
+        argv(&["estimate"], &[], &[m]),
+        argv(&["check"], &[], &[m]),
+        argv(&["convert"], &[], &[r, i]),
+    ] {
+        let out_ = qdedup(&args);
+        assert_eq!(exit_code(&out_), 1, "{args:?}: {}", said(&out_));
+        assert_eq!(stderr(&out_).trim().lines().count(), 1, "{args:?}");
+    }
+    // compare keeps qemu-img compare's codes: 1 a difference, 2 an error.
+    let out_ = qdedup(argv(&["compare"], &[], &[m, i]));
+    assert_eq!(exit_code(&out_), 2, "{}", said(&out_));
+}

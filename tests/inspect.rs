@@ -324,7 +324,7 @@ fn zstd_without_c_is_refused_by_convert_and_estimate_alike() {
     ] {
         let o = qdedup(&args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains("needs -c"), "{args:?}: {err}");
     }
     assert!(!out.exists());

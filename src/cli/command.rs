@@ -111,7 +111,7 @@ impl Command {
                 Some(e) => Command::Estimate(e),
                 None => Command::ImageOptionsHelp,
             },
-            Cmd::Check(a) => Command::Check(check(a)),
+            Cmd::Check(a) => Command::Check(check(a)?),
             Cmd::Demo { size, keep } => Command::Demo(Demo {
                 size: parse_size(&size)?,
                 size_text: size,
@@ -311,8 +311,15 @@ fn estimate(a: EstimateArgs) -> Result<Option<Estimate>> {
     }))
 }
 
-fn check(a: CheckArgs) -> Check {
-    Check {
+fn check(a: CheckArgs) -> Result<Check> {
+    if a.force_share && a.repair.is_some() {
+        // As qemu-img refuses `-U -r`.
+        bail!(
+            "-U/--force-share can only be used with read-only checks, not with --repair \
+             (qemu-img: force-share=on can only be used with read-only images)"
+        );
+    }
+    Ok(Check {
         image: a.image,
         opts: CheckOptions {
             strict: a.strict,
@@ -327,5 +334,5 @@ fn check(a: CheckArgs) -> Check {
         },
         quiet: a.quiet,
         report: a.output,
-    }
+    })
 }
