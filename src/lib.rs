@@ -46,9 +46,9 @@
 //! let qcow2 = dir.path().join("disk.qcow2");
 //! let report = qdedup::convert(&raw, &qcow2, &ConvertOptions::default())?;
 //! // 64 KiB clusters: 64 in all, 16 unique, 16 repeats of them, 32 of zeros.
-//! assert_eq!(report.clusters_unique, 16);
-//! assert_eq!(report.clusters_duplicate, 16);
-//! assert_eq!(report.clusters_zero, 32);
+//! assert_eq!(report.stored_copies, 16);
+//! assert_eq!(report.duplicate_clusters, 16);
+//! assert_eq!(report.unallocated_clusters, 32);
 //!
 //! let check = qdedup::check(&qcow2, &CheckOptions::default())?;
 //! assert!(check.is_clean());

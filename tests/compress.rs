@@ -37,7 +37,7 @@ fn zlib_and_zstd_at_every_cluster_size_are_clean_and_identical() {
                 "compressed entries never carry COPIED"
             );
             assert_eq!(
-                r["clusters-compressed"].as_u64().unwrap(),
+                r["compressed-streams"].as_u64().unwrap(),
                 layout.streams.len() as u64,
                 "each content compressed once"
             );
@@ -131,7 +131,7 @@ fn incompressible_data_is_stored_plain() {
     std::fs::write(&input, random_bytes(1, 65536 * 8)).unwrap();
     let out = dir.join("out.qcow2");
     let r = convert_json(&["-c"], &input, &out);
-    assert_eq!(r["clusters-compressed"], 0);
+    assert_eq!(r["compressed-streams"], 0);
     assert_eq!(read_layout(&out).data_refs.len(), 8);
     assert_qemu_compare_same(&input, "raw", &out);
 }
@@ -183,9 +183,9 @@ fn compress_probe_skips_random_clusters_and_changes_no_byte() {
         let per = (cs as u64) / a["cluster-size"].as_u64().unwrap();
         let skipped = a["probe-skipped"].as_u64().unwrap();
         assert!(skipped >= random_64k * per, "{o}: {skipped} skipped");
-        assert_eq!(a["clusters-compressed"], b["clusters-compressed"], "{o}");
+        assert_eq!(a["compressed-streams"], b["compressed-streams"], "{o}");
         assert!(
-            a["clusters-compressed"].as_u64().unwrap() >= 12 * per / 4,
+            a["compressed-streams"].as_u64().unwrap() >= 12 * per / 4,
             "{o}"
         );
         assert_qemu_check_clean(&probed);

@@ -101,7 +101,7 @@ fn no_dedup_stores_every_non_zero_cluster() {
     assert_qemu_check_clean(&out);
     assert_qemu_compare_same(&input, "raw", &out);
     assert_eq!(read_layout(&out).data_refs.len(), nonzero);
-    assert_eq!(r["clusters-duplicate"], 0);
+    assert_eq!(r["duplicate-clusters"], 0);
 }
 
 #[test]
@@ -302,7 +302,7 @@ fn human_report_gives_the_same_figures_as_the_json_report() {
     let j = convert_json(&["--force"], &input, &out);
     let n = |k: &str| j[k].as_u64().unwrap_or_else(|| panic!("{k} in {j}"));
     let mib = |k: &str| format!("{:.1} MiB", n(k) as f64 / f64::from(1 << 20));
-    assert!(n("clusters-unique") > 0 && n("clusters-duplicate") > 0 && n("clusters-zero") > 0);
+    assert!(n("stored-copies") > 0 && n("duplicate-clusters") > 0 && n("unallocated-clusters") > 0);
     let want = [
         format!(
             "virtual size:      {} ({} bytes), cluster size {}, refcount bits {}",
@@ -312,11 +312,11 @@ fn human_report_gives_the_same_figures_as_the_json_report() {
             n("refcount-bits")
         ),
         format!(
-            "clusters:          {} total, {} zero, {} unique, {} duplicate",
-            n("clusters-total"),
-            n("clusters-zero"),
-            n("clusters-unique"),
-            n("clusters-duplicate")
+            "clusters:          {} guest, {} unallocated (zeros), {} stored copies, {} duplicate",
+            n("guest-clusters"),
+            n("unallocated-clusters"),
+            n("stored-copies"),
+            n("duplicate-clusters")
         ),
         format!(
             "read:              {}   written: {}",
@@ -324,9 +324,9 @@ fn human_report_gives_the_same_figures_as_the_json_report() {
             mib("bytes-written")
         ),
         format!(
-            "saved by sharing:  {} ({:.1}% of the non-zero data), max refcount {}",
-            mib("saved-bytes"),
-            j["saved-percent"].as_f64().unwrap(),
+            "duplicate data:    {} stored once ({:.1}% of the non-zero clusters), max refcount {}",
+            mib("duplicate-bytes"),
+            j["duplicate-percent"].as_f64().unwrap(),
             n("max-refcount")
         ),
     ];
@@ -345,8 +345,8 @@ fn human_report_gives_the_same_figures_as_the_json_report() {
     // The figures are the image's: clusters add up, and the file holds the
     // unique clusters plus metadata.
     assert_eq!(
-        n("clusters-zero") + n("clusters-unique") + n("clusters-duplicate"),
-        n("clusters-total")
+        n("unallocated-clusters") + n("stored-copies") + n("duplicate-clusters"),
+        n("guest-clusters")
     );
     assert_eq!(std::fs::metadata(&out).unwrap().len(), n("bytes-written"));
 }

@@ -42,7 +42,7 @@ fn v2_and_v3_images_at_every_cluster_size_convert_clean() {
     fill(&v2, 65536);
     let r = convert_and_verify(&v2, &d.join("v2.out"), &[]);
     assert!(
-        r["clusters-duplicate"].as_u64().unwrap() > 0,
+        r["duplicate-clusters"].as_u64().unwrap() > 0,
         "duplicates shared: {r}"
     );
     for cs in ["512", "4096", "65536", "2M"] {
@@ -89,7 +89,7 @@ fn zero_clusters_with_and_without_unmap_read_as_zero() {
         ],
     );
     let r = convert_and_verify(&top, &d.join("top.out"), &[]);
-    assert!(r["clusters-zero"].as_u64().unwrap() >= 8, "{r}");
+    assert!(r["unallocated-clusters"].as_u64().unwrap() >= 8, "{r}");
 }
 
 #[test]
@@ -143,7 +143,7 @@ fn backing_chains_raw_three_levels_and_shorter_backing_are_flattened() {
     qemu_io(&l3, &["write -P 0x03 1536k 1M", "write -P 0x01 6M 64k"]);
     let r = convert_and_verify(&l3, &d.join("l3.out"), &[]);
     assert!(
-        r["clusters-duplicate"].as_u64().unwrap() > 100,
+        r["duplicate-clusters"].as_u64().unwrap() > 100,
         "the chain's repeated pattern is shared: {r}"
     );
     // The top layer alone equals QEMU's view with "backing": null.

@@ -209,18 +209,18 @@ fn info_agrees_with_qemu_img_info_and_the_convert_report() {
         }
         let dd = &ours["dedup"];
         for (r, o) in [
-            ("clusters-unique", "stored-copies"),
-            ("clusters-duplicate", "duplicate-clusters"),
-            ("clusters-compressed", "compressed-streams"),
+            ("stored-copies", "stored-copies"),
+            ("duplicate-clusters", "duplicate-clusters"),
+            ("compressed-streams", "compressed-streams"),
             ("max-refcount", "max-refcount"),
             ("host-data-clusters", "host-data-clusters"),
-            ("saved-bytes", "saved-bytes"),
+            ("duplicate-bytes", "duplicate-bytes"),
         ] {
             assert_eq!(report[r], dd[o], "convert report {r} vs info {o}");
         }
         assert_eq!(ours["file-size"], report["bytes-written"]);
         if i > 0 {
-            let ratio = dd["compression-ratio"].as_f64().unwrap();
+            let ratio = dd["extent-compression-ratio"].as_f64().unwrap();
             let exact = report["compression-ratio"].as_f64().unwrap();
             assert!((ratio - exact).abs() / exact < 0.05, "{ratio} vs {exact}");
         }
@@ -496,7 +496,7 @@ fn info_dedup_figures_agree_with_check() {
             // Without compression a shared copy saves a whole cluster of file per
             // extra reference, so info's guest-byte figure equals check's file-byte one.
             assert_eq!(
-                d["saved-bytes"], check["bytes-saved-by-sharing"],
+                d["duplicate-bytes"], check["bytes-saved-by-sharing"],
                 "{extra:?}"
             );
             assert_eq!(d["max-references"], check["max-refcount"], "{extra:?}");
@@ -602,7 +602,7 @@ fn assert_qemu_img_size_exact(input: &Path, dir: &Path, what: &str) -> usize {
             "{what}, {cs} clusters: model vs qemu-img"
         );
         let nonzero =
-            row["clusters-total"].as_u64().unwrap() - row["clusters-zero"].as_u64().unwrap();
+            row["guest-clusters"].as_u64().unwrap() - row["unallocated-clusters"].as_u64().unwrap();
         let written = read_layout(&out).data_refs.len() as u64;
         if row["cluster-size"].as_u64().unwrap() >= 4096 {
             // A 4 KiB-aligned block holding data is written within its cluster.
@@ -763,7 +763,7 @@ fn assert_info_dedup_agrees_with_check(img: &Path, what: &str) -> Value {
         "{what}: shared copies"
     );
     assert_eq!(
-        d["saved-bytes"], check["bytes-saved-by-sharing"],
+        d["duplicate-bytes"], check["bytes-saved-by-sharing"],
         "{what}: bytes saved (no compression)"
     );
     // Every host cluster a guest cluster refers to, whatever its subclusters read
@@ -1042,4 +1042,84 @@ fn info_gives_a_files_length_and_a_block_devices_size() {
     let human = stdout(&qdedup_ok(["info".as_ref(), dev.as_os_str()]));
     assert!(human.contains(&format!("({dev_len} bytes)")), "{human}");
     assert!(!human.contains("file length: 0 B"), "{human}");
+}
+
+/// A report's fields, with `info`'s `dedup` object and estimate's primary
+/// `table` row merged in (they are the same report's figures).
+fn flat(report: &Value) -> serde_json::Map<String, Value> {
+    let mut m = report.as_object().unwrap().clone();
+    let inners = [report.get("dedup"), report["table"].get(0)];
+    for inner in inners.into_iter().flatten().filter_map(Value::as_object) {
+        for (k, v) in inner {
+            if let Some(old) = m.get(k) {
+                assert_eq!(old, v, "{k} inside one report");
+            }
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    if m.get("dedup").is_some_and(Value::is_object) {
+        m.remove("dedup");
+    }
+    m.remove("table");
+    m
+}
+
+#[test]
+fn a_field_name_means_the_same_number_in_every_report() {
+    let d = Scratch::new();
+    // Duplicates, zeros, compressible text and random data.
+    let input = text_input(d.path(), 8 << 20);
+    let out = d.join("o.qcow2");
+    let opts = ["-c", "-o", "cluster_size=4k"];
+    let reports = [
+        ("convert", flat(&convert(&input, &out, &opts))),
+        ("info", flat(&report_json(&["info"], &out))),
+        ("check", {
+            let (code, r) = common::check_json([out.as_os_str()]);
+            assert_eq!(code, 0, "{r}");
+            flat(&r)
+        }),
+        ("estimate", flat(&estimate(&input, &opts))),
+    ];
+    let c = &reports[0].1;
+    for k in [
+        "duplicate-clusters",
+        "compressed-clusters",
+        "unallocated-clusters",
+    ] {
+        let n = c[k].as_u64().unwrap_or_else(|| panic!("{k}"));
+        assert!(n > 0, "the sample has {k}");
+    }
+    // More compressed clusters than streams: some duplicates share a stream.
+    assert!(c["compressed-clusters"].as_u64() > c["compressed-streams"].as_u64());
+    // Only per-run figures may differ under one name.
+    let per_run = ["seconds"];
+    let mut compared = std::collections::BTreeSet::new();
+    for (i, (a, ra)) in reports.iter().enumerate() {
+        for (b, rb) in &reports[i + 1..] {
+            for (k, va) in ra {
+                if per_run.contains(&k.as_str()) {
+                    continue;
+                }
+                if let Some(vb) = rb.get(k) {
+                    assert_eq!(va, vb, "{k}: {a} says {va}, {b} says {vb}");
+                    compared.insert(k.clone());
+                }
+            }
+        }
+    }
+    // The counts the issue found named or valued apart are now shared.
+    for k in [
+        "compressed-clusters",
+        "compressed-streams",
+        "max-refcount",
+        "unallocated-clusters",
+        "duplicate-clusters",
+        "duplicate-bytes",
+        "stored-copies",
+        "guest-clusters",
+        "allocated-clusters",
+    ] {
+        assert!(compared.contains(k), "{k} is in two reports: {compared:?}");
+    }
 }

@@ -30,11 +30,11 @@ fn library_entry_points_agree_with_the_command_line() {
         std::fs::read(&by_lib).unwrap()
     );
     assert_eq!(lib.input, raw.display().to_string());
-    assert_eq!(lib.clusters_unique as usize, distinct);
+    assert_eq!(lib.stored_copies as usize, distinct);
     for (field, value) in [
-        ("clusters-unique", lib.clusters_unique),
-        ("clusters-duplicate", lib.clusters_duplicate),
-        ("clusters-zero", lib.clusters_zero),
+        ("stored-copies", lib.stored_copies),
+        ("duplicate-clusters", lib.duplicate_clusters),
+        ("unallocated-clusters", lib.unallocated_clusters),
         ("bytes-written", lib.bytes_written),
     ] {
         assert_eq!(cli[field], value, "{field}");

@@ -47,21 +47,30 @@ pub struct ConvertReport {
     pub cluster_size: u64,
     /// Output refcount width.
     pub refcount_bits: u32,
-    /// Guest clusters in the disk.
-    pub clusters_total: u64,
-    /// Guest clusters that read as zeros (not stored).
-    pub clusters_zero: u64,
-    /// Guest clusters stored as a new host copy (first occurrence of a content).
-    pub clusters_unique: u64,
-    /// Guest clusters that share an existing host copy.
-    pub clusters_duplicate: u64,
+    /// Guest clusters in the disk (virtual size / cluster size, rounded up; as
+    /// `info`'s `guest-clusters`).
+    pub guest_clusters: u64,
+    /// Guest clusters that read as zeros, left unallocated in the output (no host
+    /// cluster, no zero flag; as `info`'s `unallocated-clusters` of the output).
+    pub unallocated_clusters: u64,
+    /// Distinct stored contents: guest clusters stored as a new host copy or a new
+    /// compressed stream (first occurrence of a content, and saturation copies);
+    /// as `info`'s `stored-copies`.
+    pub stored_copies: u64,
+    /// Guest clusters that share an existing host copy or stream (as `info`'s
+    /// `duplicate-clusters`).
+    pub duplicate_clusters: u64,
     /// Extra copies written because a host copy reached the maximum refcount.
     pub saturation_copies: u64,
-    /// Guest clusters stored compressed.
-    pub clusters_compressed: u64,
+    /// Compressed streams written (distinct compressed contents; as `info`'s
+    /// `compressed-streams`).
+    pub compressed_streams: u64,
+    /// Guest clusters whose L2 entry refers to a compressed stream (streams and
+    /// the duplicates sharing them; as `info`'s and `check`'s `compressed-clusters`).
+    pub compressed_clusters: u64,
     /// Bytes of compressed streams.
     pub compressed_bytes: u64,
-    /// Guest bytes those streams hold (compressed clusters × cluster size).
+    /// Guest bytes those streams hold (compressed streams × cluster size).
     pub compressed_input_bytes: u64,
     /// Compressions skipped because the incompressibility probe judged the
     /// content incompressible (zlib only; such clusters are stored plain).
@@ -70,16 +79,19 @@ pub struct ConvertReport {
     pub compression_ratio: f64,
     /// Host clusters holding guest data.
     pub host_data_clusters: u64,
-    /// Largest refcount of a data cluster.
+    /// Largest refcount of a host data cluster, where streams packed into one
+    /// cluster add up (as `info`'s and `check`'s `max-refcount`).
     pub max_refcount: u64,
     /// Guest bytes read from the input (zero runs are skipped, not read).
     pub bytes_read: u64,
     /// Size of the output file.
     pub bytes_written: u64,
-    /// Bytes not written thanks to sharing (duplicate clusters × cluster size).
-    pub saved_bytes: u64,
-    /// `saved_bytes` as a percentage of the non-zero guest data.
-    pub saved_percent: f64,
+    /// Guest bytes stored once instead of again: duplicate clusters × cluster size
+    /// (as `info`'s `duplicate-bytes`; `check`'s `bytes-saved-by-sharing` counts
+    /// file bytes instead).
+    pub duplicate_bytes: u64,
+    /// `duplicate_clusters` as a percentage of the non-zero guest clusters.
+    pub duplicate_percent: f64,
     /// Wall time in seconds.
     pub seconds: f64,
     /// Virtual size processed per second, in MB/s (10^6 bytes).
@@ -117,11 +129,11 @@ impl std::fmt::Display for ConvertReport {
         )?;
         writeln!(
             f,
-            "clusters:          {} total, {} zero, {} unique, {} duplicate{}",
-            self.clusters_total,
-            self.clusters_zero,
-            self.clusters_unique,
-            self.clusters_duplicate,
+            "clusters:          {} guest, {} unallocated (zeros), {} stored copies, {} duplicate{}",
+            self.guest_clusters,
+            self.unallocated_clusters,
+            self.stored_copies,
+            self.duplicate_clusters,
             if self.saturation_copies > 0 {
                 format!(" ({} saturation copies)", self.saturation_copies)
             } else {
@@ -131,8 +143,9 @@ impl std::fmt::Display for ConvertReport {
         if let Some(c) = &self.compression {
             writeln!(
                 f,
-                "compressed:        {} clusters ({}): {:.1} MiB into {:.1} MiB, ratio {:.2}",
-                self.clusters_compressed,
+                "compressed:        {} clusters, {} streams ({}): {:.1} MiB into {:.1} MiB, ratio {:.2}",
+                self.compressed_clusters,
+                self.compressed_streams,
                 c,
                 mib(self.compressed_input_bytes),
                 mib(self.compressed_bytes),
@@ -154,9 +167,9 @@ impl std::fmt::Display for ConvertReport {
         )?;
         writeln!(
             f,
-            "saved by sharing:  {:.1} MiB ({:.1}% of the non-zero data), max refcount {}",
-            mib(self.saved_bytes),
-            self.saved_percent,
+            "duplicate data:    {:.1} MiB stored once ({:.1}% of the non-zero clusters), max refcount {}",
+            mib(self.duplicate_bytes),
+            self.duplicate_percent,
             self.max_refcount
         )?;
         write!(
@@ -451,12 +464,13 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         virtual_size: vsize,
         cluster_size: cs,
         refcount_bits: 1 << opts.refcount_order,
-        clusters_total: vsize.div_ceil(cs),
-        clusters_zero: vsize.div_ceil(cs) - data_clusters,
-        clusters_unique: stats.unique_clusters,
-        clusters_duplicate: stats.duplicate_clusters,
+        guest_clusters: vsize.div_ceil(cs),
+        unallocated_clusters: vsize.div_ceil(cs) - data_clusters,
+        stored_copies: stats.unique_clusters,
+        duplicate_clusters: stats.duplicate_clusters,
         saturation_copies: stats.saturation_copies,
-        clusters_compressed: stats.compressed_clusters,
+        compressed_streams: stats.compressed_clusters,
+        compressed_clusters: stats.compressed_references,
         compressed_bytes: stats.compressed_bytes,
         compressed_input_bytes: stats.compressed_clusters * cs,
         probe_skipped: stats.probe_skipped,
@@ -469,8 +483,8 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         max_refcount: stats.max_refcount,
         bytes_read,
         bytes_written: stats.file_size,
-        saved_bytes: stats.duplicate_clusters * cs,
-        saved_percent: if data_clusters == 0 {
+        duplicate_bytes: stats.duplicate_clusters * cs,
+        duplicate_percent: if data_clusters == 0 {
             0.0
         } else {
             100.0 * stats.duplicate_clusters as f64 / data_clusters as f64

@@ -96,14 +96,19 @@ pub struct SizeEstimate {
     /// `saved-bytes` as a percentage of `qemu-img-size`.
     pub saved_percent: f64,
     /// Guest clusters.
+    #[serde(rename = "guest-clusters")]
     pub clusters_total: u64,
     /// Guest clusters reading as zeros (estimated when sampling).
+    #[serde(rename = "unallocated-clusters")]
     pub clusters_zero: u64,
     /// Distinct non-zero contents (stored once each).
+    #[serde(rename = "stored-copies")]
     pub clusters_unique: u64,
     /// Non-zero clusters that would share a stored copy.
+    #[serde(rename = "duplicate-clusters")]
     pub clusters_duplicate: u64,
     /// New copies stored compressed.
+    #[serde(rename = "compressed-streams")]
     pub clusters_compressed: u64,
     /// Approximate 95% interval of `estimated-size` (sampling only).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -820,7 +825,7 @@ impl std::fmt::Display for EstimateReport {
         writeln!(
             f,
             "{:>10} {:>14} {:>14} {:>14} {:>8} {:>10} {:>10} {:>10}",
-            "cluster", "qdedup", "qemu-img", "saved", "saved%", "zero", "unique", "duplicate"
+            "cluster", "qdedup", "qemu-img", "saved", "saved%", "unalloc", "stored", "duplicate"
         )?;
         for r in &self.table {
             writeln!(

@@ -117,16 +117,22 @@ pub struct DedupInfo {
     /// Guest clusters that reuse a stored copy (allocated − stored copies); as
     /// `clusters-duplicate` in the convert report.
     pub duplicate_clusters: u64,
-    /// `duplicate-clusters` × cluster size.
-    pub saved_bytes: u64,
+    /// `duplicate-clusters` × cluster size: guest bytes stored once instead of
+    /// again (as the convert report's; `check`'s `bytes-saved-by-sharing` counts
+    /// file bytes).
+    pub duplicate_bytes: u64,
     /// Guest clusters stored as compressed references.
     pub compressed_clusters: u64,
     /// Distinct compressed streams (as `clusters-compressed` in the convert report).
     pub compressed_streams: u64,
     /// Bytes of those streams (packed streams measured up to the next one; a
     /// stream followed by none is counted to its last 512-byte sector).
+    /// (Named apart from the convert report's exact `compressed-bytes`.)
+    #[serde(rename = "compressed-extent-bytes")]
     pub compressed_bytes: u64,
-    /// streams × cluster size / compressed bytes (0 if nothing is compressed).
+    /// streams × cluster size / `compressed-extent-bytes` (0 if nothing is
+    /// compressed); slightly below the convert report's exact `compression-ratio`.
+    #[serde(rename = "extent-compression-ratio")]
     pub compression_ratio: f64,
 }
 
@@ -245,7 +251,7 @@ pub fn dedup_info(file: &dyn ReadAt, im: &Image) -> Result<DedupInfo> {
         d.mean_references = d.shared_references as f64 / d.shared_host_clusters as f64;
     }
     d.duplicate_clusters = d.allocated_clusters - d.stored_copies;
-    d.saved_bytes = d.duplicate_clusters * cs;
+    d.duplicate_bytes = d.duplicate_clusters * cs;
     if d.compressed_bytes > 0 {
         d.compression_ratio = (d.compressed_streams * cs) as f64 / d.compressed_bytes as f64;
     }
@@ -436,7 +442,7 @@ impl std::fmt::Display for InfoReport {
             writeln!(f, "Dedup (active layer):")?;
             writeln!(
                 f,
-                "    clusters: {} guest, {} allocated, {} zero, {} unallocated",
+                "    clusters: {} guest, {} allocated, {} zero-flag, {} unallocated",
                 d.guest_clusters, d.allocated_clusters, d.zero_clusters, d.unallocated_clusters
             )?;
             writeln!(
@@ -446,13 +452,17 @@ impl std::fmt::Display for InfoReport {
             )?;
             writeln!(
                 f,
-                "    shared host clusters: {} ({} references, {:.2} mean, {} max)",
-                d.shared_host_clusters, d.shared_references, d.mean_references, d.max_references
+                "    shared copies: {} ({} references, {:.2} mean, at most {} to one copy), max refcount {}",
+                d.shared_host_clusters,
+                d.shared_references,
+                d.mean_references,
+                d.max_references,
+                d.max_refcount
             )?;
             writeln!(
                 f,
-                "    saved by sharing: {} ({} duplicate clusters)",
-                human_size(d.saved_bytes),
+                "    duplicate data: {} stored once ({} duplicate clusters)",
+                human_size(d.duplicate_bytes),
                 d.duplicate_clusters
             )?;
             write!(

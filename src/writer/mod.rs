@@ -109,6 +109,9 @@ pub struct WriterStats {
     pub saturation_copies: u64,
     /// Guest clusters stored compressed (new streams, not shared references).
     pub compressed_clusters: u64,
+    /// Guest clusters whose L2 entry refers to a compressed stream (new streams
+    /// and references sharing one).
+    pub compressed_references: u64,
     /// Bytes of the compressed streams written.
     pub compressed_bytes: u64,
     /// Host data clusters in the output (plain and those holding streams).
@@ -598,6 +601,7 @@ impl<'a> ImageWriter<'a> {
                             self.refcounts[c as usize] += 1;
                         }
                         self.stats.duplicate_clusters += 1;
+                        self.stats.compressed_references += 1;
                         return Ok(L2Entry::Compressed {
                             desc,
                             copied: false,
@@ -690,6 +694,7 @@ impl<'a> ImageWriter<'a> {
             self.refcounts[c as usize] += 1;
         }
         self.stats.compressed_clusters += 1;
+        self.stats.compressed_references += 1;
         self.stats.compressed_bytes += len;
         self.flush_run(batch)?;
         self.push_bytes(s, off)?;
