@@ -11,10 +11,12 @@
 //! the input is read once. Compression results are computed once per distinct
 //! content and size.
 //!
-//! Sampling mode (`sample = Some(p)`): only one unit (of the largest cluster
-//! size) in every `round(1/p)` is read, chosen per stratum by a seeded hash. The
-//! sampled contents' multiplicities give an estimate of the distinct contents of
-//! the whole input (see `docs/design.md`), with an approximate 95% interval.
+//! Sampling mode (`sample = Some(p)`, with compression): the whole input is
+//! still read and hashed, but only the contents whose seeded hash falls under
+//! `p` are compressed (all copies of a content together); the writers store the
+//! others plain and the data area is estimated from the sampled contents, with
+//! an approximate 95% interval (see `docs/design.md`). Without compression
+//! sampling changes nothing: the figures are exact.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -717,14 +719,22 @@ impl std::fmt::Display for EstimateReport {
             self.seconds
         )?;
         if let Some(s) = &self.sample {
-            writeln!(
-                f,
-                "sampled: {} units of {} ({:.2}% of the input, seed {}); figures are estimates",
-                s.units_sampled,
-                super::info::human_size(s.unit),
-                100.0 * s.fraction,
-                s.seed
-            )?;
+            if self.compression.is_some() {
+                writeln!(
+                    f,
+                    "sampled: {} distinct contents of {} compressed (contents hashing into \
+                     {:.2}%, seed {}); compressed sizes are estimates",
+                    s.units_sampled,
+                    super::info::human_size(s.unit),
+                    100.0 * s.fraction,
+                    s.seed
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "sampled: nothing to sample without compression; figures are exact"
+                )?;
+            }
         }
         if let Some(c) = &self.compression {
             writeln!(f, "compression: {c}")?;
