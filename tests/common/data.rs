@@ -184,8 +184,8 @@ pub fn real_files_ext4(
         let Ok(rd) = std::fs::read_dir(from) else {
             return;
         };
-        let mut entries: Vec<_> = rd.filter_map(|e| e.ok()).collect();
-        entries.sort_by_key(|e| e.file_name());
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
         for e in entries {
             let Ok(t) = e.file_type() else { continue };
             let dest = to.join(e.file_name());
@@ -212,7 +212,7 @@ pub fn real_files_ext4(
     let mut roots = vec![PathBuf::from("/usr/share/doc")];
     if let Ok(rd) = std::fs::read_dir("/usr/lib") {
         let mut py: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok())
+            .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| {
                 p.file_name()
