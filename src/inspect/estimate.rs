@@ -77,7 +77,8 @@ pub struct EstimateOptions {
     pub convert: ConvertOptions,
     /// log2 of further cluster sizes to tabulate (the primary one is added).
     pub extra_cluster_bits: Vec<u32>,
-    /// Read only this fraction of the input (0 < p < 1).
+    /// Compress only the contents whose seeded hash falls in this fraction
+    /// (0 < p ≤ 1) and estimate the compressed size (everything is still read).
     pub sample: Option<f64>,
     /// Seed of the sampling.
     pub seed: u64,
@@ -116,11 +117,11 @@ pub struct SizeEstimate {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct SampleInfo {
-    /// Fraction of units read (1 / stratum size).
+    /// Fraction of the distinct contents sampled (the `p` asked for).
     pub fraction: f64,
-    /// Sampling unit in bytes (the largest cluster size).
+    /// The primary cluster size, whose contents `units-sampled` counts.
     pub unit: u64,
-    /// Units read.
+    /// Distinct contents compressed at the primary cluster size (0 without compression).
     pub units_sampled: u64,
     /// Seed.
     pub seed: u64,
