@@ -357,14 +357,16 @@ fn estimate_tabulates_several_cluster_sizes_in_one_pass() {
     }
 }
 
+/// `--sample` with compression: every cluster is read and hashed, only the
+/// sampled contents are compressed; the compressed size is estimated.
 fn sampled_estimate_within(size: u64, cluster: &str, tolerance: f64) {
     let d = Scratch::new();
     let input = d.join("big.raw");
     qdedup::sample::generate(&input, size, 42, qdedup::sample::Mix::MIXED).unwrap();
     let opt = format!("cluster_size={cluster}");
-    let e = estimate(&input, &["--sample", "0.05", "-o", &opt]);
+    let e = estimate(&input, &["-c", "--sample", "0.05", "-o", &opt]);
     let out = d.join("big.qcow2");
-    convert(&input, &out, &["-o", &opt]);
+    convert(&input, &out, &["-c", "-o", &opt]);
     let real = size_of(&out) as f64;
     let est = e["estimated-size"].as_f64().unwrap();
     assert!(
@@ -377,8 +379,15 @@ fn sampled_estimate_within(size: u64, cluster: &str, tolerance: f64) {
         lo <= real && real <= hi,
         "95% interval [{lo}, {hi}] misses {real}"
     );
-    // Only about 5% of the input was read.
-    assert!(e["bytes-read"].as_u64().unwrap() < size / 10);
+    // Every cluster was read, but only about 5% of the distinct contents compressed.
+    let exact = estimate(&input, &["-o", &opt]);
+    assert_eq!(e["bytes-read"], exact["bytes-read"]);
+    let unique = exact["table"][0]["clusters-unique"].as_f64().unwrap();
+    let compressed = e["sample"]["units-sampled"].as_f64().unwrap();
+    assert!(
+        (0.03..0.07).contains(&(compressed / unique)),
+        "{compressed} of {unique} contents compressed"
+    );
 }
 
 #[test]

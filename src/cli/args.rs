@@ -198,7 +198,9 @@ pub(crate) struct EstimateArgs {
     /// Tabulate several cluster sizes in one pass, e.g. 4k,64k,2m.
     #[arg(long, value_name = "LIST")]
     pub(crate) cluster_sizes: Option<String>,
-    /// Read only this fraction of the input (e.g. 0.05) and estimate with an interval.
+    /// Compress only this fraction of the distinct contents (e.g. 0.05, chosen by
+    /// content hash) and estimate the compressed size with a 95% interval; the
+    /// input is still read and hashed whole, so the counts stay exact.
     #[arg(long, value_name = "P")]
     pub(crate) sample: Option<f64>,
     /// Seed of --sample.

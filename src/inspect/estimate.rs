@@ -11,12 +11,14 @@
 //! the input is read once. Compression results are computed once per distinct
 //! content and size.
 //!
-//! Sampling mode (`sample = Some(p)`): only one unit (of the largest cluster
-//! size) in every `round(1/p)` is read, chosen per stratum by a seeded hash. The
-//! sampled contents' multiplicities give an estimate of the distinct contents of
-//! the whole input (see `docs/design.md`), with an approximate 95% interval.
+//! Sampling mode (`sample = Some(p)`, with compression): the whole input is
+//! still read and hashed, but only the contents whose seeded hash falls under
+//! `p` are compressed (all copies of a content together); the writers store the
+//! others plain and the data area is estimated from the sampled contents, with
+//! an approximate 95% interval (see `docs/design.md`). Without compression
+//! sampling changes nothing: the figures are exact.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -28,9 +30,9 @@ use crate::dedup::{hash_cluster, is_zero, Hash};
 use crate::error::{Error, Result};
 use crate::format::refcount;
 use crate::io::WriteAt;
-use crate::source::{BlockStatus, Source};
+use crate::source::Source;
 use crate::writer::batch::{Batch, Stream};
-use crate::writer::{ClusterIn, ImageWriter, MetadataLayout};
+use crate::writer::{ClusterIn, ImageWriter, MetadataLayout, WriterStats};
 
 use super::qemu_writes::QemuWrites;
 
@@ -75,7 +77,8 @@ pub struct EstimateOptions {
     pub convert: ConvertOptions,
     /// log2 of further cluster sizes to tabulate (the primary one is added).
     pub extra_cluster_bits: Vec<u32>,
-    /// Read only this fraction of the input (0 < p < 1).
+    /// Compress only the contents whose seeded hash falls in this fraction
+    /// (0 < p ≤ 1) and estimate the compressed size (everything is still read).
     pub sample: Option<f64>,
     /// Seed of the sampling.
     pub seed: u64,
@@ -119,11 +122,11 @@ pub struct SizeEstimate {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
 pub struct SampleInfo {
-    /// Fraction of units read (1 / stratum size).
+    /// Fraction of the distinct contents sampled (the `p` asked for).
     pub fraction: f64,
-    /// Sampling unit in bytes (the largest cluster size).
+    /// The primary cluster size, whose contents `units-sampled` counts.
     pub unit: u64,
-    /// Units read.
+    /// Distinct contents compressed at the primary cluster size (0 without compression).
     pub units_sampled: u64,
     /// Seed.
     pub seed: u64,
@@ -227,24 +230,89 @@ fn qdedup_size(
 
 type Compressor = std::sync::Arc<crate::compress::CompressFn>;
 
-/// Sample statistics of one cluster size.
+/// Content-based sampling: a content is in the sample iff its keyed hash falls
+/// below `threshold`, so all copies of a content are in or out together.
+#[derive(Clone, Copy)]
+struct ContentSample {
+    threshold: u64,
+    seed: u64,
+}
+
+impl ContentSample {
+    fn new(p: f64, seed: u64) -> Self {
+        // p · 2^64, saturating at 1 (every content).
+        let threshold = if p >= 1.0 {
+            u64::MAX
+        } else {
+            (p * 18_446_744_073_709_551_616.0) as u64
+        };
+        ContentSample { threshold, seed }
+    }
+
+    /// Whether the content hashing to `h` is in the sample (splitmix64 of the
+    /// content hash's first word and the seed: one pseudo-random draw per content).
+    fn contains(&self, h: &Hash) -> bool {
+        let w = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+        let mut z = w ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        self.threshold == u64::MAX || z < self.threshold
+    }
+}
+
+/// Sample statistics of one cluster size (sampling with compression only).
 #[derive(Default)]
 struct SampleStats {
-    /// Sample multiplicity of each content, and its stored bytes.
-    counts: HashMap<Hash, (u32, u32)>,
-    nonzero: u64,
-    /// Clusters `qemu-img convert -S 4k` writes: the non-zero ones, and for
-    /// clusters under 4 KiB every cluster of a 4 KiB block holding data.
-    qemu_written: u64,
-    l2_ranges: HashSet<u64>,
+    /// Distinct sampled contents.
+    contents: u64,
+    /// Non-zero guest clusters whose content is sampled, and their stored bytes.
+    clusters: u64,
+    cluster_bytes: f64,
+    /// The sampled contents packed as the writer packs them, in order: clusters
+    /// used and the end of the last stream when it ends inside the last one.
+    packed_clusters: u64,
+    packed_tail: Option<u64>,
+    /// Sum of the squares of the clusters each content added to the packing.
+    packed_sq: f64,
+}
+
+impl SampleStats {
+    /// Packs one stored content like the writer (`place_stream`): a plain
+    /// cluster, or a stream after the previous one if it fits in that cluster,
+    /// spilling into the next when that cluster is the last, else at a fresh one.
+    fn pack(&mut self, cs: u64, stream: Option<u32>) {
+        let before = self.packed_clusters;
+        self.place(cs, stream);
+        let added = (self.packed_clusters - before) as f64;
+        self.packed_sq += added * added;
+    }
+
+    fn place(&mut self, cs: u64, stream: Option<u32>) {
+        let Some(len) = stream.map(u64::from) else {
+            self.packed_clusters += 1;
+            return;
+        };
+        let off = match self.packed_tail {
+            Some(t) if t + len <= (t | (cs - 1)) + 1 => t,
+            Some(t) if t / cs + 1 == self.packed_clusters => {
+                self.packed_clusters = (t + len).div_ceil(cs);
+                t
+            }
+            _ => {
+                let off = self.packed_clusters * cs;
+                self.packed_clusters += len.div_ceil(cs);
+                off
+            }
+        };
+        let end = off + len;
+        self.packed_tail = (end % cs != 0).then_some(end);
+    }
 }
 
 /// Per cluster size: two writers, the compression memo, and the assembly buffer.
 struct SizeState<'a> {
     cb: u32,
-    /// log2 of the sampling unit (the largest cluster size).
-    unit_bits: u32,
-    vsize: u64,
     /// Primary clusters per cluster of this size.
     k: u64,
     writers: Option<(ImageWriter<'a>, ImageWriter<'a>)>,
@@ -256,10 +324,9 @@ struct SizeState<'a> {
     acc_dirty: bool,
     l2_tables: u64,
     last_l1: Option<u64>,
+    /// Sampling: only the sampled contents are compressed.
+    sample: Option<ContentSample>,
     stats: SampleStats,
-    /// Sampling, clusters under 4 KiB: the 4 KiB block last counted in
-    /// `stats.qemu_written`.
-    last_block: Option<u64>,
 }
 
 impl SizeState<'_> {
@@ -278,27 +345,38 @@ impl SizeState<'_> {
             self.last_l1 = Some(l1);
             self.l2_tables += 1;
         }
-        // The compression outcome of this content (computed once).
-        let outcome: Option<Option<u32>> = if let Some(c) = &self.compressor {
-            let o = if let Some(o) = self.memo.get(&hash) {
-                *o
-            } else {
-                let o = match hint {
-                    Stream::Some(s) => Some(s.len() as u32),
-                    Stream::NotWorth => None,
-                    Stream::NotTried => c(data).map(|s| s.len() as u32),
+        let in_sample = self.sample.is_none_or(|s| s.contains(&hash));
+        // The compression outcome of this content (computed once); contents out
+        // of the sample are not compressed (the writers store them plain).
+        let outcome: Option<Option<u32>> = match &self.compressor {
+            Some(c) if in_sample => {
+                let o = if let Some(o) = self.memo.get(&hash) {
+                    *o
+                } else {
+                    let o = match hint {
+                        Stream::Some(s) => Some(s.len() as u32),
+                        Stream::NotWorth => None,
+                        Stream::NotTried => c(data).map(|s| s.len() as u32),
+                    };
+                    self.memo.insert(hash, o);
+                    if self.sample.is_some() {
+                        self.stats.contents += 1;
+                        let cs = self.cs();
+                        self.stats.pack(cs, o);
+                    }
+                    o
                 };
-                self.memo.insert(hash, o);
-                o
-            };
-            Some(o)
-        } else {
-            None
+                Some(o)
+            }
+            Some(_) => Some(None),
+            None => None,
         };
-        let stored = match outcome {
-            Some(Some(len)) => len,
-            _ => self.cs() as u32,
-        };
+        if self.sample.is_some() && in_sample {
+            if let Some(o) = outcome {
+                self.stats.clusters += 1;
+                self.stats.cluster_bytes += f64::from(o.unwrap_or(self.cs() as u32));
+            }
+        }
         if let Some((dw, pw)) = &mut self.writers {
             // Only the stream's length matters to a writer into a NullSink.
             let stream = match outcome {
@@ -309,33 +387,8 @@ impl SizeState<'_> {
             let c = ClusterIn::Data { hash, data, stream };
             dw.accept(j, data, [c])?;
             pw.accept(j, data, [c])?;
-        } else {
-            let e = self.stats.counts.entry(hash).or_insert((0, stored));
-            e.0 += 1;
-            self.stats.nonzero += 1;
-            self.stats.l2_ranges.insert(l1);
-            self.stats.qemu_written += self.qemu_block_clusters(j);
         }
         Ok(())
-    }
-
-    /// Sampling: the clusters `qemu-img convert` writes because non-zero cluster
-    /// `j` is (see `inspect::qemu_writes`): `j` itself, or with
-    /// clusters under 4 KiB the whole 4 KiB block around it once (exact when every
-    /// request qemu-img makes is 4 KiB-aligned, as for raw files). Needs sampling
-    /// units of at least 4 KiB; smaller ones count `j` alone.
-    fn qemu_block_clusters(&mut self, j: u64) -> u64 {
-        if self.cb >= QEMU_SPARSE_BITS || self.unit_bits < QEMU_SPARSE_BITS {
-            return 1;
-        }
-        let block = j >> (QEMU_SPARSE_BITS - self.cb);
-        if self.last_block == Some(block) {
-            return 0;
-        }
-        self.last_block = Some(block);
-        let start = block << QEMU_SPARSE_BITS;
-        let len = (1u64 << QEMU_SPARSE_BITS).min(self.vsize.saturating_sub(start));
-        len.div_ceil(self.cs())
     }
 
     /// Adds primary cluster `g` (of `pcs` bytes) to the cluster being assembled.
@@ -370,210 +423,82 @@ impl SizeState<'_> {
 /// writes zero clusters next to data.
 const QEMU_SPARSE_BITS: u32 = 12;
 
-/// Reports unsampled units as zeros, so the pipeline skips them unread.
-struct SampledSource<'a> {
-    inner: &'a dyn Source,
-    unit: u64,
-    stratum: u64,
-    seed: u64,
-}
-
-impl SampledSource<'_> {
-    /// The unit chosen in stratum `t`.
-    fn chosen(&self, t: u64) -> u64 {
-        let h = blake3::hash(&[self.seed.to_le_bytes(), t.to_le_bytes()].concat());
-        let r = u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"));
-        t * self.stratum + r % self.stratum
-    }
-
-    fn sampled(&self, u: u64) -> bool {
-        self.chosen(u / self.stratum) == u
-    }
-
-    fn units(&self) -> u64 {
-        self.inner.virtual_size().div_ceil(self.unit)
-    }
-
-    fn units_sampled(&self) -> u64 {
-        let n = self.units();
-        let full = n / self.stratum;
-        let last = u64::from(n % self.stratum != 0 && self.chosen(full) < n);
-        full + last
-    }
-}
-
-impl Source for SampledSource<'_> {
-    fn virtual_size(&self) -> u64 {
-        self.inner.virtual_size()
-    }
-    fn block_status(&self, offset: u64, max_len: u64) -> Result<(BlockStatus, u64)> {
-        let u = offset / self.unit;
-        let end = offset.saturating_add(max_len).min(self.virtual_size());
-        if self.sampled(u) {
-            let unit_end = ((u + 1) * self.unit).min(end);
-            return self.inner.block_status(offset, unit_end - offset);
-        }
-        let t = u / self.stratum;
-        let next = if self.chosen(t) > u {
-            self.chosen(t)
-        } else {
-            self.chosen(t + 1)
-        };
-        let zero_end = (next * self.unit).min(end);
-        Ok((BlockStatus::Zero, zero_end - offset))
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn format_name(&self) -> &'static str {
-        self.inner.format_name()
-    }
-}
-
-/// Largest sample count used to fit the rate of repeated contents (counts above
-/// it come from contents so frequent they are never missed).
-const MAX_FIT_COUNT: u32 = 8;
-/// Smallest rate the fit may return (a few contents seen exactly twice would
-/// otherwise imply an unbounded number of hidden repeats).
-const MIN_RATE: f64 = 0.5;
-
-/// λ such that a Poisson(λ) variable, conditioned on 2 ≤ X ≤ MAX_FIT_COUNT,
-/// has mean `m` (bisection; the mean increases with λ).
-fn truncated_poisson_rate(m: f64) -> f64 {
-    let mean = |l: f64| {
-        let (mut num, mut den, mut pk) = (0.0, 0.0, (-l).exp());
-        for k in 1..=MAX_FIT_COUNT {
-            pk *= l / f64::from(k);
-            if k >= 2 {
-                num += f64::from(k) * pk;
-                den += pk;
-            }
-        }
-        num / den
-    };
-    let (mut lo, mut hi) = (1e-3, 20.0);
-    for _ in 0..60 {
-        let mid = f64::midpoint(lo, hi);
-        if mean(mid) < m {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    f64::midpoint(lo, hi)
-}
-
-/// The sampling estimator for one cluster size (see `docs/design.md`).
+/// The sampling estimator for one cluster size with compression (see
+/// `docs/design.md`): zero, distinct and duplicate counts, L2 tables and the
+/// layout are exact (every cluster was hashed); only the bytes the stored
+/// contents take are estimated, from the compressed sizes of the sampled
+/// contents (a ratio estimator over a Bernoulli sample of the distinct
+/// contents), with a 95% interval from their sample variance.
 fn from_sample(
     st: &SizeState<'_>,
     opts: &ConvertOptions,
     vsize: u64,
-    sampled_clusters: u64,
+    d: &WriterStats,
+    p: &WriterStats,
 ) -> SizeEstimate {
     let cs = st.cs();
+    let csf = cs as f64;
     let total = vsize.div_ceil(cs);
     let s = &st.stats;
-    let p = (sampled_clusters as f64 / total as f64).clamp(f64::MIN_POSITIVE, 1.0);
-    // f1, f2, contents seen ≥ 2 times; and for the fit, contents seen 2..=8 times.
-    let (mut f1, mut f2, mut seen_rep, mut fit_n, mut fit_sum) = (0f64, 0f64, 0f64, 0f64, 0f64);
-    for &(c, _) in s.counts.values() {
-        match c {
-            1 => f1 += 1.0,
-            2 => f2 += 1.0,
-            _ => {}
-        }
-        if c >= 2 {
-            seen_rep += 1.0;
-        }
-        if (2..=MAX_FIT_COUNT).contains(&c) {
-            fit_n += 1.0;
-            fit_sum += f64::from(c);
-        }
-    }
-    // Repeated contents with a small sample rate λ hide among the singletons:
-    // with Poisson counts, f1_rep = 2·f2/λ and unseen = 2·f2/λ², where λ solves
-    // the mean of the zero-and-one-truncated Poisson over contents seen 2..=8 times.
-    let (f1_rep, unseen) = if f2 > 0.0 && p < 1.0 {
-        let lambda = truncated_poisson_rate(fit_sum / fit_n).max(MIN_RATE);
-        let f1_rep = (2.0 * f2 / lambda).min(f1);
-        (f1_rep, (2.0 * f2 / (lambda * lambda)).min(f1_rep))
-    } else {
-        (0.0, 0.0)
-    };
-    let unique_singletons = (f1 - f1_rep).max(0.0);
-    let distinct = unique_singletons / p + seen_rep + f1_rep + unseen;
-    let nonzero = s.nonzero as f64 / p;
-    // Without compression qemu-img writes clusters, -S 4k included.
-    let qemu_written = s.qemu_written as f64 / p;
-    // Stored bytes: mean over sampled contents (dedup) and over sampled clusters (qemu).
-    let n_contents = s.counts.len().max(1) as f64;
-    let (mut comp_c, mut comp_b, mut comp_cl, mut comp_clb) = (0f64, 0f64, 0f64, 0f64);
-    for &(c, b) in s.counts.values() {
-        if u64::from(b) < cs {
-            comp_c += 1.0;
-            comp_b += f64::from(b);
-            comp_cl += f64::from(c);
-            comp_clb += f64::from(c) * f64::from(b);
-        }
-    }
-    let nz_sampled = s.nonzero.max(1) as f64;
-    let data_clusters = |n: f64, frac_comp: f64, mean_comp: f64| -> u64 {
-        let plain = n * (1.0 - frac_comp);
-        let packed = n * frac_comp * mean_comp / cs as f64;
-        (plain + packed).ceil() as u64
-    };
-    let d_frac = comp_c / n_contents;
-    let d_mean = if comp_c > 0.0 { comp_b / comp_c } else { 0.0 };
-    let q_frac = comp_cl / nz_sampled;
-    let q_mean = if comp_cl > 0.0 {
-        comp_clb / comp_cl
-    } else {
-        0.0
-    };
-    let ranges = vsize.div_ceil(cs).div_ceil(cs / 8);
-    let l2 = (s.l2_ranges.len() as u64).min(ranges);
     let order = opts.refcount_order;
-    let est = qdedup_size(
-        st.cb,
-        order,
-        vsize,
-        data_clusters(distinct, d_frac, d_mean),
-        l2,
-    );
-    let qemu_clusters = if opts.compression.is_some() {
-        data_clusters(nonzero, q_frac, q_mean)
+    let l2 = st.l2_tables;
+    // Stored copies (distinct contents, and copies made at the refcount maximum).
+    let stored = (d.unique_clusters + d.saturation_copies) as f64;
+    let nonzero = d.unique_clusters + d.duplicate_clusters;
+    // The writer stored the unsampled contents plain; swap its data area for
+    // the estimated one, keeping its exact metadata.
+    let layout = |data: u64| qdedup_size(st.cb, order, vsize, data, l2);
+    let resize = |data: f64| -> u64 {
+        let data = data.max(0.0).ceil() as u64;
+        (d.file_size + layout(data)).saturating_sub(layout(d.host_data_clusters))
+    };
+    let (est, lo, hi) = if s.contents == 0 {
+        // Nothing sampled: anywhere between no data and all of it plain.
+        (resize(stored), resize(0.0), resize(stored))
     } else {
-        qemu_written.ceil() as u64
+        // Data clusters per stored content: those each sampled content added
+        // when the sampled contents are packed in order as the writer packs
+        // them (its bytes, and the room a stream leaves when the next one does
+        // not fit), and the variance of that over the sampled contents.
+        let n = s.contents as f64;
+        let mean = s.packed_clusters as f64 / n;
+        let var = if s.contents > 1 {
+            ((s.packed_sq - n * mean * mean) / (n - 1.0)).max(0.0)
+        } else {
+            // One content tells nothing of the spread: assume the widest.
+            0.25
+        };
+        let fpc = (1.0 - n / stored.max(n)).max(0.0);
+        let half = 1.96 * stored * (var / n * fpc).sqrt();
+        let data = stored * mean;
+        (resize(data), resize(data - half), resize(data + half + 1.0))
+    };
+    let qemu_clusters = if s.clusters == 0 {
+        p.host_data_clusters
+    } else {
+        let mean = s.cluster_bytes / s.clusters as f64;
+        (nonzero as f64 * mean / csf).ceil() as u64
     };
     let qemu = qemu_img_size(st.cb, order, vsize, qemu_clusters, l2, 0);
-    // The dominant variance: unique singletons are a binomial sample of the unique contents.
-    // The fit of the hidden repeats adds its own error (f2 is a Poisson count and
-    // λ is fitted from `fit_n` contents); it too is scaled by 1/p.
-    let rep_rel = if f2 > 0.0 {
-        (1.0 / f2 + 1.0 / fit_n.max(1.0)).sqrt()
+    let compressed = if s.contents == 0 {
+        0
     } else {
-        0.0
+        // Estimated compressed stored copies: sampled share times all copies.
+        let share = st.memo.values().filter(|o| o.is_some()).count() as f64 / s.contents as f64;
+        (share * stored).round() as u64
     };
-    let sd = ((unique_singletons * (1.0 - p)) + (f1_rep * rep_rel).powi(2)).sqrt() / p;
-    let per = cs as f64 * ((1.0 - d_frac) + d_frac * d_mean / cs as f64);
-    let half = 1.96 * sd * per;
-    let lo = (est as f64 - half).max(0.0) as u64;
-    let hi = (est as f64 + half) as u64;
-    let nonzero_u = nonzero.round() as u64;
-    let distinct_u = (distinct.round() as u64).min(nonzero_u);
     row(
         cs,
         est,
         qemu,
         total,
-        total.saturating_sub(nonzero_u),
-        distinct_u,
-        nonzero_u - distinct_u,
-        (distinct * d_frac).round() as u64,
-        Some([lo, hi]),
+        total - nonzero,
+        d.unique_clusters,
+        d.duplicate_clusters,
+        compressed,
+        Some([lo.min(est), hi.max(est)]),
     )
 }
-
 #[allow(clippy::too_many_arguments)] // one row of the table, field by field
 fn row(
     cs: u64,
@@ -623,7 +548,6 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
     bits.sort_unstable();
     bits.dedup();
     let min_bits = bits[0];
-    let max_bits = *bits.last().expect("at least the primary size");
     let vsize = src.virtual_size();
     if let Some(p) = opts.sample {
         if !(p > 0.0 && p <= 1.0) {
@@ -632,12 +556,11 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             )));
         }
     }
-    let sampled = opts.sample.map(|p| SampledSource {
-        inner: src,
-        unit: 1 << max_bits,
-        stratum: ((1.0 / p).round() as u64).max(1),
-        seed: opts.seed,
-    });
+    // Sampling only spares compressions: without compression it is exact.
+    let sample = opts
+        .sample
+        .filter(|_| copts.compression.is_some())
+        .map(|p| ContentSample::new(p, opts.seed));
     let sinks: Vec<(NullSink, NullSink)> = bits.iter().map(|_| Default::default()).collect();
     let skipped = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let make_compressor = |cb: u32| -> Option<Compressor> {
@@ -653,19 +576,13 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
     };
     let mut states = Vec::with_capacity(bits.len());
     for (&cb, (ds, ps)) in bits.iter().zip(&sinks) {
-        let writers = if sampled.is_none() {
-            let w = copts.writer(vsize).cluster_size(1 << cb);
-            Some((
-                w.clone().dedup(true).create(ds)?,
-                w.dedup(false).create(ps)?,
-            ))
-        } else {
-            None
-        };
+        let w = copts.writer(vsize).cluster_size(1 << cb);
+        let writers = Some((
+            w.clone().dedup(true).create(ds)?,
+            w.dedup(false).create(ps)?,
+        ));
         states.push(SizeState {
             cb,
-            unit_bits: max_bits,
-            vsize,
             k: 1 << (cb - min_bits),
             writers,
             compressor: make_compressor(cb),
@@ -680,8 +597,8 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             acc_dirty: false,
             l2_tables: 0,
             last_l1: None,
+            sample,
             stats: SampleStats::default(),
-            last_block: None,
         });
     }
     // Exact mode, uncompressed, clusters under 4 KiB: replay qemu-img's writes.
@@ -690,12 +607,13 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
         .copied()
         .filter(|&b| b < QEMU_SPARSE_BITS)
         .collect();
-    let mut replay = (sampled.is_none() && copts.compression.is_none() && !small.is_empty())
-        .then(|| QemuWrites::new(src, &small));
+    let mut replay =
+        (copts.compression.is_none() && !small.is_empty()).then(|| QemuWrites::new(src, &small));
     let mut popts = copts.clone();
     popts.cluster_bits = min_bits;
     popts.dedup = true;
-    let inline = make_compressor(min_bits);
+    // Sampling: the contents to compress are chosen after hashing, in `feed`.
+    let inline = make_compressor(min_bits).filter(|_| sample.is_none());
     let pcs = 1usize << min_bits;
     let mut deliver = |b: &Batch| -> Result<()> {
         for (i, c) in b.clusters(pcs).enumerate() {
@@ -719,23 +637,23 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
         }
         Ok(())
     };
-    let input: &dyn Source = match &sampled {
-        Some(s) => s,
-        None => src,
-    };
-    let bytes_read = pipeline::run(input, &popts, inline.as_deref(), &mut deliver)?;
+    let bytes_read = pipeline::run(src, &popts, inline.as_deref(), &mut deliver)?;
     let written: Vec<(u32, u64)> = match replay {
         Some(r) => small.iter().copied().zip(r.finish()?).collect(),
         None => Vec::new(),
     };
     let mut table = Vec::new();
+    let mut primary_sampled = 0;
     for mut st in states {
         st.flush()?;
         let cs = st.cs();
         let total = vsize.div_ceil(cs);
-        let r = if let Some((dw, pw)) = st.writers.take() {
-            let d = dw.finish()?;
-            let p = pw.finish()?;
+        let (dw, pw) = st.writers.take().expect("writers of every size");
+        let d = dw.finish()?;
+        let p = pw.finish()?;
+        let r = if sample.is_some() {
+            from_sample(&st, copts, vsize, &d, &p)
+        } else {
             let nonzero = d.unique_clusters + d.duplicate_clusters;
             // Clusters under 4 KiB: the replay's count (≥ the non-zero ones).
             let data_clusters = written
@@ -759,15 +677,12 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
                 d.unique_clusters,
                 d.duplicate_clusters,
                 d.compressed_clusters,
-                None,
+                opts.sample.map(|_| [d.file_size, d.file_size]),
             )
-        } else {
-            let s = sampled.as_ref().expect("sampling mode");
-            let units = s.units_sampled();
-            let per_unit = 1u64 << (max_bits - st.cb);
-            let sampled_clusters = (units * per_unit).min(total);
-            from_sample(&st, copts, vsize, sampled_clusters)
         };
+        if st.cb == copts.cluster_bits {
+            primary_sampled = st.stats.contents;
+        }
         table.push(r);
     }
     let primary = table
@@ -785,11 +700,11 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
         saved_percent: primary.saved_percent,
         estimated_size_95: primary.estimated_size_95,
         compression: copts.compression.map(|c| c.name().to_string()),
-        sample: sampled.as_ref().map(|s| SampleInfo {
-            fraction: 1.0 / s.stratum as f64,
-            unit: s.unit,
-            units_sampled: s.units_sampled(),
-            seed: s.seed,
+        sample: opts.sample.map(|p| SampleInfo {
+            fraction: p,
+            unit: copts.cluster_size(),
+            units_sampled: primary_sampled,
+            seed: opts.seed,
         }),
         table,
         bytes_read,
@@ -810,14 +725,22 @@ impl std::fmt::Display for EstimateReport {
             self.seconds
         )?;
         if let Some(s) = &self.sample {
-            writeln!(
-                f,
-                "sampled: {} units of {} ({:.2}% of the input, seed {}); figures are estimates",
-                s.units_sampled,
-                super::info::human_size(s.unit),
-                100.0 * s.fraction,
-                s.seed
-            )?;
+            if self.compression.is_some() {
+                writeln!(
+                    f,
+                    "sampled: {} distinct contents of {} compressed (contents hashing into \
+                     {:.2}%, seed {}); compressed sizes are estimates",
+                    s.units_sampled,
+                    super::info::human_size(s.unit),
+                    100.0 * s.fraction,
+                    s.seed
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "sampled: nothing to sample without compression; figures are exact"
+                )?;
+            }
         }
         if let Some(c) = &self.compression {
             writeln!(f, "compression: {c}")?;

@@ -168,3 +168,94 @@ pub fn random_qemu_io_cmds(size: u64, n: u64, rng: &mut Rng) -> Vec<String> {
         })
         .collect()
 }
+
+/// Real files of this machine (`/usr/share/doc`, `/usr/lib/python3*`, then
+/// `/usr/share`, walked in name order) copied into `dir/tree/c0` up to `budget`
+/// bytes, then `copies − 1` more copies of that tree beside it, and an ext4
+/// file system of `image_size` bytes made from the tree with `mkfs.ext4 -d`.
+/// Returns the image and the number of files in one copy.
+pub fn real_files_ext4(
+    dir: &Path,
+    copies: usize,
+    budget: u64,
+    image_size: u64,
+) -> (PathBuf, usize) {
+    fn walk(from: &Path, to: &Path, budget: &mut u64, files: &mut usize) {
+        let Ok(rd) = std::fs::read_dir(from) else {
+            return;
+        };
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+        entries.sort_by_key(std::fs::DirEntry::file_name);
+        for e in entries {
+            let Ok(t) = e.file_type() else { continue };
+            let dest = to.join(e.file_name());
+            if t.is_dir() {
+                if std::fs::create_dir_all(&dest).is_ok() {
+                    walk(&e.path(), &dest, budget, files);
+                }
+            } else if t.is_file() {
+                let len = e.metadata().map_or(u64::MAX, |m| m.len());
+                if len <= *budget && std::fs::copy(e.path(), &dest).is_ok() {
+                    *budget -= len;
+                    *files += 1;
+                }
+            }
+            if *budget == 0 {
+                return;
+            }
+        }
+    }
+    let tree = dir.join("tree");
+    let first = tree.join("c0");
+    std::fs::create_dir_all(&first).unwrap();
+    let (mut left, mut files) = (budget, 0);
+    let mut roots = vec![PathBuf::from("/usr/share/doc")];
+    if let Ok(rd) = std::fs::read_dir("/usr/lib") {
+        let mut py: Vec<PathBuf> = rd
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+            })
+            .collect();
+        py.sort();
+        roots.extend(py);
+    }
+    roots.push(PathBuf::from("/usr/share"));
+    for (i, r) in roots.iter().enumerate() {
+        let to = first.join(format!("r{i}"));
+        std::fs::create_dir_all(&to).unwrap();
+        walk(r, &to, &mut left, &mut files);
+    }
+    for c in 1..copies {
+        let o = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&first)
+            .arg(tree.join(format!("c{c}")))
+            .output()
+            .expect("cp");
+        assert!(o.status.success(), "cp -a: {o:?}");
+    }
+    let img = dir.join("fs.ext4");
+    // A fixed UUID, hash seed and clock make the image the same on every run
+    // (mkfs.ext4 draws them at random otherwise), so a test on it is repeatable.
+    let o = std::process::Command::new("mkfs.ext4")
+        .env("E2FSPROGS_FAKE_TIME", "1700000000")
+        .args([
+            "-q",
+            "-F",
+            "-U",
+            "6b0c7a52-8c1e-4d1e-9a53-2f4a6a1e0d11",
+            "-E",
+            "hash_seed=3f1d0c9e-5b7a-4e2c-8d6f-1a2b3c4d5e6f",
+            "-d",
+        ])
+        .arg(&tree)
+        .arg(&img)
+        .arg(format!("{}k", image_size >> 10))
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs) must be installed");
+    assert!(o.status.success(), "mkfs.ext4: {o:?}");
+    (img, files)
+}
