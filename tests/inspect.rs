@@ -382,7 +382,7 @@ fn sampled_estimate_within(size: u64, cluster: &str, tolerance: f64) {
     // Every cluster was read, but only about 5% of the distinct contents compressed.
     let exact = estimate(&input, &["-o", &opt]);
     assert_eq!(e["bytes-read"], exact["bytes-read"]);
-    let unique = exact["table"][0]["clusters-unique"].as_f64().unwrap();
+    let unique = exact["table"][0]["stored-copies"].as_f64().unwrap();
     let compressed = e["sample"]["units-sampled"].as_f64().unwrap();
     assert!(
         (0.03..0.07).contains(&(compressed / unique)),
