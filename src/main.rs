@@ -304,8 +304,8 @@ fn run_convert(c: &command::Convert) -> Result<ExitCode> {
         r => r.with_context(|| format!("cannot convert {}", c.input.display()))?,
     };
     match c.report {
-        // -q: nothing on success, as qemu-img convert -q.
-        OutputFormat::Human if c.quiet => {}
+        // -q: nothing on success, as qemu-img convert -q (JSON included).
+        _ if c.quiet => {}
         OutputFormat::Human => outln!("{report}"),
         OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }
@@ -343,7 +343,8 @@ fn run_check(c: &command::Check) -> Result<ExitCode> {
     }
     let report = report?;
     match c.report {
-        OutputFormat::Human if c.quiet => {}
+        // -q: nothing, JSON included, as qemu-img check -q --output=json.
+        _ if c.quiet => {}
         OutputFormat::Human => {
             // Like qemu-img check: details on stderr, the summary on stdout.
             err!("{}", report.human_findings());
@@ -445,9 +446,26 @@ fn check_free_space(dir: &std::path::Path, size: u64, size_text: &str) -> Result
     Ok(())
 }
 
-/// The exit code of a usage error (a bad option or value), as clap's and
-/// qemu-img's argument errors.
+/// The exit code of a usage error (a bad option or value), as clap's.
 const USAGE_ERROR: u8 = 2;
+
+/// The exit code of a usage error of `check`, whose 2 means "corruptions
+/// found": 1, "the check could not be completed", as qemu-img check's.
+const CHECK_USAGE_ERROR: u8 = 1;
+
+/// The exit code of a usage error: [`CHECK_USAGE_ERROR`] when the command is
+/// `check` (the first argument that is not an option), else [`USAGE_ERROR`].
+fn usage_error() -> ExitCode {
+    let is_check = std::env::args_os()
+        .skip(1)
+        .find(|a| !a.as_encoded_bytes().starts_with(b"-"))
+        .is_some_and(|a| a == "check");
+    ExitCode::from(if is_check {
+        CHECK_USAGE_ERROR
+    } else {
+        USAGE_ERROR
+    })
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -455,17 +473,23 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(why) = cli::qemu_img::explain_unknown(&e) {
                 errln!("qdedup: error: {why}");
-                return ExitCode::from(USAGE_ERROR);
+                return usage_error();
             }
-            e.exit()
+            // Help and version go to stdout and exit 0, as clap does.
+            if !e.use_stderr() {
+                e.exit()
+            }
+            // A closed stderr changes nothing: the exit code says it.
+            let _ = e.print();
+            return usage_error();
         }
     };
-    // A value qdedup itself refuses is a usage error like clap's: exit 2.
+    // A value qdedup itself refuses is a usage error like clap's.
     let cmd = match Command::from_args(cli) {
         Ok(cmd) => cmd,
         Err(e) => {
             errln!("qdedup: error: {}", error_chain(&e));
-            return ExitCode::from(USAGE_ERROR);
+            return usage_error();
         }
     };
     let r = match &cmd {

@@ -45,13 +45,45 @@ fn dash_p_shows_progress_without_a_terminal_and_dash_q_prints_nothing() {
     assert!(o.status.success(), "{}", said(&o));
     assert_eq!(said(&o), "", "-q prints nothing");
     assert_qemu_compare_same(&raw, "raw", &out);
-    // An asked-for JSON report is still printed.
-    let r = convert_json(&[], &raw, &dir.join("json.qcow2"));
-    assert!(r["virtual-size"].as_u64().is_some(), "{r}");
+    // JSON included: -q is quiet whatever the format, as qemu-img.
+    let json = dir.join("json.qcow2");
+    let o = convert_with(&["-q", "--output", "json"], &raw, &json);
+    assert!(o.status.success(), "{}", said(&o));
+    assert_eq!(said(&o), "", "-q --output json prints nothing");
+    assert_qemu_compare_same(&raw, "raw", &json);
 
-    // check -q: the exit code alone.
-    let o = qdedup(["check".as_ref(), "-q".as_ref(), out.as_os_str()]);
-    assert_eq!((exit_code(&o), said(&o)), (0, String::new()));
+    // check -q: the exit code alone, JSON or not, as qemu-img check -q
+    // --output=json, on a clean image and on one with a leak.
+    // A leak: the header cluster's refcount raised from 1 to 2.
+    let leaky = patched_copy(&out, dir.join("leaky.qcow2"), |img| {
+        assert_eq!(img.refcount(0), 1);
+        img.set_refcount(0, 2);
+    });
+    let mut cases = 0;
+    for (img, want) in [(&out, 0), (&leaky, 3)] {
+        for fmt in [None, Some("json")] {
+            let mut ours: Vec<&std::ffi::OsStr> = vec!["check".as_ref(), "-q".as_ref()];
+            let mut theirs: Vec<String> = vec!["check".into(), "-q".into()];
+            if let Some(f) = fmt {
+                ours.extend([std::ffi::OsStr::new("--output"), std::ffi::OsStr::new(f)]);
+                theirs.push(format!("--output={f}"));
+            }
+            ours.push(img.as_os_str());
+            let o = qdedup(&ours);
+            let q = qemu(
+                "qemu-img",
+                theirs
+                    .iter()
+                    .map(std::ffi::OsStr::new)
+                    .chain([img.as_os_str()]),
+            );
+            assert_eq!((exit_code(&o), said(&o)), (want, String::new()), "{fmt:?}");
+            assert_eq!(exit_code(&q), want, "qemu-img {fmt:?}: {}", said(&q));
+            assert_eq!(stdout(&q), "", "qemu-img -q {fmt:?}");
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 4);
 }
 
 #[test]
@@ -359,7 +391,7 @@ fn demo_refuses_a_size_that_cannot_fit_before_writing() {
 }
 
 #[test]
-fn usage_errors_exit_2_and_runtime_errors_exit_1() {
+fn usage_errors_exit_2_but_1_for_check_and_runtime_errors_exit_1() {
     let dir = Scratch::new();
     let raw = raw_input(dir.path(), 65536, 16, 0, 2);
     let out = dir.join("out.qcow2");
@@ -395,14 +427,12 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         argv(&["estimate", "--cluster-sizes", "4k,3k"], &[], &[r]),
         argv(&["estimate", "-o", "refcount_bits=3"], &[], &[r]),
         argv(&["demo", "--size", "big"], &[], &[]),
-        argv(&["check", "-U", "--repair", "leaks"], &[], &[i]),
         // clap's errors and refused qemu-img options.
         argv(&["convert", "--bogus"], &[], &[r, o]),
         argv(&["convert", "-n"], &[], &[r, o]),
         argv(&["convert", "-f", "vmdk"], &[], &[r, o]),
         argv(&["info"], &[], &[]),
         argv(&["map", "--start-offset", "0"], &[], &[i]),
-        argv(&["check", "--repair", "some"], &[], &[i]),
     ];
     let cases = usage.len();
     for args in usage {
@@ -410,7 +440,29 @@ fn usage_errors_exit_2_and_runtime_errors_exit_1() {
         assert_eq!(exit_code(&out_), 2, "{args:?}: {}", said(&out_));
         assert!(!out.exists(), "{args:?}: nothing written");
     }
-    assert_eq!(cases, 20);
+    assert_eq!(cases, 18);
+    // check's 2 means "corruptions found": its usage errors exit 1, "the check
+    // could not be completed", as qemu-img check's; the image is not touched.
+    let before = std::fs::read(&img).unwrap();
+    let check_usage = [
+        argv(&["check", "-U", "--repair", "leaks"], &[], &[i]),
+        argv(&["check", "--repair", "some"], &[], &[i]),
+        argv(&["check", "--bogus"], &[], &[i]),
+        argv(&["check"], &[], &[]),
+        argv(&["-q", "check", "--max-findings", "x"], &[], &[i]),
+    ];
+    let check_cases = check_usage.len();
+    for args in check_usage {
+        let out_ = qdedup(&args);
+        assert_eq!(exit_code(&out_), 1, "{args:?}: {}", said(&out_));
+        assert!(!stderr(&out_).is_empty(), "{args:?}: says why");
+        assert_eq!(stdout(&out_), "", "{args:?}: no report");
+    }
+    assert_eq!(check_cases, 5);
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+    // qemu-img check agrees on its own bad option.
+    let theirs = qemu("qemu-img", ["check".as_ref(), "--bogus".as_ref(), i]);
+    assert_eq!(exit_code(&theirs), 1, "{}", said(&theirs));
     // Runtime errors (the arguments were fine): exit 1.
     for args in [
         argv(&["convert"], &[], &[m, o]),

@@ -90,8 +90,8 @@ pub(crate) struct ConvertArgs {
     /// Replace OUT if it exists.
     #[arg(long)]
     pub(crate) force: bool,
-    /// Print nothing on success, as qemu-img -q (no progress, no human report;
-    /// an asked-for --output json is still printed).
+    /// Print nothing on success, as qemu-img -q (no progress, no report, JSON
+    /// included).
     #[arg(short, long)]
     pub(crate) quiet: bool,
     /// Report format.
@@ -246,7 +246,7 @@ pub(crate) struct CheckArgs {
     #[arg(long)]
     pub(crate) no_verify_compressed: bool,
     /// Print nothing but errors, as qemu-img check -q (the exit code is the
-    /// verdict; an asked-for --output json is still printed).
+    /// verdict; JSON included, as qemu-img check -q --output=json).
     #[arg(short, long)]
     pub(crate) quiet: bool,
     /// List at most this many findings (the counts stay exact).

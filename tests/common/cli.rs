@@ -66,11 +66,11 @@ pub fn stdout_json(o: &Output, what: &str) -> Value {
         .unwrap_or_else(|e| panic!("{what}: bad JSON ({e}):\n{}", said(o)))
 }
 
-/// Runs `qdedup convert -q --output json ARGS INPUT OUTPUT`, asserts success and
+/// Runs `qdedup convert --output json ARGS INPUT OUTPUT`, asserts success and
 /// returns the parsed report.
 pub fn convert_json(args: &[&str], input: &Path, output: &Path) -> Value {
     qdedup_json(argv(
-        &["convert", "-q", "--output", "json"],
+        &["convert", "--output", "json"],
         args,
         &[input.as_os_str(), output.as_os_str()],
     ))
