@@ -310,6 +310,32 @@ impl SampleStats {
     }
 }
 
+/// The covariate of the sampling estimator: the bytes a content would take at
+/// its order-0 entropy (`len · H / 8`, H in bits per byte from its byte
+/// histogram). Cheap next to compression, known for every content, and close to
+/// linear in the compressed size (correlation 0.96 over the distinct 4 KiB
+/// clusters of a FAT image of real files), so the regression on it removes most
+/// of the variance between contents (text vs already-compressed files).
+fn entropy_size(data: &[u8]) -> f64 {
+    let mut hist = [0u32; 256];
+    for &b in data {
+        hist[usize::from(b)] += 1;
+    }
+    let n = data.len() as f64;
+    if n == 0.0 {
+        return 0.0;
+    }
+    let bits: f64 = hist
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let c = f64::from(c);
+            -c * (c / n).log2()
+        })
+        .sum();
+    bits / 8.0
+}
+
 /// Per cluster size: two writers, the compression memo, and the assembly buffer.
 struct SizeState<'a> {
     cb: u32,
@@ -327,7 +353,14 @@ struct SizeState<'a> {
     /// Sampling: only the sampled contents are compressed.
     sample: Option<ContentSample>,
     stats: SampleStats,
+    /// Sampling: every stored copy in the writer's order, as its covariate and,
+    /// for sampled contents, its stored bytes ([`UNSAMPLED`] otherwise); 8
+    /// bytes per stored copy.
+    stored_seq: Vec<(f32, u32)>,
 }
+
+/// `stored_seq`'s mark of a content that was not sampled.
+const UNSAMPLED: u32 = u32::MAX;
 
 impl SizeState<'_> {
     fn cs(&self) -> u64 {
@@ -385,8 +418,21 @@ impl SizeState<'_> {
                 Some(Some(len)) => Stream::Some(&self.scratch[..len as usize]),
             };
             let c = ClusterIn::Data { hash, data, stream };
+            let stored = |w: &ImageWriter<'_>| {
+                let s = w.stats();
+                s.unique_clusters + s.saturation_copies
+            };
+            let before = stored(dw);
             dw.accept(j, data, [c])?;
             pw.accept(j, data, [c])?;
+            // A new stored copy: its covariate (and its bytes, if sampled).
+            if self.sample.is_some() && stored(dw) > before {
+                let y = match outcome {
+                    Some(o) if in_sample => o.unwrap_or(self.cs() as u32),
+                    _ => UNSAMPLED,
+                };
+                self.stored_seq.push((entropy_size(data) as f32, y));
+            }
         }
         Ok(())
     }
@@ -417,6 +463,121 @@ impl SizeState<'_> {
         }
         Ok(())
     }
+}
+
+/// The model-assisted estimate of the data clusters of `stored` stored copies
+/// and its 95% half-width, from `seq` (every stored copy in the writer's order,
+/// as (covariate, stored bytes or [`UNSAMPLED`])); `None` with fewer than three
+/// sampled contents.
+///
+/// The stored bytes of all copies come from a regression of the sampled
+/// contents' bytes on their covariate ([`entropy_size`], known for every copy);
+/// they turn into data clusters by packing the whole sequence as the writer
+/// does ([`impute_packing`]). The interval is the regression estimator's, from
+/// the residuals (each scaled by its leverage, `e/(1 − h)`, which keeps it
+/// honest when a few contents far from the others steer the line), with a
+/// finite-population correction and Student's t for the residuals' effective
+/// degrees of freedom. It is built at 99% ([`Z_CONSERVATIVE`]) and printed as a
+/// conservative 95% interval: at 95% it held the truth in 18 of 20 seeds on
+/// two file-system images (as often as chance allows a calibrated 95%
+/// interval: 2 misses in 20 happen one time in four), and users read it as a
+/// bound.
+fn model_assisted(seq: &[(f32, u32)], cs: u64, stored: f64) -> Option<(f64, f64)> {
+    let pairs: Vec<(f64, f64)> = seq
+        .iter()
+        .filter(|&&(_, y)| y != UNSAMPLED)
+        .map(|&(x, y)| (f64::from(x), f64::from(y)))
+        .collect();
+    if pairs.len() < 3 {
+        return None;
+    }
+    let n = pairs.len() as f64;
+    let mx = pairs.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = pairs.iter().map(|p| p.1).sum::<f64>() / n;
+    let cxx: f64 = pairs.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let cxy: f64 = pairs.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let slope = if cxx > 0.0 { cxy / cxx } else { 0.0 };
+    let x_mean = seq.iter().map(|&(x, _)| f64::from(x)).sum::<f64>() / seq.len().max(1) as f64;
+    let bytes = stored * (my + slope * (x_mean - mx));
+    let (mut s2, mut s4) = (0.0, 0.0);
+    for &(x, y) in &pairs {
+        let e = y - my - slope * (x - mx);
+        let h = 1.0 / n
+            + if cxx > 0.0 {
+                (x - mx).powi(2) / cxx
+            } else {
+                0.0
+            };
+        let e2 = (e / (1.0 - h).max(0.05)).powi(2);
+        s2 += e2;
+        s4 += e2 * e2;
+    }
+    let resid = s2 / (n - 1.0);
+    let fpc = (1.0 - n / stored.max(n)).max(0.0);
+    // The residuals' effective degrees of freedom (Satterthwaite): few when a
+    // few contents carry most of the error, and Student's t for them.
+    let df = if s4 > 0.0 {
+        (s2 * s2 / s4).clamp(1.0, n - 2.0)
+    } else {
+        n - 2.0
+    };
+    let half_bytes = t_quantile(Z_CONSERVATIVE, df) * stored * (resid / n * fpc).sqrt();
+    let per_byte = impute_packing(seq, cs)?;
+    Some((bytes * per_byte, half_bytes * per_byte))
+}
+
+/// The two-sided quantile of Student's t with `df` degrees of freedom whose
+/// normal quantile is `z` (the Cornish-Fisher expansion; within 1% of the
+/// exact value from 3 degrees of freedom on).
+fn t_quantile(z: f64, df: f64) -> f64 {
+    let df = df.max(1.0);
+    z + (z.powi(3) + z) / (4.0 * df)
+        + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * df * df)
+        + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / (384.0 * df.powi(3))
+}
+
+/// The normal quantile of the sampled estimate's interval: 99% (2.576), so that
+/// the printed "95%" interval holds the truth at least 95% of the time also
+/// where the residuals' variance is underestimated (a handful of contents far
+/// from the line), as [`model_assisted`] says.
+const Z_CONSERVATIVE: f64 = 2.575_829;
+
+/// Data clusters per stored byte when every stored copy of `seq` (in the
+/// writer's order) is packed as the writer packs them: the sampled contents
+/// with their real outcome, every other one with the outcome of the sampled
+/// content whose covariate is nearest to its own (a nearest-neighbour
+/// imputation, which keeps the mix of streams and plain clusters, so the room
+/// streams leave where plain clusters break their runs is the real sequence's;
+/// packing the thinned sample alone over-counts it). `None` without a sampled
+/// content.
+fn impute_packing(seq: &[(f32, u32)], cs: u64) -> Option<f64> {
+    let mut donors: Vec<(f32, u32)> = seq
+        .iter()
+        .copied()
+        .filter(|&(_, y)| y != UNSAMPLED)
+        .collect();
+    if donors.is_empty() {
+        return None;
+    }
+    donors.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let nearest = |x: f32| -> u32 {
+        let i = donors.partition_point(|d| d.0 < x);
+        match (i.checked_sub(1).map(|j| donors[j]), donors.get(i)) {
+            (Some(b), Some(a)) if x - b.0 > a.0 - x => a.1,
+            (Some(b), _) => b.1,
+            (None, Some(a)) => a.1,
+            (None, None) => unreachable!("donors is not empty"),
+        }
+    };
+    let mut packing = SampleStats::default();
+    let mut bytes = 0u64;
+    for &(x, y) in seq {
+        let y = if y == UNSAMPLED { nearest(x) } else { y };
+        let stream = (u64::from(y) < cs).then_some(y);
+        bytes += stream.map_or(cs, u64::from);
+        packing.place(cs, stream);
+    }
+    Some(packing.packed_clusters as f64 / bytes as f64)
 }
 
 /// log2 of qemu-img convert's default `-S` (4 KiB): with smaller clusters it
@@ -455,6 +616,8 @@ fn from_sample(
     let (est, lo, hi) = if s.contents == 0 {
         // Nothing sampled: anywhere between no data and all of it plain.
         (resize(stored), resize(0.0), resize(stored))
+    } else if let Some((data, half)) = model_assisted(&st.stored_seq, cs, stored) {
+        (resize(data), resize(data - half), resize(data + half + 1.0))
     } else {
         // Data clusters per stored content: those each sampled content added
         // when the sampled contents are packed in order as the writer packs
@@ -599,6 +762,7 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             last_l1: None,
             sample,
             stats: SampleStats::default(),
+            stored_seq: Vec::new(),
         });
     }
     // Exact mode, uncompressed, clusters under 4 KiB: replay qemu-img's writes.

@@ -169,17 +169,48 @@ pub fn random_qemu_io_cmds(size: u64, n: u64, rng: &mut Rng) -> Vec<String> {
         .collect()
 }
 
+/// The kinds of file system [`real_files_fs`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    /// `mkfs.ext4 -d` (e2fsprogs).
+    Ext4,
+    /// `mkfs.vfat` with 4 KiB clusters (FAT16 or FAT32 by size), filled with
+    /// `mcopy -s` (dosfstools, mtools).
+    Vfat,
+}
+
 /// Real files of this machine (`/usr/share/doc`, `/usr/lib/python3*`, then
 /// `/usr/share`, walked in name order) copied into `dir/tree/c0` up to `budget`
-/// bytes, then `copies − 1` more copies of that tree beside it, and an ext4
-/// file system of `image_size` bytes made from the tree with `mkfs.ext4 -d`.
-/// Returns the image and the number of files in one copy.
+/// bytes, then `copies − 1` more copies of that tree beside it, every time stamp
+/// set to one fixed time, and a file system of `image_size` bytes of the given
+/// kind made from the tree. Returns the image and the number of files in one copy.
+pub fn real_files_fs(
+    dir: &Path,
+    kind: FsKind,
+    copies: usize,
+    budget: u64,
+    image_size: u64,
+) -> (PathBuf, usize) {
+    let (tree, files) = real_files_tree(dir, copies, budget);
+    let img = match kind {
+        FsKind::Ext4 => mkfs_ext4(dir, &tree, image_size),
+        FsKind::Vfat => mkfs_vfat(dir, &tree, image_size),
+    };
+    (img, files)
+}
+
+/// [`real_files_fs`] with ext4.
 pub fn real_files_ext4(
     dir: &Path,
     copies: usize,
     budget: u64,
     image_size: u64,
 ) -> (PathBuf, usize) {
+    real_files_fs(dir, FsKind::Ext4, copies, budget, image_size)
+}
+
+/// The tree of [`real_files_fs`]: `dir/tree/c0 … c{copies-1}`.
+fn real_files_tree(dir: &Path, copies: usize, budget: u64) -> (PathBuf, usize) {
     fn walk(from: &Path, to: &Path, budget: &mut u64, files: &mut usize) {
         let Ok(rd) = std::fs::read_dir(from) else {
             return;
@@ -237,6 +268,18 @@ pub fn real_files_ext4(
             .expect("cp");
         assert!(o.status.success(), "cp -a: {o:?}");
     }
+    // One time stamp everywhere, so that the file systems made from the tree
+    // (which store the files' times) are the same on every run.
+    let o = std::process::Command::new("find")
+        .arg(&tree)
+        .args(["-exec", "touch", "-h", "-d", "@1700000000", "{}", "+"])
+        .output()
+        .expect("find");
+    assert!(o.status.success(), "find -exec touch: {o:?}");
+    (tree, files)
+}
+
+fn mkfs_ext4(dir: &Path, tree: &Path, image_size: u64) -> PathBuf {
     let img = dir.join("fs.ext4");
     // A fixed UUID, hash seed and clock make the image the same on every run
     // (mkfs.ext4 draws them at random otherwise), so a test on it is repeatable.
@@ -251,11 +294,49 @@ pub fn real_files_ext4(
             "hash_seed=3f1d0c9e-5b7a-4e2c-8d6f-1a2b3c4d5e6f",
             "-d",
         ])
-        .arg(&tree)
+        .arg(tree)
         .arg(&img)
         .arg(format!("{}k", image_size >> 10))
         .output()
         .expect("mkfs.ext4 (e2fsprogs) must be installed");
     assert!(o.status.success(), "mkfs.ext4: {o:?}");
-    (img, files)
+    img
+}
+
+fn mkfs_vfat(dir: &Path, tree: &Path, image_size: u64) -> PathBuf {
+    let img = dir.join("fs.vfat");
+    // 4 KiB clusters (8 sectors of 512 B), structures aligned to them (the
+    // default), a fixed volume id and time (--invariant).
+    let o = std::process::Command::new("mkfs.vfat")
+        .args([
+            "--invariant",
+            "-S",
+            "512",
+            "-s",
+            "8",
+            "-n",
+            "QDEDUPTEST",
+            "-C",
+        ])
+        .arg(&img)
+        .arg((image_size >> 10).to_string())
+        .output()
+        .expect("mkfs.vfat (dosfstools) must be installed");
+    assert!(o.status.success(), "mkfs.vfat: {o:?}");
+    let mut copies: Vec<PathBuf> = std::fs::read_dir(tree)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    copies.sort();
+    // -s: recursive; -m: keep the files' (fixed) times; -Q: stop at the first error.
+    let o = std::process::Command::new("mcopy")
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .args(["-s", "-m", "-Q", "-i"])
+        .arg(&img)
+        .args(&copies)
+        .arg("::/")
+        .output()
+        .expect("mcopy (mtools) must be installed");
+    assert!(o.status.success(), "mcopy: {o:?}");
+    img
 }
