@@ -219,6 +219,30 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         cache_syncs("-T", mode)?;
     }
     opts.force = a.force;
+    if let Some(b) = a.qemu.backing {
+        match &opts.backing_file {
+            Some(o) if *o != b => bail!(
+                "-B {} and -o backing_file={} name different backing files: give one",
+                b.display(),
+                o.display()
+            ),
+            _ => opts.backing_file = Some(b),
+        }
+    }
+    if let Some(f) = input_format(a.qemu.backing_format) {
+        match opts.backing_format {
+            Some(o) if o != f => bail!(
+                "-F {} and -o backing_fmt={} differ: give one",
+                f.name(),
+                o.name()
+            ),
+            _ => opts.backing_format = Some(f),
+        }
+    }
+    if let Some(s) = &a.qemu.sparse_size {
+        opts.sparse_size = Some(parse_size(s)?);
+    }
+    opts.validate()?;
     opts.input = OpenOptions {
         format: input_format(a.format),
         backing_chain: a.backing_chain == BackingChain::Full,
