@@ -304,6 +304,9 @@ fn estimate(a: EstimateArgs) -> Result<Option<Estimate>> {
     if let Some(w) = a.workers {
         opts.workers = w;
     }
+    if opts.backing_file.is_some() {
+        bail!("estimate does not write overlays: -o backing_file is for convert");
+    }
     let mut extra = Vec::new();
     if let Some(list) = &a.cluster_sizes {
         for item in list.split(',').filter(|s| !s.trim().is_empty()) {
