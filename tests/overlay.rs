@@ -485,3 +485,63 @@ fn writing_into_an_existing_target_is_refused_with_the_reason() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn a_truncated_qcow2_converts_with_salvage_and_fails_cleanly_without() {
+    let dir = Scratch::new();
+    let mut cases = 0;
+    for compress in [false, true] {
+        // 8 MiB of text (compressible), then the file cut in the middle of its
+        // data: clusters (or compressed streams) past the cut cannot be read.
+        let raw = write_raw(dir.path(), "src.raw", &text_bytes(40, 8 << 20));
+        let img = dir.join(format!("t-{compress}.qcow2"));
+        qcow2_from_raw(&raw, &img, if compress { &["-c"] } else { &[] });
+        let len = std::fs::metadata(&img).unwrap().len();
+        set_file_len(&img, len / 2 / 512 * 512);
+        let out = dir.join(format!("out-{compress}.qcow2"));
+        let err =
+            qdedup_fails_in_one_line([OsStr::new("convert"), img.as_os_str(), out.as_os_str()]);
+        assert!(
+            err.contains("past the end of the file") || err.contains("compressed"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // With --salvage: what QEMU's --salvage makes of it, and the ranges listed.
+        let r = convert_json(&["--salvage"], &img, &out);
+        assert_qemu_check_clean(&out);
+        let view = dir.join(format!("qemu-{compress}.raw"));
+        qemu_raw_view(img.as_os_str(), &view, &["--salvage"]);
+        assert_qemu_compare_same(&view, "raw", &out);
+        let ranges = r["salvaged"].as_array().expect("salvaged ranges");
+        assert!(!ranges.is_empty(), "{r}");
+        let salvaged: u64 = ranges.iter().map(|x| x["length"].as_u64().unwrap()).sum();
+        // About half of the data was cut off, and the ranges are where the
+        // QEMU view reads zeros.
+        assert!((2 << 20..8 << 20).contains(&salvaged), "{r}");
+        let qemu_bytes = std::fs::read(&view).unwrap();
+        for x in ranges {
+            let (o, l) = (
+                x["offset"].as_u64().unwrap() as usize,
+                x["length"].as_u64().unwrap() as usize,
+            );
+            assert!(qemu_bytes[o..o + l].iter().all(|b| *b == 0), "{x}");
+            assert!(!x["error"].as_str().unwrap().is_empty());
+        }
+        // The human report names them.
+        let out2 = dir.join(format!("h-{compress}.qcow2"));
+        let o = qdedup_ok([
+            OsStr::new("convert"),
+            OsStr::new("--salvage"),
+            img.as_os_str(),
+            out2.as_os_str(),
+        ]);
+        let first = format!("{:#x}+", ranges[0]["offset"].as_u64().unwrap());
+        assert!(
+            stdout(&o).contains("salvaged:") && stdout(&o).contains(&first),
+            "{}",
+            said(&o)
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, 2);
+}

@@ -141,6 +141,11 @@ pub(crate) struct QemuImgConvertArgs {
     /// decides per cluster).
     #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
     pub(crate) sparse_size: Option<String>,
+    /// Convert what cannot be read from the input (a read error, a table or
+    /// cluster past the end of a truncated file) as zeros, and list the ranges in
+    /// the report, instead of failing (as qemu-img --salvage).
+    #[arg(long)]
+    pub(crate) salvage: bool,
 }
 
 #[derive(clap::Args)]

@@ -242,6 +242,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
     if let Some(s) = &a.qemu.sparse_size {
         opts.sparse_size = Some(parse_size(s)?);
     }
+    opts.salvage = a.qemu.salvage;
     opts.validate()?;
     opts.input = OpenOptions {
         format: input_format(a.format),

@@ -34,11 +34,6 @@ const CONVERT: &[(&str, &str, &str)] = &[
         "qdedup writes no bitmaps",
     ),
     (
-        "--salvage",
-        "write zeros where the input cannot be read",
-        "qdedup stops at the first read error",
-    ),
-    (
         "--target-is-zero",
         "skip zeroing an existing target (with -n)",
         "qdedup always creates OUT",

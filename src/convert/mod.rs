@@ -127,6 +127,21 @@ pub struct ConvertReport {
     /// Zero clusters stored as data (`-S 0`, and zeros over backing data in a
     /// version 2 overlay); with dedup they share one host cluster.
     pub zero_data_clusters: u64,
+    /// Input ranges that could not be read and were converted as zeros
+    /// (`--salvage`), in guest order.
+    pub salvaged: Vec<SalvagedRange>,
+}
+
+/// A range of the input `--salvage` converted as zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SalvagedRange {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// The error reading its first sector gave.
+    pub error: String,
 }
 
 impl std::fmt::Display for ConvertReport {
@@ -206,6 +221,21 @@ impl std::fmt::Display for ConvertReport {
             "time:              {:.2} s, {:.0} MB/s read",
             self.seconds, self.read_mb_per_s
         )?;
+        if !self.salvaged.is_empty() {
+            write!(
+                f,
+                "\nsalvaged:          {} unreadable ranges, {} bytes, converted as zeros:",
+                self.salvaged.len(),
+                self.salvaged.iter().map(|r| r.length).sum::<u64>()
+            )?;
+            for r in &self.salvaged {
+                write!(
+                    f,
+                    "\n  {:#x}+{:#x} ({} bytes): {}",
+                    r.offset, r.length, r.length, r.error
+                )?;
+            }
+        }
         for n in &self.notes {
             write!(f, "\nnote: {n}")?;
         }
@@ -327,6 +357,15 @@ pub struct OverlayStats {
     pub zero_data_clusters: u64,
 }
 
+/// [`OverlayStats`] and what `--salvage` converted as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SalvageStats {
+    /// As [`convert_overlay_to`].
+    pub stats: OverlayStats,
+    /// The ranges converted as zeros, in guest order (adjacent ones merged).
+    pub salvaged: Vec<SalvagedRange>,
+}
+
 /// [`convert_to`] for an overlay on `backing` (or, with `None`, a standalone
 /// image): clusters equal to the backing file's content at the same guest offset
 /// stay unallocated, zeros over backing data become zero-flag entries (v3) or
@@ -337,6 +376,17 @@ pub fn convert_overlay_to(
     out: &dyn WriteAt,
     opts: &ConvertOptions,
 ) -> Result<OverlayStats> {
+    Ok(convert_salvaging_to(src, backing, out, opts)?.stats)
+}
+
+/// [`convert_overlay_to`] that also returns the ranges `opts.salvage` converted
+/// as zeros.
+pub fn convert_salvaging_to(
+    src: &dyn Source,
+    backing: Option<&Backing>,
+    out: &dyn WriteAt,
+    opts: &ConvertOptions,
+) -> Result<SalvageStats> {
     opts.validate()?;
     let mut w = opts
         .writer(src.virtual_size())
@@ -347,7 +397,9 @@ pub fn convert_overlay_to(
         backing: backing.map(|b| b.source.as_ref()),
         zero_flag: opts.qcow2_version >= 3,
         allocate_zeros: opts.sparse_size == Some(0),
+        salvage: opts.salvage,
     };
+    let mut salvaged: Vec<SalvagedRange> = Vec::new();
     let zero = pipeline::zero_hash(opts.cluster_size());
     let (mut backing_clusters, mut zero_data_clusters) = (0u64, 0u64);
     let bytes_read = pipeline::run_overlay(src, &overlay, opts, compress.as_deref(), &mut |b| {
@@ -358,19 +410,32 @@ pub fn convert_overlay_to(
                 _ => {}
             }
         }
+        for (offset, length, error) in &b.salvaged {
+            match salvaged.last_mut() {
+                Some(r) if r.offset + r.length == *offset => r.length += length,
+                _ => salvaged.push(SalvagedRange {
+                    offset: *offset,
+                    length: *length,
+                    error: error.clone(),
+                }),
+            }
+        }
         w.accept_batch(b)
     })?;
     let index_bytes = w.index_heap_bytes() as u64;
     let stats = w.finish()?;
-    Ok(OverlayStats {
-        stats: ConvertStats {
-            writer: stats,
-            bytes_read: bytes_read.source,
-            index_bytes,
+    Ok(SalvageStats {
+        stats: OverlayStats {
+            stats: ConvertStats {
+                writer: stats,
+                bytes_read: bytes_read.source,
+                index_bytes,
+            },
+            backing_clusters,
+            backing_bytes_read: bytes_read.backing,
+            zero_data_clusters,
         },
-        backing_clusters,
-        backing_bytes_read: bytes_read.backing,
-        zero_data_clusters,
+        salvaged,
     })
 }
 
@@ -563,17 +628,21 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         .ctx(|| "cannot make the temporary file private".to_string())?;
     // Held until the file is closed: tells later runs this temporary file is live.
     let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
-    let OverlayStats {
+    let SalvageStats {
         stats:
-            ConvertStats {
-                writer: stats,
-                bytes_read,
-                index_bytes,
+            OverlayStats {
+                stats:
+                    ConvertStats {
+                        writer: stats,
+                        bytes_read,
+                        index_bytes,
+                    },
+                backing_clusters,
+                backing_bytes_read,
+                zero_data_clusters,
             },
-        backing_clusters,
-        backing_bytes_read,
-        zero_data_clusters,
-    } = convert_overlay_to(src, backing.as_ref(), file, opts)?;
+        salvaged,
+    } = convert_salvaging_to(src, backing.as_ref(), file, opts)?;
     rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(final_mode))
         .map_err(std::io::Error::from)
         .ctx(|| format!("cannot set the mode {final_mode:o} of the new output"))?;
@@ -686,5 +755,6 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         zero_flag_clusters: stats.zero_flag_clusters,
         backing_bytes_read,
         zero_data_clusters,
+        salvaged,
     })
 }

@@ -59,6 +59,11 @@ pub struct ConvertOptions {
     /// size change nothing (qdedup decides per cluster); larger ones are refused
     /// ([`ConvertOptions::validate`]).
     pub sparse_size: Option<u64>,
+    /// qemu-img's `--salvage`: what cannot be read from the input (a read error,
+    /// a qcow2 table or cluster past the end of a truncated file, a broken
+    /// compressed stream) is converted as zeros and listed in the report,
+    /// instead of failing the conversion.
+    pub salvage: bool,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -78,6 +83,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("backing_format", &self.backing_format)
             .field("qcow2_version", &self.qcow2_version)
             .field("sparse_size", &self.sparse_size)
+            .field("salvage", &self.salvage)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +108,7 @@ impl Default for ConvertOptions {
             backing_format: None,
             qcow2_version: 3,
             sparse_size: None,
+            salvage: false,
         }
     }
 }

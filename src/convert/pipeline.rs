@@ -53,12 +53,25 @@ pub struct Overlay<'a> {
     /// Store every zero cluster as data (`-S 0`), except those equal to the
     /// backing file.
     pub allocate_zeros: bool,
+    /// Convert what cannot be read from the source as zeros (`--salvage`), and
+    /// list the ranges ([`Batch`]'s `salvaged`).
+    pub salvage: bool,
 }
 
 impl Overlay<'_> {
     /// Whether the workers have anything to do beyond [`process`].
     fn active(&self) -> bool {
         self.backing.is_some() || self.allocate_zeros
+    }
+
+    /// Reads a planned batch: [`fill`], or with `salvage` [`fill_salvaging`].
+    fn fill(&self, src: &dyn Source, batch: &mut Batch, cs: u64) -> Result<()> {
+        if self.salvage {
+            fill_salvaging(src, batch, cs);
+            Ok(())
+        } else {
+            fill(src, batch, cs)
+        }
     }
 }
 
@@ -86,6 +99,9 @@ pub struct BatchReader<'a> {
     backing: Option<&'a dyn Source>,
     /// Skip no zero run (`-S 0`: every cluster is stored).
     allocate_zeros: bool,
+    /// A block status error plans the rest of its cluster as data to read (which
+    /// [`fill_salvaging`] then salvages) instead of failing (`--salvage`).
+    salvage: bool,
     /// Guest bytes read from the backing file (sequential converter).
     backing_bytes_read: u64,
 }
@@ -104,6 +120,7 @@ impl<'a> BatchReader<'a> {
             bytes_read: 0,
             backing: None,
             allocate_zeros: false,
+            salvage: false,
             backing_bytes_read: 0,
         }
     }
@@ -115,6 +132,7 @@ impl<'a> BatchReader<'a> {
         BatchReader {
             backing: overlay.backing,
             allocate_zeros: overlay.allocate_zeros,
+            salvage: overlay.salvage,
             ..BatchReader::new(src, cs)
         }
     }
@@ -147,7 +165,10 @@ impl<'a> BatchReader<'a> {
         // Skip clusters that are entirely zero according to the source.
         while self.next_cluster < self.total_clusters {
             let off = self.next_cluster * cs;
-            let (st, mut len) = self.src.block_status(off, size - off)?;
+            let (st, mut len) = match self.src.block_status(off, size - off) {
+                Err(_) if self.salvage => break,
+                r => r?,
+            };
             if st == BlockStatus::Zero && self.allocate_zeros {
                 break;
             }
@@ -189,12 +210,17 @@ impl<'a> BatchReader<'a> {
         batch.runs.clear();
         batch.bytes_read = 0;
         batch.backing_bytes_read = 0;
+        batch.salvaged.clear();
         batch.error = None;
         let start = first * cs;
         let end = ((first + n) * cs).min(size);
         let mut off = start;
         while off < end {
-            let (st, len) = self.src.block_status(off, end - off)?;
+            let (st, len) = match self.src.block_status(off, end - off) {
+                // Read it (and salvage what fails): up to the cluster's end.
+                Err(_) if self.salvage => (BlockStatus::Data, (off / cs + 1) * cs - off),
+                r => r?,
+            };
             let len = len.clamp(1, end - off);
             batch.runs.push((off, len, st == BlockStatus::Data));
             // Clusters wholly inside a zero run need no worker.
@@ -231,9 +257,11 @@ impl<'a> BatchReader<'a> {
     /// [`BatchReader::next_batch`] for an overlay: also compares the batch with
     /// the backing file ([`against_backing`]).
     fn next_overlay_batch(&mut self, batch: &mut Batch, overlay: &Overlay<'_>) -> Result<bool> {
-        if !self.next_batch(batch)? {
+        if !self.plan(batch)? {
             return Ok(false);
         }
+        overlay.fill(self.src, batch, self.cs)?;
+        self.bytes_read += batch.bytes_read;
         against_backing(batch, overlay, self.cs, self.src.virtual_size())?;
         self.backing_bytes_read += batch.backing_bytes_read;
         Ok(true)
@@ -362,6 +390,55 @@ fn allocate_zeros(batch: &mut Batch, overlay: &Overlay<'_>, cs: u64) {
             }
         }
     }
+}
+
+/// [`fill`] for `--salvage`: a data run that fails to read is read again cluster
+/// by cluster, and a cluster that fails sector by sector (512 bytes); what still
+/// fails reads as zeros and is recorded in `batch.salvaged` (adjacent ranges
+/// merged, with the first error).
+pub fn fill_salvaging(src: &dyn Source, batch: &mut Batch, cs: u64) {
+    let n = batch.kinds.len() as u64;
+    let start = batch.first_cluster * cs;
+    let size = src.virtual_size();
+    batch.data.resize((n * cs) as usize, 0);
+    let mut filled = 0;
+    let runs = std::mem::take(&mut batch.runs);
+    for &(off, len, data) in &runs {
+        let at = (off - start) as usize;
+        filled = at + len as usize;
+        if !data {
+            batch.data[at..filled].fill(0);
+            continue;
+        }
+        batch.bytes_read += len;
+        if src.read_at(&mut batch.data[at..filled], off).is_ok() {
+            continue;
+        }
+        // Cluster by cluster, then sector by sector.
+        let mut cl = off;
+        while cl < off + len {
+            let cl_end = ((cl / cs + 1) * cs).min(off + len);
+            let buf = &mut batch.data[(cl - start) as usize..(cl_end - start) as usize];
+            if src.read_at(buf, cl).is_err() {
+                let mut sec = cl;
+                while sec < cl_end {
+                    let sec_end = ((sec / 512 + 1) * 512).min(cl_end).min(size);
+                    let buf = &mut batch.data[(sec - start) as usize..(sec_end - start) as usize];
+                    if let Err(e) = src.read_at(buf, sec) {
+                        buf.fill(0);
+                        match batch.salvaged.last_mut() {
+                            Some((o, l, _)) if *o + *l == sec => *l += sec_end - sec,
+                            _ => batch.salvaged.push((sec, sec_end - sec, e.to_string())),
+                        }
+                    }
+                    sec = sec_end;
+                }
+            }
+            cl = cl_end;
+        }
+    }
+    batch.runs = runs;
+    batch.data[filled..].fill(0);
 }
 
 /// Spawns a named scoped thread (names show in `top -H` and `perf report --sort comm`).
@@ -529,7 +606,7 @@ fn run_pipelined_overlay(
                     // A planned batch always goes to the writer (which waits for
                     // it by sequence number), with its read error if any.
                     if !stop.load(Ordering::Relaxed) {
-                        let filled = fill(src, &mut b, cs).and_then(|()| {
+                        let filled = overlay.fill(src, &mut b, cs).and_then(|()| {
                             if overlay.active() {
                                 against_backing(&mut b, overlay, cs, total)?;
                             }

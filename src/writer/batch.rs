@@ -74,6 +74,9 @@ pub struct Batch {
     pub(crate) backing_data: Vec<u8>,
     /// Guest bytes read from the backing file for this batch.
     pub(crate) backing_bytes_read: u64,
+    /// Ranges of the source that could not be read and were converted as zeros
+    /// (`--salvage`): guest offset, length, the first error.
+    pub(crate) salvaged: Vec<(u64, u64, String)>,
 }
 
 impl Batch {
