@@ -269,6 +269,24 @@ fn the_backing_file_is_named_as_given_and_resolved_against_the_output() {
             "{opts:?}"
         );
     }
+    // A name must fit in the header cluster: 600 bytes do not in 512-byte
+    // clusters (refused before anything is written), they do in 4 KiB ones.
+    let long = format!("{}base.raw", "./".repeat(296));
+    let small = sub.join("small.qcow2");
+    let e = qdedup_fails_in_one_line([
+        OsStr::new("convert"),
+        OsStr::new("-o"),
+        OsStr::new("cluster_size=512"),
+        OsStr::new("-B"),
+        OsStr::new(&long),
+        n.as_os_str(),
+        small.as_os_str(),
+    ]);
+    assert!(e.contains("does not fit"), "{e}");
+    assert!(!small.exists());
+    let ov = sub.join("long.qcow2");
+    convert_json(&["-o", "cluster_size=4k", "-B", &long], &n, &ov);
+    assert_overlay(&ov, &n, "raw", &long, "raw");
 }
 
 #[test]

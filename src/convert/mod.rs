@@ -173,9 +173,14 @@ impl std::fmt::Display for ConvertReport {
         )?;
         writeln!(
             f,
-            "clusters:          {} guest, {} unallocated (zeros), {} stored copies, {} duplicate{}",
+            "clusters:          {} guest, {} unallocated ({}), {} stored copies, {} duplicate{}",
             self.guest_clusters,
             self.unallocated_clusters,
+            if self.backing_file.is_some() {
+                "zeros, or equal to the backing file"
+            } else {
+                "zeros"
+            },
             self.stored_copies,
             self.duplicate_clusters,
             if self.saturation_copies > 0 {

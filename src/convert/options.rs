@@ -329,6 +329,31 @@ mod tests {
             let e = o.apply_o(bad).unwrap_err().to_string();
             assert!(e.contains(bad.split('=').next().unwrap()), "{e}");
         }
+        let mut v2 = ConvertOptions::default();
+        v2.apply_o("compat=0.10,backing_file=b.raw,backing_fmt=raw")
+            .unwrap();
+        assert_eq!(v2.qcow2_version, 2);
+        assert_eq!(v2.backing_format, Some(Format::Raw));
+        v2.validate().unwrap();
+        let mut bad = v2.clone();
+        bad.refcount_order = 3;
+        assert!(bad.validate().is_err(), "v2 has 16-bit refcounts");
+        let mut bad = v2.clone();
+        bad.compression = Some(CompressionType::Zstd);
+        assert!(bad.validate().is_err(), "v2 has no zstd");
+        for (s, ok) in [
+            (0, true),
+            (4096, true),
+            (65536, true),
+            (1000, false),
+            (1 << 17, false),
+        ] {
+            let o = ConvertOptions {
+                sparse_size: Some(s),
+                ..ConvertOptions::default()
+            };
+            assert_eq!(o.validate().is_ok(), ok, "-S {s}");
+        }
         assert_eq!(parse_size("512").unwrap(), 512);
         assert_eq!(parse_size("64K").unwrap(), 65536);
     }

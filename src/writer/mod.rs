@@ -36,7 +36,9 @@
 //! data and writes the header last:
 //!
 //! ```text
-//! cluster 0        header, feature-name table extension
+//! cluster 0        header (v3, or v2's 72 bytes), backing-format extension
+//!                  (overlays), feature-name table extension (v3), end marker,
+//!                  backing file name (overlays)
 //! 1 ..             data clusters and compressed streams, in guest order
 //! then             L2 tables (only those with allocated entries), in L1 order
 //! then             L1 table
