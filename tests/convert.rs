@@ -409,7 +409,7 @@ fn qemu_img_option_spellings_are_accepted_or_refused_with_the_reason() {
     assert_qemu_check_clean(&out);
     // What qdedup cannot write is refused by name, and nothing is created.
     for (opt, says) in [
-        ("compat=0.10", "version 3"),
+        ("compat=0.5", "compat"),
         ("lazy_refcounts=on", "lazy_refcounts"),
         ("extended_l2=on", "extended_l2"),
         ("preallocation=full", "preallocation"),

@@ -123,6 +123,29 @@ pub(crate) struct QemuImgConvertArgs {
     /// writes itself.
     #[arg(short = 'W')]
     pub(crate) out_of_order: bool,
+    /// Write an overlay on this backing file (qemu-img's -B, or -b/--backing):
+    /// clusters equal to its content stay unallocated. The name is stored as
+    /// given; a relative one is relative to OUT's directory.
+    #[arg(
+        short = 'B',
+        long = "backing",
+        visible_short_alias = 'b',
+        value_name = "BACKING"
+    )]
+    pub(crate) backing: Option<PathBuf>,
+    /// Format of the backing file: raw or qcow2 (probed when omitted).
+    #[arg(short = 'F', long = "backing-format", value_enum, value_name = "FMT")]
+    pub(crate) backing_format: Option<InputFormat>,
+    /// qemu-img's sparse size: 0 stores every cluster (zero clusters too, shared
+    /// by dedup); other sizes up to the cluster size change nothing (qdedup
+    /// decides per cluster).
+    #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
+    pub(crate) sparse_size: Option<String>,
+    /// Convert what cannot be read from the input (a read error, a table or
+    /// cluster past the end of a truncated file) as zeros, and list the ranges in
+    /// the report, instead of failing (as qemu-img --salvage).
+    #[arg(long)]
+    pub(crate) salvage: bool,
 }
 
 #[derive(clap::Args)]

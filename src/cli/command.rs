@@ -219,6 +219,31 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         cache_syncs("-T", mode)?;
     }
     opts.force = a.force;
+    if let Some(b) = a.qemu.backing {
+        match &opts.backing_file {
+            Some(o) if *o != b => bail!(
+                "-B {} and -o backing_file={} name different backing files: give one",
+                b.display(),
+                o.display()
+            ),
+            _ => opts.backing_file = Some(b),
+        }
+    }
+    if let Some(f) = input_format(a.qemu.backing_format) {
+        match opts.backing_format {
+            Some(o) if o != f => bail!(
+                "-F {} and -o backing_fmt={} differ: give one",
+                f.name(),
+                o.name()
+            ),
+            _ => opts.backing_format = Some(f),
+        }
+    }
+    if let Some(s) = &a.qemu.sparse_size {
+        opts.sparse_size = Some(parse_size(s)?);
+    }
+    opts.salvage = a.qemu.salvage;
+    opts.validate()?;
     opts.input = OpenOptions {
         format: input_format(a.format),
         backing_chain: a.backing_chain == BackingChain::Full,
@@ -279,6 +304,9 @@ fn estimate(a: EstimateArgs) -> Result<Option<Estimate>> {
     };
     if let Some(w) = a.workers {
         opts.workers = w;
+    }
+    if opts.backing_file.is_some() {
+        bail!("estimate does not write overlays: -o backing_file is for convert");
     }
     let mut extra = Vec::new();
     if let Some(list) = &a.cluster_sizes {

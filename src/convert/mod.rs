@@ -25,11 +25,12 @@ use serde::Serialize;
 
 pub use options::{ConvertOptions, ProgressFn, O_OPTIONS};
 
-use crate::writer::{WriterBuilder, WriterStats};
+use crate::writer::batch::Kind;
+use crate::writer::{BackingName, WriterBuilder, WriterStats};
 
 use crate::error::{Error, IoContext, Result};
 use crate::io::WriteAt;
-use crate::source::{Input, Source};
+use crate::source::{chain, Format, Input, OpenOptions, Source};
 
 /// What a conversion did, for humans (`Display`) and JSON.
 #[derive(Debug, Clone, Serialize)]
@@ -109,6 +110,38 @@ pub struct ConvertReport {
     pub index_bytes: u64,
     /// Remarks (e.g. sharing impossible with refcount_bits=1).
     pub notes: Vec<String>,
+    /// qcow2 version of the output (3, or 2 with `compat=0.10`).
+    pub qcow2_version: u32,
+    /// The backing file name stored in the overlay (`None`: a standalone image).
+    pub backing_file: Option<String>,
+    /// Format of the backing file, as stored in the overlay.
+    pub backing_format: Option<String>,
+    /// Guest clusters equal to the backing chain's content, left unallocated
+    /// (they read through to the backing file; counted in `unallocated_clusters`).
+    pub backing_clusters: u64,
+    /// Guest clusters of zeros over non-zero backing data, written as zero-flag
+    /// entries (version 3 overlays; version 2 stores them as data).
+    pub zero_flag_clusters: u64,
+    /// Guest bytes read from the backing chain to compare.
+    pub backing_bytes_read: u64,
+    /// Zero clusters stored as data (`-S 0`, and zeros over backing data in a
+    /// version 2 overlay); with dedup they share one host cluster.
+    pub zero_data_clusters: u64,
+    /// Input ranges that could not be read and were converted as zeros
+    /// (`--salvage`), in guest order.
+    pub salvaged: Vec<SalvagedRange>,
+}
+
+/// A range of the input `--salvage` converted as zeros.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SalvagedRange {
+    /// Guest offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// The error reading its first sector gave.
+    pub error: String,
 }
 
 impl std::fmt::Display for ConvertReport {
@@ -116,9 +149,20 @@ impl std::fmt::Display for ConvertReport {
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
         writeln!(
             f,
-            "{} ({}) -> {} (qcow2 v3)",
-            self.input, self.input_format, self.output
+            "{} ({}) -> {} (qcow2 v{})",
+            self.input, self.input_format, self.output, self.qcow2_version
         )?;
+        if let Some(b) = &self.backing_file {
+            writeln!(
+                f,
+                "backing file:      {b} ({}): {} clusters equal to it left unallocated, \
+                 {} zero-flag clusters; {:.1} MiB of it read",
+                self.backing_format.as_deref().unwrap_or("probed"),
+                self.backing_clusters,
+                self.zero_flag_clusters,
+                mib(self.backing_bytes_read)
+            )?;
+        }
         writeln!(
             f,
             "virtual size:      {:.1} MiB ({} bytes), cluster size {}, refcount bits {}",
@@ -129,9 +173,14 @@ impl std::fmt::Display for ConvertReport {
         )?;
         writeln!(
             f,
-            "clusters:          {} guest, {} unallocated (zeros), {} stored copies, {} duplicate{}",
+            "clusters:          {} guest, {} unallocated ({}), {} stored copies, {} duplicate{}",
             self.guest_clusters,
             self.unallocated_clusters,
+            if self.backing_file.is_some() {
+                "zeros, or equal to the backing file"
+            } else {
+                "zeros"
+            },
             self.stored_copies,
             self.duplicate_clusters,
             if self.saturation_copies > 0 {
@@ -177,6 +226,21 @@ impl std::fmt::Display for ConvertReport {
             "time:              {:.2} s, {:.0} MB/s read",
             self.seconds, self.read_mb_per_s
         )?;
+        if !self.salvaged.is_empty() {
+            write!(
+                f,
+                "\nsalvaged:          {} unreadable ranges, {} bytes, converted as zeros:",
+                self.salvaged.len(),
+                self.salvaged.iter().map(|r| r.length).sum::<u64>()
+            )?;
+            for r in &self.salvaged {
+                write!(
+                    f,
+                    "\n  {:#x}+{:#x} ({} bytes): {}",
+                    r.offset, r.length, r.length, r.error
+                )?;
+            }
+        }
         for n in &self.notes {
             write!(f, "\nnote: {n}")?;
         }
@@ -195,6 +259,66 @@ impl ConvertOptions {
             .compression_level(self.compression_level)
             .compress_probe(self.compress_probe)
             .dedup(self.dedup)
+            .version(self.qcow2_version)
+    }
+}
+
+/// The backing chain an overlay is written on: its guest view, and the name and
+/// format the overlay's header stores.
+pub struct Backing {
+    /// The backing chain's guest view.
+    pub source: Box<dyn Source>,
+    /// The name and format stored in the overlay.
+    pub name: BackingName,
+}
+
+impl Backing {
+    /// Opens the backing file `opts.backing_file` of the overlay to be written at
+    /// `output`: a relative name is resolved against `output`'s directory (QEMU's
+    /// `path_combine`), the format is `opts.backing_format` or probed, and the
+    /// backing file's own chain is opened too. `None` without a backing file.
+    pub fn open(output: &Path, opts: &ConvertOptions) -> Result<Option<Backing>> {
+        use std::os::unix::ffi::OsStrExt;
+        let Some(name) = &opts.backing_file else {
+            return Ok(None);
+        };
+        let bytes = name.as_os_str().as_bytes();
+        if bytes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the backing file name is empty".into(),
+            ));
+        }
+        let path = chain::resolve_backing_name(output, bytes)?;
+        if same_file(&path, output) {
+            return Err(Error::InvalidArgument(format!(
+                "backing file {} is the output file",
+                path.display()
+            )));
+        }
+        let open = OpenOptions {
+            format: opts.backing_format,
+            backing_chain: true,
+            snapshot: None,
+            force_share: opts.input.force_share,
+        };
+        let source = chain::open_chain(&path, &open).map_err(|e| match e {
+            Error::Io { context, source } => Error::Io {
+                context: format!("backing file {}: {context}", path.display()),
+                source,
+            },
+            other => chain::in_file(other, &path),
+        })?;
+        let format = match source.format_name() {
+            "raw" => Format::Raw,
+            _ => Format::Qcow2,
+        };
+        Ok(Some(Backing {
+            source,
+            name: BackingName {
+                name: bytes.to_vec(),
+                format: Some(opts.backing_format.unwrap_or(format).name().to_string()),
+            },
+        }))
     }
 }
 
@@ -217,15 +341,106 @@ pub fn convert_to(
     out: &dyn WriteAt,
     opts: &ConvertOptions,
 ) -> Result<ConvertStats> {
-    let mut w = opts.writer(src.virtual_size()).create(out)?;
+    if opts.backing_file.is_some() {
+        return Err(Error::InvalidArgument(
+            "an overlay needs its backing file opened: use convert_overlay_to".into(),
+        ));
+    }
+    Ok(convert_overlay_to(src, None, out, opts)?.stats)
+}
+
+/// What [`convert_overlay_to`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverlayStats {
+    /// As [`convert_to`].
+    pub stats: ConvertStats,
+    /// Guest clusters equal to the backing file, left unallocated.
+    pub backing_clusters: u64,
+    /// Guest bytes read from the backing file.
+    pub backing_bytes_read: u64,
+    /// Zero clusters stored as data (`-S 0`, zeros over backing data in v2).
+    pub zero_data_clusters: u64,
+}
+
+/// [`OverlayStats`] and what `--salvage` converted as zeros.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SalvageStats {
+    /// As [`convert_overlay_to`].
+    pub stats: OverlayStats,
+    /// The ranges converted as zeros, in guest order (adjacent ones merged).
+    pub salvaged: Vec<SalvagedRange>,
+}
+
+/// [`convert_to`] for an overlay on `backing` (or, with `None`, a standalone
+/// image): clusters equal to the backing file's content at the same guest offset
+/// stay unallocated, zeros over backing data become zero-flag entries (v3) or
+/// zero data (v2). `opts.sparse_size == Some(0)` stores every other cluster.
+pub fn convert_overlay_to(
+    src: &dyn Source,
+    backing: Option<&Backing>,
+    out: &dyn WriteAt,
+    opts: &ConvertOptions,
+) -> Result<OverlayStats> {
+    Ok(convert_salvaging_to(src, backing, out, opts)?.stats)
+}
+
+/// [`convert_overlay_to`] that also returns the ranges `opts.salvage` converted
+/// as zeros.
+pub fn convert_salvaging_to(
+    src: &dyn Source,
+    backing: Option<&Backing>,
+    out: &dyn WriteAt,
+    opts: &ConvertOptions,
+) -> Result<SalvageStats> {
+    opts.validate()?;
+    let mut w = opts
+        .writer(src.virtual_size())
+        .backing(backing.map(|b| b.name.clone()))
+        .create(out)?;
     let compress = w.compressor();
-    let bytes_read = pipeline::run(src, opts, compress.as_deref(), &mut |b| w.accept_batch(b))?;
+    let overlay = pipeline::Overlay {
+        backing: backing.map(|b| b.source.as_ref()),
+        zero_flag: opts.qcow2_version >= 3,
+        allocate_zeros: opts.sparse_size == Some(0),
+        salvage: opts.salvage,
+    };
+    let mut salvaged: Vec<SalvagedRange> = Vec::new();
+    let zero = pipeline::zero_hash(opts.cluster_size());
+    let (mut backing_clusters, mut zero_data_clusters) = (0u64, 0u64);
+    let bytes_read = pipeline::run_overlay(src, &overlay, opts, compress.as_deref(), &mut |b| {
+        for k in &b.kinds {
+            match k {
+                Kind::Backing => backing_clusters += 1,
+                Kind::Data { hash, .. } if *hash == zero => zero_data_clusters += 1,
+                _ => {}
+            }
+        }
+        for (offset, length, error) in &b.salvaged {
+            match salvaged.last_mut() {
+                Some(r) if r.offset + r.length == *offset => r.length += length,
+                _ => salvaged.push(SalvagedRange {
+                    offset: *offset,
+                    length: *length,
+                    error: error.clone(),
+                }),
+            }
+        }
+        w.accept_batch(b)
+    })?;
     let index_bytes = w.index_heap_bytes() as u64;
     let stats = w.finish()?;
-    Ok(ConvertStats {
-        writer: stats,
-        bytes_read,
-        index_bytes,
+    Ok(SalvageStats {
+        stats: OverlayStats {
+            stats: ConvertStats {
+                writer: stats,
+                bytes_read: bytes_read.source,
+                index_bytes,
+            },
+            backing_clusters,
+            backing_bytes_read: bytes_read.backing,
+            zero_data_clusters,
+        },
+        salvaged,
     })
 }
 
@@ -306,7 +521,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Con
 /// [`convert`] does (`opts.input` is not used: the input is open already).
 pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Result<ConvertReport> {
     let start = Instant::now();
+    opts.validate()?;
     let src = input.source();
+    // Opened (and so checked) before anything is written, resolved against the
+    // output's name as given.
+    let backing = Backing::open(output, opts)?;
     if input.path().is_some_and(|input| same_file(input, output)) {
         return Err(Error::InvalidArgument(format!(
             "output {} is the input file",
@@ -414,11 +633,21 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         .ctx(|| "cannot make the temporary file private".to_string())?;
     // Held until the file is closed: tells later runs this temporary file is live.
     let _ = rustix::fs::flock(file, rustix::fs::FlockOperation::NonBlockingLockExclusive);
-    let ConvertStats {
-        writer: stats,
-        bytes_read,
-        index_bytes,
-    } = convert_to(src, file, opts)?;
+    let SalvageStats {
+        stats:
+            OverlayStats {
+                stats:
+                    ConvertStats {
+                        writer: stats,
+                        bytes_read,
+                        index_bytes,
+                    },
+                backing_clusters,
+                backing_bytes_read,
+                zero_data_clusters,
+            },
+        salvaged,
+    } = convert_salvaging_to(src, backing.as_ref(), file, opts)?;
     rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(final_mode))
         .map_err(std::io::Error::from)
         .ctx(|| format!("cannot set the mode {final_mode:o} of the new output"))?;
@@ -449,6 +678,23 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
     let cs = opts.cluster_size();
     let vsize = src.virtual_size();
     let data_clusters = stats.unique_clusters + stats.duplicate_clusters;
+    if zero_data_clusters > 0 {
+        notes.push(if opts.dedup {
+            format!(
+                "{zero_data_clusters} zero clusters stored as data ({}), sharing one host \
+                 zero cluster (more where its refcount saturates)",
+                if opts.sparse_size == Some(0) {
+                    "-S 0"
+                } else {
+                    "compat=0.10 has no zero flag"
+                }
+            )
+        } else {
+            format!(
+                "{zero_data_clusters} zero clusters stored as data, each its own copy (--no-dedup)"
+            )
+        });
+    }
     if opts.dedup && opts.refcount_order == 0 {
         notes.push(
             "refcount_bits=1 allows no sharing: duplicate clusters were stored as copies".into(),
@@ -465,7 +711,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         cluster_size: cs,
         refcount_bits: 1 << opts.refcount_order,
         guest_clusters: vsize.div_ceil(cs),
-        unallocated_clusters: vsize.div_ceil(cs) - data_clusters,
+        unallocated_clusters: vsize.div_ceil(cs) - data_clusters - stats.zero_flag_clusters,
         stored_copies: stats.unique_clusters,
         duplicate_clusters: stats.duplicate_clusters,
         saturation_copies: stats.saturation_copies,
@@ -505,5 +751,15 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         compression: opts.compression.map(|c| c.name().to_string()),
         index_bytes,
         notes,
+        qcow2_version: opts.qcow2_version,
+        backing_file: backing
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(&b.name.name).into_owned()),
+        backing_format: backing.as_ref().and_then(|b| b.name.format.clone()),
+        backing_clusters,
+        zero_flag_clusters: stats.zero_flag_clusters,
+        backing_bytes_read,
+        zero_data_clusters,
+        salvaged,
     })
 }

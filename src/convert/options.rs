@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
-use crate::source::OpenOptions;
+use crate::source::{Format, OpenOptions};
 
 /// Called with (guest bytes done, guest bytes total).
 pub type ProgressFn = dyn Fn(u64, u64) + Send + Sync;
@@ -43,6 +43,27 @@ pub struct ConvertOptions {
     /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion: it then
     /// fails with [`Error::Interrupted`] and leaves no output behind.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Write an overlay on this backing file (qemu-img's `-B`/`-b`, `-o
+    /// backing_file=`): the name is stored as given; a relative name is opened
+    /// relative to the output's directory, as QEMU does. Clusters equal to the
+    /// backing chain's content stay unallocated (see [`crate::convert`]).
+    pub backing_file: Option<std::path::PathBuf>,
+    /// Format of the backing file (qemu-img's `-F`, `-o backing_fmt=`); probed
+    /// when `None`.
+    pub backing_format: Option<Format>,
+    /// qcow2 version of the output: 3 (`compat=1.1`, the default) or 2
+    /// (`compat=0.10`: no zero flag, 16-bit refcounts, zlib only).
+    pub qcow2_version: u32,
+    /// qemu-img's `-S`: `Some(0)` stores every cluster, zero clusters included
+    /// (with dedup they share one host cluster); other values up to the cluster
+    /// size change nothing (qdedup decides per cluster); larger ones are refused
+    /// ([`ConvertOptions::validate`]).
+    pub sparse_size: Option<u64>,
+    /// qemu-img's `--salvage`: what cannot be read from the input (a read error,
+    /// a qcow2 table or cluster past the end of a truncated file, a broken
+    /// compressed stream) is converted as zeros and listed in the report,
+    /// instead of failing the conversion.
+    pub salvage: bool,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -58,6 +79,11 @@ impl std::fmt::Debug for ConvertOptions {
             .field("max_in_flight", &self.max_in_flight)
             .field("sync", &self.sync)
             .field("force", &self.force)
+            .field("backing_file", &self.backing_file)
+            .field("backing_format", &self.backing_format)
+            .field("qcow2_version", &self.qcow2_version)
+            .field("sparse_size", &self.sparse_size)
+            .field("salvage", &self.salvage)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +104,11 @@ impl Default for ConvertOptions {
             force: false,
             progress: None,
             cancel: None,
+            backing_file: None,
+            backing_format: None,
+            qcow2_version: 3,
+            sparse_size: None,
+            salvage: false,
         }
     }
 }
@@ -120,7 +151,7 @@ pub const O_OPTIONS: &[(&str, &str)] = &[
     ("compression_type", "codec for -c: zlib (default) or zstd"),
     (
         "compat",
-        "1.1 (v3) only; accepted for qemu-img compatibility",
+        "1.1 (qcow2 v3, default) or 0.10 (v2: zero clusters over a backing file stored as data, 16-bit refcounts, zlib only)",
     ),
     (
         "lazy_refcounts",
@@ -131,6 +162,11 @@ pub const O_OPTIONS: &[(&str, &str)] = &[
         "off only; accepted for qemu-img compatibility",
     ),
     ("preallocation", "off only; zero clusters are never stored"),
+    (
+        "backing_file",
+        "write an overlay on this backing file (as -B); stored as given",
+    ),
+    ("backing_fmt", "format of the backing file: raw or qcow2 (as -F)"),
 ];
 
 impl ConvertOptions {
@@ -178,21 +214,23 @@ impl ConvertOptions {
                 // Accepted for qemu-img compatibility where the value is what
                 // qdedup writes anyway; anything else is refused with the reason.
                 "compat" => match v {
-                    "1.1" | "v3" => {}
-                    "0.10" | "v2" => {
-                        return Err(Error::InvalidArgument(
-                            "compat=0.10: qdedup writes qcow2 version 3 (compat=1.1) only; \
-                             version 2 cannot mark zero clusters, so every zero cluster would \
-                             have to be stored"
-                                .into(),
-                        ))
-                    }
+                    "1.1" | "v3" => self.qcow2_version = 3,
+                    "0.10" | "v2" => self.qcow2_version = 2,
                     _ => {
                         return Err(Error::InvalidArgument(format!(
-                            "compat must be 1.1 or v3, not {v}"
+                            "compat must be 1.1 (v3) or 0.10 (v2), not {v}"
                         )))
                     }
                 },
+                "backing_file" => {
+                    if v.is_empty() {
+                        return Err(Error::InvalidArgument(
+                            "backing_file needs a file name".into(),
+                        ));
+                    }
+                    self.backing_file = Some(v.into());
+                }
+                "backing_fmt" => self.backing_format = Some(v.parse()?),
                 "lazy_refcounts" | "extended_l2" | "preallocation" => {
                     let k = k.trim();
                     if !matches!(v, "off" | "false") {
@@ -220,6 +258,52 @@ impl ConvertOptions {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
+
+    /// Checks the options against each other, as QEMU does for the same
+    /// combination: version 2 has 16-bit refcounts and zlib only; `-S` is at most
+    /// the cluster size; a backing format needs a backing file.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.qcow2_version, 2 | 3) {
+            return Err(Error::InvalidArgument(format!(
+                "qcow2 version {} (qdedup writes 2 or 3)",
+                self.qcow2_version
+            )));
+        }
+        if self.qcow2_version == 2 {
+            if self.refcount_order != 4 {
+                return Err(Error::InvalidArgument(format!(
+                    "refcount_bits={} needs compat=1.1: version 2 images have 16-bit refcounts \
+                     (as qemu-img: different refcount widths than 16 bits require \
+                     compatibility level 1.1 or above)",
+                    1u32 << self.refcount_order
+                )));
+            }
+            if self.compression == Some(CompressionType::Zstd) {
+                return Err(Error::InvalidArgument(
+                    "compression_type=zstd needs compat=1.1: version 2 images know only zlib \
+                     (as qemu-img: compression_type requires compat=1.1 or above)"
+                        .into(),
+                ));
+            }
+        }
+        if let Some(s) = self.sparse_size {
+            if s % 512 != 0 || s > self.cluster_size() {
+                return Err(Error::InvalidArgument(format!(
+                    "-S {s}: qdedup decides per cluster whether it is all zeros, so it takes \
+                     0 (store every cluster) or a multiple of 512 up to the cluster size ({}); \
+                     a larger sparse size would have to store zero clusters inside data runs",
+                    self.cluster_size()
+                )));
+            }
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return Err(Error::InvalidArgument(
+                "a backing format (-F, backing_fmt) needs a backing file (-B, -b, backing_file)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -241,14 +325,34 @@ mod tests {
         o.apply_o("compat=1.1,lazy_refcounts=off,extended_l2=off,preallocation=off")
             .unwrap();
         assert_eq!((o.cluster_bits, o.refcount_order), (21, 1), "no-ops");
-        for bad in [
-            "compat=0.10",
-            "compat=2",
-            "lazy_refcounts=on",
-            "extended_l2=on",
-        ] {
+        for bad in ["compat=2", "lazy_refcounts=on", "extended_l2=on"] {
             let e = o.apply_o(bad).unwrap_err().to_string();
             assert!(e.contains(bad.split('=').next().unwrap()), "{e}");
+        }
+        let mut v2 = ConvertOptions::default();
+        v2.apply_o("compat=0.10,backing_file=b.raw,backing_fmt=raw")
+            .unwrap();
+        assert_eq!(v2.qcow2_version, 2);
+        assert_eq!(v2.backing_format, Some(Format::Raw));
+        v2.validate().unwrap();
+        let mut bad = v2.clone();
+        bad.refcount_order = 3;
+        assert!(bad.validate().is_err(), "v2 has 16-bit refcounts");
+        let mut bad = v2.clone();
+        bad.compression = Some(CompressionType::Zstd);
+        assert!(bad.validate().is_err(), "v2 has no zstd");
+        for (s, ok) in [
+            (0, true),
+            (4096, true),
+            (65536, true),
+            (1000, false),
+            (1 << 17, false),
+        ] {
+            let o = ConvertOptions {
+                sparse_size: Some(s),
+                ..ConvertOptions::default()
+            };
+            assert_eq!(o.validate().is_ok(), ok, "-S {s}");
         }
         assert_eq!(parse_size("512").unwrap(), 512);
         assert_eq!(parse_size("64K").unwrap(), 65536);

@@ -35,9 +35,54 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::options::ConvertOptions;
 use crate::compress::CompressFn;
+use crate::dedup::{hash_cluster, is_zero, Hash};
 use crate::error::{Error, Result};
 use crate::source::{BlockStatus, Source};
-use crate::writer::batch::{process, Batch, Claims, Kind, BATCH_BYTES};
+use crate::writer::batch::{process, Batch, Claims, Kind, Stream, BATCH_BYTES};
+
+/// What the workers do beyond hashing: compare with a backing file (overlays)
+/// and store zero clusters as data (`-S 0`, and version 2 overlays, which have
+/// no zero flag).
+#[derive(Clone, Copy, Default)]
+pub struct Overlay<'a> {
+    /// The backing chain's guest view; clusters equal to it stay unallocated.
+    pub backing: Option<&'a dyn Source>,
+    /// Zeros over non-zero backing data become zero-flag entries (version 3);
+    /// without it they are stored as zero data.
+    pub zero_flag: bool,
+    /// Store every zero cluster as data (`-S 0`), except those equal to the
+    /// backing file.
+    pub allocate_zeros: bool,
+    /// Convert what cannot be read from the source as zeros (`--salvage`), and
+    /// list the ranges ([`Batch`]'s `salvaged`).
+    pub salvage: bool,
+}
+
+impl Overlay<'_> {
+    /// Whether the workers have anything to do beyond [`process`].
+    fn active(&self) -> bool {
+        self.backing.is_some() || self.allocate_zeros
+    }
+
+    /// Reads a planned batch: [`fill`], or with `salvage` [`fill_salvaging`].
+    fn fill(&self, src: &dyn Source, batch: &mut Batch, cs: u64) -> Result<()> {
+        if self.salvage {
+            fill_salvaging(src, batch, cs);
+            Ok(())
+        } else {
+            fill(src, batch, cs)
+        }
+    }
+}
+
+/// Guest bytes a conversion read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BytesRead {
+    /// From the source.
+    pub source: u64,
+    /// From the backing file (overlays), to compare.
+    pub backing: u64,
+}
 
 /// Walks the guest disk and fills batches.
 pub struct BatchReader<'a> {
@@ -49,6 +94,16 @@ pub struct BatchReader<'a> {
     seq: u64,
     /// Guest bytes actually read.
     pub bytes_read: u64,
+    /// Zero runs of the source are skipped only where this backing file reads as
+    /// zeros too (overlays).
+    backing: Option<&'a dyn Source>,
+    /// Skip no zero run (`-S 0`: every cluster is stored).
+    allocate_zeros: bool,
+    /// A block status error plans the rest of its cluster as data to read (which
+    /// [`fill_salvaging`] then salvages) instead of failing (`--salvage`).
+    salvage: bool,
+    /// Guest bytes read from the backing file (sequential converter).
+    backing_bytes_read: u64,
 }
 
 impl<'a> BatchReader<'a> {
@@ -63,6 +118,22 @@ impl<'a> BatchReader<'a> {
             next_cluster: 0,
             seq: 0,
             bytes_read: 0,
+            backing: None,
+            allocate_zeros: false,
+            salvage: false,
+            backing_bytes_read: 0,
+        }
+    }
+
+    /// A reader for an overlay or an allocating conversion: zero runs of the
+    /// source are planned (not skipped) where `overlay.backing` has data or where
+    /// `overlay.allocate_zeros` stores them.
+    pub fn for_overlay(src: &'a dyn Source, cs: u64, overlay: &Overlay<'a>) -> Self {
+        BatchReader {
+            backing: overlay.backing,
+            allocate_zeros: overlay.allocate_zeros,
+            salvage: overlay.salvage,
+            ..BatchReader::new(src, cs)
         }
     }
 
@@ -94,8 +165,26 @@ impl<'a> BatchReader<'a> {
         // Skip clusters that are entirely zero according to the source.
         while self.next_cluster < self.total_clusters {
             let off = self.next_cluster * cs;
-            let (st, len) = self.src.block_status(off, size - off)?;
+            let (st, mut len) = match self.src.block_status(off, size - off) {
+                Err(_) if self.salvage => break,
+                r => r?,
+            };
+            if st == BlockStatus::Zero && self.allocate_zeros {
+                break;
+            }
             if st == BlockStatus::Zero {
+                // Over a backing file, a zero run is skipped only where the
+                // backing file reads as zeros too (beyond its end it does).
+                if let Some(b) = self.backing {
+                    let bsize = b.virtual_size();
+                    if off < bsize {
+                        let (bst, blen) = b.block_status(off, len.max(1).min(bsize - off))?;
+                        if bst == BlockStatus::Data {
+                            break;
+                        }
+                        len = blen;
+                    }
+                }
                 let end = (off + len.max(1)).min(size);
                 let whole = if end == size {
                     self.total_clusters
@@ -120,12 +209,18 @@ impl<'a> BatchReader<'a> {
         batch.streams.clear();
         batch.runs.clear();
         batch.bytes_read = 0;
+        batch.backing_bytes_read = 0;
+        batch.salvaged.clear();
         batch.error = None;
         let start = first * cs;
         let end = ((first + n) * cs).min(size);
         let mut off = start;
         while off < end {
-            let (st, len) = self.src.block_status(off, end - off)?;
+            let (st, len) = match self.src.block_status(off, end - off) {
+                // Read it (and salvage what fails): up to the cluster's end.
+                Err(_) if self.salvage => (BlockStatus::Data, (off / cs + 1) * cs - off),
+                r => r?,
+            };
             let len = len.clamp(1, end - off);
             batch.runs.push((off, len, st == BlockStatus::Data));
             // Clusters wholly inside a zero run need no worker.
@@ -158,6 +253,19 @@ impl<'a> BatchReader<'a> {
         self.bytes_read += batch.bytes_read;
         Ok(true)
     }
+
+    /// [`BatchReader::next_batch`] for an overlay: also compares the batch with
+    /// the backing file ([`against_backing`]).
+    fn next_overlay_batch(&mut self, batch: &mut Batch, overlay: &Overlay<'_>) -> Result<bool> {
+        if !self.plan(batch)? {
+            return Ok(false);
+        }
+        overlay.fill(self.src, batch, self.cs)?;
+        self.bytes_read += batch.bytes_read;
+        against_backing(batch, overlay, self.cs, self.src.virtual_size())?;
+        self.backing_bytes_read += batch.backing_bytes_read;
+        Ok(true)
+    }
 }
 
 /// Reads the data runs of a planned batch into its buffer (reusing it); zero runs
@@ -179,6 +287,158 @@ pub fn fill(src: &dyn Source, batch: &mut Batch, cs: u64) -> Result<()> {
     }
     batch.data[filled..].fill(0);
     Ok(())
+}
+
+/// Compares a filled batch with the backing file at the same guest offsets (the
+/// backing file is read only where it has data): a cluster equal to it becomes
+/// [`Kind::Backing`]; a zero cluster over non-zero backing data becomes
+/// [`Kind::ZeroFlag`] (or zero data without `overlay.zero_flag`); other clusters
+/// are left to [`process`]. The comparison is byte for byte, both clusters being
+/// in memory. Without a backing file, nothing is compared.
+pub fn against_backing(
+    batch: &mut Batch,
+    overlay: &Overlay<'_>,
+    cs: u64,
+    virtual_size: u64,
+) -> Result<()> {
+    let Some(backing) = overlay.backing else {
+        return Ok(());
+    };
+    let n = batch.kinds.len();
+    let csz = cs as usize;
+    let start = batch.first_cluster * cs;
+    let end = (start + n as u64 * cs).min(virtual_size);
+    let bend = end.min(backing.virtual_size());
+    let mut bbuf = std::mem::take(&mut batch.backing_data);
+    bbuf.clear();
+    bbuf.resize(n * csz, 0);
+    // Clusters where the backing file has data (the others read as zeros there).
+    let mut has_data = vec![false; n];
+    let mut off = start;
+    let mut r = Ok(());
+    while off < bend {
+        let (st, len) = match backing.block_status(off, bend - off) {
+            Ok(x) => x,
+            Err(e) => {
+                r = Err(e);
+                break;
+            }
+        };
+        let len = len.clamp(1, bend - off);
+        if st == BlockStatus::Data {
+            let at = (off - start) as usize;
+            if let Err(e) = backing.read_at(&mut bbuf[at..at + len as usize], off) {
+                r = Err(e);
+                break;
+            }
+            batch.backing_bytes_read += len;
+            for h in &mut has_data[at / csz..=(at + len as usize - 1) / csz] {
+                *h = true;
+            }
+        }
+        off += len;
+    }
+    if r.is_ok() {
+        for (i, k) in batch.kinds.iter_mut().enumerate() {
+            if !has_data[i] {
+                continue;
+            }
+            let c = &batch.data[i * csz..(i + 1) * csz];
+            let b = &bbuf[i * csz..(i + 1) * csz];
+            if c == b {
+                *k = Kind::Backing;
+            } else if is_zero(c) {
+                *k = if overlay.zero_flag {
+                    Kind::ZeroFlag
+                } else {
+                    zero_data(cs)
+                };
+            }
+        }
+    }
+    batch.backing_data = bbuf;
+    r
+}
+
+/// The kind of a zero cluster stored as data (shared by dedup like any content).
+fn zero_data(cs: u64) -> Kind {
+    Kind::Data {
+        hash: zero_hash(cs),
+        stream: Stream::NotTried,
+    }
+}
+
+/// BLAKE3 of a zero cluster of `cs` bytes (computed once per cluster size).
+pub fn zero_hash(cs: u64) -> Hash {
+    static CACHE: Mutex<Vec<(u64, Hash)>> = Mutex::new(Vec::new());
+    let mut c = CACHE.lock().expect("not poisoned");
+    if let Some((_, h)) = c.iter().find(|(s, _)| *s == cs) {
+        return *h;
+    }
+    let h = hash_cluster(&vec![0u8; cs as usize]);
+    c.push((cs, h));
+    h
+}
+
+/// After [`process`]: with `overlay.allocate_zeros` (`-S 0`), zero clusters
+/// (and zero-flag ones) become zero data.
+fn allocate_zeros(batch: &mut Batch, overlay: &Overlay<'_>, cs: u64) {
+    if overlay.allocate_zeros {
+        for k in &mut batch.kinds {
+            if matches!(k, Kind::Zero | Kind::ZeroFlag) {
+                *k = zero_data(cs);
+            }
+        }
+    }
+}
+
+/// [`fill`] for `--salvage`: a data run that fails to read is read again cluster
+/// by cluster, and a cluster that fails sector by sector (512 bytes); what still
+/// fails reads as zeros and is recorded in `batch.salvaged` (adjacent ranges
+/// merged, with the first error).
+pub fn fill_salvaging(src: &dyn Source, batch: &mut Batch, cs: u64) {
+    let n = batch.kinds.len() as u64;
+    let start = batch.first_cluster * cs;
+    let size = src.virtual_size();
+    batch.data.resize((n * cs) as usize, 0);
+    let mut filled = 0;
+    let runs = std::mem::take(&mut batch.runs);
+    for &(off, len, data) in &runs {
+        let at = (off - start) as usize;
+        filled = at + len as usize;
+        if !data {
+            batch.data[at..filled].fill(0);
+            continue;
+        }
+        batch.bytes_read += len;
+        if src.read_at(&mut batch.data[at..filled], off).is_ok() {
+            continue;
+        }
+        // Cluster by cluster, then sector by sector.
+        let mut cl = off;
+        while cl < off + len {
+            let cl_end = ((cl / cs + 1) * cs).min(off + len);
+            let buf = &mut batch.data[(cl - start) as usize..(cl_end - start) as usize];
+            if src.read_at(buf, cl).is_err() {
+                let mut sec = cl;
+                while sec < cl_end {
+                    let sec_end = ((sec / 512 + 1) * 512).min(cl_end).min(size);
+                    let buf = &mut batch.data[(sec - start) as usize..(sec_end - start) as usize];
+                    if let Err(e) = src.read_at(buf, sec) {
+                        buf.fill(0);
+                        match batch.salvaged.last_mut() {
+                            Some((o, l, _)) if *o + *l == sec => *l += sec_end - sec,
+                            _ => batch.salvaged.push((sec, sec_end - sec, e.to_string())),
+                        }
+                    }
+                    sec = sec_end;
+                }
+            }
+            cl = cl_end;
+        }
+    }
+    batch.runs = runs;
+    batch.data[filled..].fill(0);
 }
 
 /// Spawns a named scoped thread (names show in `top -H` and `perf report --sort comm`).
@@ -215,6 +475,22 @@ pub fn run(
     }
 }
 
+/// [`run`] for an overlay or an allocating conversion (`overlay`): the workers
+/// also compare with the backing file and store zeros as `overlay` says.
+pub fn run_overlay(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
+) -> Result<BytesRead> {
+    if opts.workers == 0 {
+        run_sequential_overlay(src, overlay, opts, compress, deliver)
+    } else {
+        run_pipelined_overlay(src, overlay, opts, compress, deliver)
+    }
+}
+
 /// Receives processed batches in guest order (on the calling thread).
 pub type DeliverFn<'a> = dyn FnMut(&Batch) -> Result<()> + 'a;
 
@@ -227,22 +503,37 @@ pub fn run_sequential_with(
     compress: Option<&CompressFn>,
     deliver: &mut DeliverFn<'_>,
 ) -> Result<u64> {
+    run_sequential_overlay(src, &Overlay::default(), opts, compress, deliver).map(|r| r.source)
+}
+
+/// [`run_sequential_with`] with [`Overlay`]'s extra steps.
+fn run_sequential_overlay(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
+) -> Result<BytesRead> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
-    let mut reader = BatchReader::new(src, cs);
+    let mut reader = BatchReader::for_overlay(src, cs, overlay);
     let mut batch = Batch::default();
     let claims = opts.dedup.then(Claims::new);
-    while reader.next_batch(&mut batch)? {
+    while reader.next_overlay_batch(&mut batch, overlay)? {
         if cancelled(opts) {
             return Err(Error::Interrupted);
         }
         process(&mut batch, cs as usize, compress, claims.as_ref());
+        allocate_zeros(&mut batch, overlay, cs);
         deliver(&batch)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
         }
     }
-    Ok(reader.bytes_read)
+    Ok(BytesRead {
+        source: reader.bytes_read,
+        backing: reader.backing_bytes_read,
+    })
 }
 
 /// The pipelined workers, handing processed batches to `deliver` in guest order
@@ -253,10 +544,21 @@ pub fn run_pipelined_with(
     compress: Option<&CompressFn>,
     deliver: &mut DeliverFn<'_>,
 ) -> Result<u64> {
+    run_pipelined_overlay(src, &Overlay::default(), opts, compress, deliver).map(|r| r.source)
+}
+
+/// [`run_pipelined_with`] with [`Overlay`]'s extra steps, done by the workers.
+fn run_pipelined_overlay(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    deliver: &mut DeliverFn<'_>,
+) -> Result<BytesRead> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
     let workers = opts.workers.max(1);
-    let reader = BatchReader::new(src, cs);
+    let reader = BatchReader::for_overlay(src, cs, overlay);
     let buffers = pool_size(opts.max_in_flight, reader.buffer_bytes(), workers);
     let reader = Mutex::new(reader);
     let (pool_tx, pool_rx): (Sender<Batch>, Receiver<Batch>) = bounded(buffers);
@@ -273,7 +575,7 @@ pub fn run_pipelined_with(
         }
         stop.store(true, Ordering::SeqCst);
     };
-    let mut bytes_read = 0;
+    let mut bytes_read = BytesRead::default();
     let claims = opts.dedup.then(Claims::new);
     let claims = claims.as_ref();
 
@@ -304,8 +606,17 @@ pub fn run_pipelined_with(
                     // A planned batch always goes to the writer (which waits for
                     // it by sequence number), with its read error if any.
                     if !stop.load(Ordering::Relaxed) {
-                        match fill(src, &mut b, cs) {
-                            Ok(()) => process(&mut b, cs as usize, compress, claims),
+                        let filled = overlay.fill(src, &mut b, cs).and_then(|()| {
+                            if overlay.active() {
+                                against_backing(&mut b, overlay, cs, total)?;
+                            }
+                            Ok(())
+                        });
+                        match filled {
+                            Ok(()) => {
+                                process(&mut b, cs as usize, compress, claims);
+                                allocate_zeros(&mut b, overlay, cs);
+                            }
                             Err(e) => b.error = Some(e),
                         }
                     }
@@ -334,7 +645,8 @@ pub fn run_pipelined_with(
                     fail(e);
                     break 'recv;
                 }
-                bytes_read += b.bytes_read;
+                bytes_read.source += b.bytes_read;
+                bytes_read.backing += b.backing_bytes_read;
                 next_seq += 1;
                 if let Some(p) = &opts.progress {
                     p(

@@ -76,6 +76,12 @@ pub enum Caveat {
 }
 
 impl Caveat {
+    /// Whether guest data can still be read: a named external data file can be
+    /// (the reader opens it); nothing else can.
+    pub fn readable(&self) -> bool {
+        matches!(self, Caveat::ExternalDataFile(Some(_)))
+    }
+
     /// The error a command that cannot accept the condition reports.
     pub fn error(&self) -> Error {
         match self {
@@ -113,10 +119,9 @@ impl fmt::Display for Caveat {
                 "guest data is encrypted ({}); qdedup cannot read it",
                 if *m == 1 { "AES" } else { "LUKS" }
             ),
-            Caveat::ExternalDataFile(Some(name)) => write!(
-                f,
-                "guest data is in the external data file {name:?}; qdedup cannot read it"
-            ),
+            Caveat::ExternalDataFile(Some(name)) => {
+                write!(f, "guest data is in the external data file {name:?}")
+            }
             Caveat::ExternalDataFile(None) => f.write_str(
                 "incompatible bit 2 (external data file) is set but no header extension names \
                  the file; QEMU refuses to open the image",
@@ -366,9 +371,10 @@ impl Image {
         Ok(())
     }
 
-    /// Refuses every caveat, the first one by name: what reading guest data needs.
+    /// Refuses every caveat that keeps guest data from being read, the first one
+    /// by name: all but a named external data file (which the reader opens).
     pub fn refuse_caveats(&self) -> Result<()> {
-        match self.caveats.first() {
+        match self.caveats.iter().find(|c| !c.readable()) {
             Some(c) => Err(c.error()),
             None => Ok(()),
         }

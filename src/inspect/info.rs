@@ -334,7 +334,14 @@ pub fn info(path: &Path, opts: &InfoOptions) -> Result<InfoReport> {
         corrupt: v3.then_some(h.incompatible_features & QCOW2_INCOMPAT_CORRUPT != 0),
         extended_l2: v3.then_some(im.extended_l2),
     };
-    let mut problems: Vec<String> = im.caveats.iter().map(ToString::to_string).collect();
+    // A named external data file is described (`data-file`), not a problem: the
+    // reader opens it.
+    let mut problems: Vec<String> = im
+        .caveats
+        .iter()
+        .filter(|c| !c.readable())
+        .map(ToString::to_string)
+        .collect();
     let dedup = match dedup_info(&file, &im) {
         Ok(d) => Some(d),
         Err(e) => {

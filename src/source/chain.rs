@@ -147,6 +147,29 @@ impl Chain {
         Ok(file)
     }
 
+    /// Opens the external data file `name` of the image `image`: resolved like a
+    /// backing file name ([`resolve_backing_name`]: a relative name against the
+    /// image's directory), with QEMU's read locks.
+    fn open_data_file(&mut self, image: &Path, name: &str) -> Result<File> {
+        let path = resolve_backing_name(image, name.as_bytes()).map_err(|e| match e {
+            Error::Corrupt { detail, .. } => Error::corrupt(
+                "data file extension",
+                0,
+                detail.replace("backing file", "data file"),
+            ),
+            other => other,
+        })?;
+        let file = File::open(&path).ctx(|| {
+            format!(
+                "cannot open the external data file {} of {}",
+                path.display(),
+                image.display()
+            )
+        })?;
+        lock(&file, &path, LockMode::read(self.force_share))?;
+        Ok(file)
+    }
+
     /// Opens `path` and finds its format: `format` if given, else probed.
     fn open_image(
         &mut self,
@@ -215,6 +238,10 @@ pub(crate) fn open_layers(path: &Path, opts: &OpenOptions) -> Result<Vec<Layer>>
                 let mut q = Qcow2Source::from_reader(Box::new(file), snapshot).map_err(label)?;
                 if overlay.is_some() {
                     q.set_label(&p);
+                }
+                if let Some(name) = q.data_file_name() {
+                    let data = chain.open_data_file(&p, name).map_err(label)?;
+                    q.set_data_file(Box::new(data));
                 }
                 if opts.backing_chain {
                     if let Some((b, bfmt)) = backing_of(&q, &p).map_err(label)? {

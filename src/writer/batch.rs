@@ -28,6 +28,12 @@ pub enum Kind {
         /// Compression outcome; a stream is a range in `Batch::streams`.
         stream: Stream<(u32, u32)>,
     },
+    /// Equal to the backing file's content at the same guest offset: left
+    /// unallocated, read through to the backing file (overlays only).
+    Backing,
+    /// Zeros over backing data that is not zero: a zero-flag entry (overlays,
+    /// version 3 only).
+    ZeroFlag,
 }
 
 /// What a worker's compression attempt gave.
@@ -64,6 +70,13 @@ pub struct Batch {
     pub(crate) bytes_read: u64,
     /// A read error, carried to the writer so that it still gets this batch.
     pub(crate) error: Option<Error>,
+    /// The backing file's bytes for this batch (overlays only; reused).
+    pub(crate) backing_data: Vec<u8>,
+    /// Guest bytes read from the backing file for this batch.
+    pub(crate) backing_bytes_read: u64,
+    /// Ranges of the source that could not be read and were converted as zeros
+    /// (`--salvage`): guest offset, length, the first error.
+    pub(crate) salvaged: Vec<(u64, u64, String)>,
 }
 
 impl Batch {
@@ -71,7 +84,8 @@ impl Batch {
     /// cluster size); unprocessed clusters count as zeros.
     pub fn clusters(&self, cs: usize) -> impl Iterator<Item = ClusterIn<'_>> + '_ {
         self.kinds.iter().enumerate().map(move |(i, k)| match *k {
-            Kind::Zero | Kind::Unprocessed => ClusterIn::Zero,
+            Kind::Zero | Kind::Unprocessed | Kind::Backing => ClusterIn::Zero,
+            Kind::ZeroFlag => ClusterIn::ZeroFlag,
             Kind::Data { hash, stream } => ClusterIn::Data {
                 hash,
                 data: &self.data[i * cs..(i + 1) * cs],

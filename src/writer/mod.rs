@@ -36,7 +36,9 @@
 //! data and writes the header last:
 //!
 //! ```text
-//! cluster 0        header, feature-name table extension
+//! cluster 0        header (v3, or v2's 72 bytes), backing-format extension
+//!                  (overlays), feature-name table extension (v3), end marker,
+//!                  backing file name (overlays)
 //! 1 ..             data clusters and compressed streams, in guest order
 //! then             L2 tables (only those with allocated entries), in L1 order
 //! then             L1 table
@@ -58,10 +60,12 @@ use crate::compress::CompressFn;
 use crate::dedup::{DedupIndex, Hash, Target};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
-use crate::format::extensions::{self, QCOW2_EXT_MAGIC_FEATURE_TABLE};
+use crate::format::extensions::{
+    self, QCOW2_EXT_MAGIC_BACKING_FORMAT, QCOW2_EXT_MAGIC_FEATURE_TABLE,
+};
 use crate::format::header::{
-    CompressionType, Header, MAX_HOST_OFFSET, MAX_L1_BYTES, MAX_REFTABLE_BYTES,
-    QCOW2_INCOMPAT_COMPRESSION,
+    self, CompressionType, Header, MAX_BACKING_FILE_NAME, MAX_HOST_OFFSET, MAX_L1_BYTES,
+    MAX_REFTABLE_BYTES, QCOW2_INCOMPAT_COMPRESSION, V2_HEADER_LENGTH,
 };
 use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount;
@@ -84,6 +88,9 @@ const PREALLOCATE_STEP: u64 = 64 << 20;
 pub enum ClusterIn<'a> {
     /// Reads as zeros: left unallocated.
     Zero,
+    /// Reads as zeros over a backing file whose data is not zero there: a
+    /// zero-flag entry (version 3 only; a version 2 writer refuses it).
+    ZeroFlag,
     /// Data to store (or share), with its hash and, when compression is on and
     /// a worker compressed it, the compressed stream.
     Data {
@@ -128,6 +135,8 @@ pub struct WriterStats {
     /// Compressions the incompressibility probe skipped (the writer's and the
     /// pipeline workers' together: they share one compressor).
     pub probe_skipped: u64,
+    /// Guest clusters written as zero-flag entries ([`ClusterIn::ZeroFlag`]).
+    pub zero_flag_clusters: u64,
 }
 
 /// Where [`ImageWriter::finish`] puts the metadata, in clusters: after the data come
@@ -222,6 +231,19 @@ pub struct WriterBuilder {
     compression_level: Option<i32>,
     compress_probe: bool,
     dedup: bool,
+    version: u32,
+    backing: Option<BackingName>,
+}
+
+/// The backing file an overlay names in its header: the name as stored, and the
+/// format for the backing-format extension (`None`: none written, QEMU probes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingName {
+    /// The name, stored as given (QEMU resolves a relative one against the
+    /// overlay's directory).
+    pub name: Vec<u8>,
+    /// `raw` or `qcow2`.
+    pub format: Option<String>,
 }
 
 impl WriterBuilder {
@@ -236,7 +258,25 @@ impl WriterBuilder {
             compression_level: None,
             compress_probe: true,
             dedup: true,
+            version: 3,
+            backing: None,
         }
+    }
+
+    /// qcow2 version: 3 (default) or 2 (`compat=0.10`: 16-bit refcounts, zlib
+    /// only, no zero flag, a 72-byte header).
+    #[must_use]
+    pub fn version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
+    }
+
+    /// Makes the image an overlay on this backing file (clusters never given
+    /// read from it).
+    #[must_use]
+    pub fn backing(mut self, backing: Option<BackingName>) -> Self {
+        self.backing = backing;
+        self
     }
 
     /// Cluster size in bytes: a power of two from 512 B to 2 MiB.
@@ -299,6 +339,20 @@ impl WriterBuilder {
             )));
         }
         let cluster_bits = cs.trailing_zeros();
+        match self.version {
+            3 => {}
+            2 if rb == 16 && self.compression != Some(CompressionType::Zstd) => {}
+            2 => {
+                return Err(Error::InvalidArgument(
+                    "qcow2 version 2 has 16-bit refcounts and zlib compression only".into(),
+                ))
+            }
+            v => {
+                return Err(Error::InvalidArgument(format!(
+                    "qcow2 version {v} (2 or 3 can be written)"
+                )))
+            }
+        }
         let virtual_size = self
             .virtual_size
             .checked_next_multiple_of(512)
@@ -315,7 +369,7 @@ impl WriterBuilder {
                 Arc::clone(&skipped),
             )
         });
-        ImageWriter::new(
+        let mut w = ImageWriter::new(
             out,
             virtual_size,
             cluster_bits,
@@ -324,7 +378,13 @@ impl WriterBuilder {
             self.compression,
             compressor,
             skipped,
-        )
+        )?;
+        w.version = self.version;
+        w.backing.clone_from(&self.backing);
+        // Fails now, before any data is written, if the backing name does not
+        // fit in cluster 0.
+        w.header_cluster(&Header::new_v3(cluster_bits, 4, 0))?;
+        Ok(w)
     }
 }
 
@@ -362,6 +422,10 @@ pub struct ImageWriter<'a> {
     wbuf_off: u64,
     run: Option<(u64, std::ops::Range<usize>)>,
     stats: WriterStats,
+    /// qcow2 version written (2 or 3).
+    version: u32,
+    /// The backing file named in the header, if any.
+    backing: Option<BackingName>,
 }
 
 impl std::fmt::Debug for ImageWriter<'_> {
@@ -419,6 +483,8 @@ impl<'a> ImageWriter<'a> {
             wbuf_off: 0,
             run: None,
             stats: WriterStats::default(),
+            version: 3,
+            backing: None,
         })
     }
 
@@ -557,6 +623,15 @@ impl<'a> ImageWriter<'a> {
             let guest = first_cluster + i as u64;
             match c {
                 ClusterIn::Zero => self.stats.zero_clusters += 1,
+                ClusterIn::ZeroFlag => {
+                    if self.version < 3 {
+                        return Err(Error::InvalidArgument(
+                            "a zero-flag cluster in a version 2 image (v2 has no zero flag)".into(),
+                        ));
+                    }
+                    self.stats.zero_flag_clusters += 1;
+                    self.set_l2(guest, L2Entry::ZeroPlain.encode(self.cluster_bits));
+                }
                 ClusterIn::Data {
                     hash,
                     data: cdata,
@@ -788,6 +863,65 @@ impl<'a> ImageWriter<'a> {
             .or_insert_with(|| vec![0u64; n].into_boxed_slice())[l2i] = entry;
     }
 
+    /// Cluster 0 for the header `h` (a v3 header; turned into a v2 one for a
+    /// version 2 image): the header, the backing-format extension, QEMU's feature
+    /// name table (v3, where it fits), the end marker, and the backing file name,
+    /// in QEMU's order. Fails where the backing name does not fit in the cluster.
+    fn header_cluster(&self, h: &Header) -> Result<Vec<u8>> {
+        let cs = self.cs() as usize;
+        let mut h = h.clone();
+        if self.version == 2 {
+            h.version = 2;
+            h.header_length = V2_HEADER_LENGTH;
+            h.refcount_order = 4;
+        }
+        let mut cluster0 = vec![0u8; Header::ENCODED_LEN];
+        h.encode(&mut cluster0);
+        cluster0.truncate(h.header_length as usize);
+        let mut exts = Vec::new();
+        if let Some(f) = self.backing.as_ref().and_then(|b| b.format.as_ref()) {
+            extensions::encode(QCOW2_EXT_MAGIC_BACKING_FORMAT, f.as_bytes(), &mut exts);
+        }
+        let mut table = Vec::new();
+        if self.version >= 3 {
+            extensions::encode(
+                QCOW2_EXT_MAGIC_FEATURE_TABLE,
+                &extensions::encode_feature_names(&extensions::qemu_feature_names()),
+                &mut table,
+            );
+        }
+        let name: &[u8] = self.backing.as_ref().map_or(&[], |b| &b.name);
+        if name.len() > MAX_BACKING_FILE_NAME as usize {
+            return Err(Error::InvalidArgument(format!(
+                "backing file name of {} bytes: QEMU takes at most {MAX_BACKING_FILE_NAME}",
+                name.len()
+            )));
+        }
+        let fixed = cluster0.len() + exts.len() + 8 + name.len();
+        if fixed + table.len() <= cs {
+            exts.extend_from_slice(&table);
+        } else if fixed > cs {
+            return Err(Error::LimitExceeded(format!(
+                "the backing file name ({} bytes) does not fit in the header cluster of \
+                 {cs} bytes; use a shorter name or a larger cluster_size",
+                name.len()
+            )));
+        }
+        cluster0.extend_from_slice(&exts);
+        cluster0.extend_from_slice(&[0u8; 8]); // end of the extensions
+        if !name.is_empty() {
+            let at = cluster0.len();
+            cluster0.extend_from_slice(name);
+            // Both fields sit at fixed offsets of the header (v2 and v3).
+            cluster0[header::off::BACKING_FILE_OFFSET..header::off::BACKING_FILE_OFFSET + 8]
+                .copy_from_slice(&(at as u64).to_be_bytes());
+            cluster0[header::off::BACKING_FILE_SIZE..header::off::BACKING_FILE_SIZE + 4]
+                .copy_from_slice(&(name.len() as u32).to_be_bytes());
+        }
+        cluster0.resize(cs, 0);
+        Ok(cluster0)
+    }
+
     /// Writes the metadata and the header; returns the final counters. Clusters
     /// never given read as zeros.
     pub fn finish(mut self) -> Result<WriterStats> {
@@ -875,18 +1009,7 @@ impl<'a> ImageWriter<'a> {
             h.compression_type = CompressionType::Zstd.to_raw();
             h.incompatible_features |= QCOW2_INCOMPAT_COMPRESSION;
         }
-        let mut cluster0 = vec![0u8; Header::ENCODED_LEN];
-        h.encode(&mut cluster0);
-        let mut exts = Vec::new();
-        extensions::encode(
-            QCOW2_EXT_MAGIC_FEATURE_TABLE,
-            &extensions::encode_feature_names(&extensions::qemu_feature_names()),
-            &mut exts,
-        );
-        if cluster0.len() + exts.len() + 8 <= cs as usize {
-            cluster0.extend_from_slice(&exts);
-        }
-        cluster0.resize(cs as usize, 0); // the end-of-extensions marker is the zeros
+        let cluster0 = self.header_cluster(&h)?;
         self.write(&cluster0, 0)?;
         // Also gives back what was reserved past the end (`preallocate` may have
         // extended the file; a truncate frees the blocks beyond the new length).

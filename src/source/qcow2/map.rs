@@ -127,6 +127,14 @@ impl Mapper {
         1 << self.layout.cluster_bits
     }
 
+    /// Data clusters live in an external data file: host offset 0 with
+    /// `QCOW_OFLAG_COPIED` is data, data offsets are not bounded by this file's
+    /// length (the data file reads as zeros past its end, as in QEMU), and
+    /// compressed clusters are corruption (QEMU refuses them too).
+    pub(crate) fn set_data_file(&mut self) {
+        self.layout.data_file = true;
+    }
+
     /// Records metadata ranges (header, L1 and refcount tables) that no L2 table may
     /// overlap: an L1 entry pointing there would make us read metadata as guest
     /// data pointers (iotest 060's "L2 table at the L1 table / header" recipes).
@@ -258,6 +266,11 @@ impl Mapper {
         let corrupt = |detail: String| Error::corrupt("L2 entry", entry, detail);
 
         let e = lay.decode(slot.raw);
+        if let (L2Entry::Compressed { .. }, true) = (e, lay.data_file) {
+            return Err(corrupt(
+                "compressed cluster in an image with an external data file".to_string(),
+            ));
+        }
         if let L2Entry::Compressed { desc, .. } = e {
             // The subcluster bitmap of a compressed entry is ignored on reads (QEMU).
             return Ok((Extent::Compressed { desc, entry }, cluster_end));
@@ -283,7 +296,7 @@ impl Mapper {
                 )))
             }
             Ok(Subcluster::Data { host }) => {
-                if host >= self.file_len {
+                if host >= self.file_len && !lay.data_file {
                     return Err(corrupt(format!(
                         "data cluster at file offset {host:#x} lies past the end of the file ({} bytes)",
                         self.file_len

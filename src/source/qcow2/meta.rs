@@ -3,7 +3,7 @@
 //!
 //! The header and cluster 0 are opened by the shared opener ([`Image::open`], QEMU's
 //! checks); what is left here is the reader's policy: refuse what cannot be read
-//! (encryption, data files, the corrupt bit), and bound the L1 table it reads by
+//! (encryption, unnamed data files, the corrupt bit), and bound the L1 table it reads by
 //! the file size.
 
 use crate::error::{Error, Result};
@@ -32,6 +32,9 @@ pub(crate) struct Meta {
     pub snapshot: Option<Snapshot>,
     /// The image's snapshot table (read at open, as QEMU does).
     pub snapshots: Vec<Snapshot>,
+    /// The external data file's name as stored, for an image with one
+    /// (incompatible bit 2).
+    pub data_file_name: Option<String>,
 }
 
 fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -70,7 +73,9 @@ pub(crate) fn read_meta(file: &dyn ReadAt, snapshot: Option<&str>) -> Result<Met
     }
     let l1 = crate::format::be64_words(&raw).collect();
     let backing_name = im.backing_file().map(<[u8]>::to_vec);
+    let data_file_name = im.data_file_name.clone().filter(|_| im.data_file);
     Ok(Meta {
+        data_file_name,
         virtual_size: im.header.guest_size(),
         header: im.header,
         file_len,

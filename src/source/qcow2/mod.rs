@@ -6,8 +6,9 @@
 //! (plain and preallocated), extended L2 entries (subclusters), snapshots (read
 //! through their L1 table), dirty images (read-only; L1/L2 are consistent even when
 //! refcounts are stale), and virtual sizes that are not a multiple of the cluster
-//! size. Refused by name: encryption, external data files, unknown incompatible
-//! features and images marked corrupt. See `docs/qcow2-input.md`.
+//! size, and external data files (the chain opener attaches them:
+//! [`Qcow2Source::set_data_file`]). Refused by name: encryption, unknown
+//! incompatible features and images marked corrupt. See `docs/qcow2-input.md`.
 //!
 //! ```no_run
 //! use qdedup::source::{open, OpenOptions, Source};
@@ -59,6 +60,10 @@ pub struct Qcow2Source {
     backing: Option<Box<dyn Source>>,
     /// Set for backing files: named in errors this layer raises while reading.
     label: Option<std::path::PathBuf>,
+    /// The external data file's name as stored (images with incompatible bit 2).
+    data_file_name: Option<String>,
+    /// The external data file, once opened ([`Qcow2Source::set_data_file`]).
+    data_file: Option<Box<dyn ReadAt>>,
     /// The last decompressed cluster, for reads that cover a compressed cluster in
     /// several pieces. Keyed by the whole descriptor: entries sharing a stream start
     /// may read different lengths, and a shorter one may fail to decompress.
@@ -104,6 +109,9 @@ impl Qcow2Source {
         let h = &m.header;
         let cs = h.cluster_size();
         let round = |n: u64| n.div_ceil(cs) * cs;
+        if m.data_file_name.is_some() {
+            mapper.set_data_file();
+        }
         mapper.set_metadata(vec![
             (0, cs, "header"),
             (
@@ -130,6 +138,8 @@ impl Qcow2Source {
             mapper,
             backing: None,
             label: None,
+            data_file_name: m.data_file_name,
+            data_file: None,
             last_compressed: Mutex::new(None),
         })
     }
@@ -138,6 +148,17 @@ impl Qcow2Source {
     /// size return zeros.
     pub fn set_backing(&mut self, backing: Option<Box<dyn Source>>) {
         self.backing = backing;
+    }
+
+    /// The external data file's name as stored in the image, if it has one
+    /// (open it with [`Qcow2Source::set_data_file`]; the chain opener does).
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data_file_name.as_deref()
+    }
+
+    /// Attaches the external data file guest data clusters are read from.
+    pub fn set_data_file(&mut self, file: Box<dyn ReadAt>) {
+        self.data_file = Some(file);
     }
 
     /// Errors this layer raises (not those of its own backing source) name
@@ -222,6 +243,20 @@ impl Qcow2Source {
     }
 
     fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        if let Some(name) = &self.data_file_name {
+            let Some(f) = &self.data_file else {
+                return Err(Error::Unsupported(format!(
+                    "external data file {name:?} (not opened: open the image by its path)"
+                )));
+            };
+            // Past the end of the data file, QEMU reads zeros.
+            return f.read_at_zero_fill(buf, host).map(|_| ()).map_err(|e| {
+                Error::io(
+                    format!("read error in the external data file {name:?} at {host:#x}"),
+                    e,
+                )
+            });
+        }
         // The mapper checked that each cluster starts inside the file; a partial
         // last cluster reads as zeros past the end of the file, as in QEMU.
         self.file
