@@ -206,6 +206,49 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         self.sync()
     }
 
+    /// Moves the L2 tables `group` (`(index in Scan::l2_tables, free cluster)`):
+    /// copy each table and count the copy, sync; switch the L1 entries (COPIED
+    /// as it was), sync; free the old tables, sync.
+    pub(crate) fn move_l2_group(&mut self, scan: &Scan, group: &[(usize, u64)]) -> Result<()> {
+        use crate::format::l1l2::L1E_OFFSET_MASK;
+        let cb = self.cluster_bits;
+        let cs = self.cs();
+        // The tables as written so far.
+        self.write_tables()?;
+        for &(i, dst) in group {
+            let t = scan.l2_tables[i];
+            self.tables.remove(&t.offset);
+            let bytes = TableBytes::read(self.file, t.offset, cs)?;
+            self.file
+                .write_all_at(bytes.bytes(), dst << cb)
+                .ctx(|| format!("writing the L2 table at {:#x}", dst << cb))?;
+            self.refcounts.set(self.file, dst, 1)?;
+        }
+        self.refcounts.flush(self.file)?;
+        self.sync()?;
+        for &(i, dst) in group {
+            let t = scan.l2_tables[i];
+            let raw = (t.l1_raw & !L1E_OFFSET_MASK) | (dst << cb);
+            self.file
+                .write_all_at(&raw.to_be_bytes(), t.l1_at)
+                .ctx(|| format!("writing the L1 entry at {:#x}", t.l1_at))?;
+        }
+        self.sync()?;
+        for &(i, _) in group {
+            self.refcounts
+                .set(self.file, scan.l2_tables[i].offset >> cb, 0)?;
+        }
+        self.refcounts.flush(self.file)?;
+        self.sync()
+    }
+
+    /// Moves refcount block `b` to the free cluster `dst`
+    /// ([`Refcounts::move_block`]).
+    pub(crate) fn move_refblock(&mut self, b: u64, dst: u64) -> Result<()> {
+        self.refcounts
+            .move_block(self.file, b, dst << self.cluster_bits)
+    }
+
     /// The clusters in use (refcount > 0) below `end`, one bool each.
     pub(crate) fn used(&mut self, end: u64) -> Result<Vec<bool>> {
         used(self.file, self.refcounts, self.cluster_bits, end)
@@ -250,20 +293,27 @@ pub(crate) fn used<F: ReadAt + ?Sized>(
     Ok(out)
 }
 
-/// Which clusters to move where: the last movable clusters of the file into the
-/// first free ones below them, until the last cluster in use cannot move or no
-/// free cluster is left below it. `used` is updated; returns the moves
-/// `(host index, free cluster)` and the cluster count the file can be cut to.
+/// What a cluster `--compact` may move holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Movable {
+    /// Data: index in [`Scan::hosts`] of a cluster every reference of which may
+    /// change.
+    Data(usize),
+    /// An L2 table: index in [`Scan::l2_tables`].
+    L2(usize),
+    /// Refcount block `b` (refcount table entry `b`).
+    RefBlock(u64),
+}
+
+/// Which clusters to move where: the last cluster in use moves into the first
+/// free one below it, again and again, until the last one cannot move (the
+/// header, the L1 or refcount table, a snapshot's table, a cluster a snapshot
+/// shares) or no free cluster is left below it. `used` is updated; returns the
+/// moves and the cluster count the file can be cut to.
 pub(crate) fn plan_moves(
-    scan: &Scan,
     used: &mut [bool],
-    movable: &[usize],
-) -> (Vec<(usize, u64)>, u64) {
-    // Movable clusters by cluster index, highest last.
-    let mut by_cluster: BTreeMap<u64, usize> = BTreeMap::new();
-    for &h in movable {
-        by_cluster.insert(scan.hosts[h].cluster, h);
-    }
+    movable: &BTreeMap<u64, Movable>,
+) -> (Vec<(Movable, u64)>, u64) {
     let mut moves = Vec::new();
     let mut hole = 0usize;
     let mut top = used.len();
@@ -274,8 +324,7 @@ pub(crate) fn plan_moves(
         if top == 0 {
             break;
         }
-        let last = (top - 1) as u64;
-        let Some(&h) = by_cluster.get(&last) else {
+        let Some(&m) = movable.get(&((top - 1) as u64)) else {
             break;
         };
         while hole < top - 1 && used[hole] {
@@ -284,9 +333,36 @@ pub(crate) fn plan_moves(
         if hole >= top - 1 {
             break;
         }
-        moves.push((h, hole as u64));
+        moves.push((m, hole as u64));
         used[hole] = true;
         used[top - 1] = false;
     }
     (moves, top as u64)
+}
+
+/// The clusters `--compact` may move: data clusters whose every reference may
+/// change (less `freed`, which a dry run only plans to free), the writable L2
+/// tables and the refcount blocks.
+pub(crate) fn movable(
+    scan: &Scan,
+    refcounts: &Refcounts,
+    cluster_bits: u32,
+    freed: &std::collections::HashSet<usize>,
+) -> BTreeMap<u64, Movable> {
+    let mut m = BTreeMap::new();
+    for (i, h) in scan.hosts.iter().enumerate() {
+        if h.removable() && !freed.contains(&i) {
+            m.insert(h.cluster, Movable::Data(i));
+        }
+    }
+    for (i, t) in scan.l2_tables.iter().enumerate() {
+        m.insert(t.offset >> cluster_bits, Movable::L2(i));
+    }
+    for (b, &e) in (0u64..).zip(refcounts.table()) {
+        let off = e & crate::format::refcount::REFT_OFFSET_MASK;
+        if off != 0 && off % (1 << cluster_bits) == 0 {
+            m.insert(off >> cluster_bits, Movable::RefBlock(b));
+        }
+    }
+    m
 }

@@ -35,6 +35,7 @@
 //! docs/inplace.md gives the crash-safety argument.
 
 mod apply;
+use apply::Movable;
 mod plan;
 mod report;
 mod scan;
@@ -243,10 +244,8 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
                     *u = false;
                 }
             }
-            let movable: Vec<usize> = (0..scan.hosts.len())
-                .filter(|h| scan.hosts[*h].removable() && !freed.contains(h))
-                .collect();
-            let (moves, top) = apply::plan_moves(&scan, &mut used, &movable);
+            let movable = apply::movable(&scan, &refcounts, cb, &freed);
+            let (moves, top) = apply::plan_moves(&mut used, &movable);
             report.clusters_moved = moves.len() as u64;
             report.file_size_after = im.file_len.min(top << cb);
         } else {
@@ -279,14 +278,44 @@ fn compact<F: ReadAt + WriteAt + ?Sized>(
     let len = io.len().ctx(|| "reading the image size".into())?;
     let end = len.div_ceil(im.cluster_size);
     let mut used = apply::used(io, &refcounts, cb, end)?;
-    let movable: Vec<usize> = (0..scan.hosts.len())
-        .filter(|h| scan.hosts[*h].removable())
-        .collect();
-    let (moves, _) = apply::plan_moves(&scan, &mut used, &movable);
+    let movable = apply::movable(&scan, &refcounts, cb, &std::collections::HashSet::new());
+    let (moves, _) = apply::plan_moves(&mut used, &movable);
     let mut ap = apply::Apply::new(io, &mut refcounts, cb, opts.sync);
-    for group in moves.chunks(opts.flush_group.max(1)) {
+    // Data first (its entries are where the scan found them), then the L2
+    // tables (copied as the data moves left them), then refcount blocks.
+    let pick = |f: fn(Movable) -> Option<usize>| -> Vec<(usize, u64)> {
+        moves
+            .iter()
+            .filter_map(|&(m, d)| f(m).map(|i| (i, d)))
+            .collect()
+    };
+    let data = pick(|m| {
+        if let Movable::Data(i) = m {
+            Some(i)
+        } else {
+            None
+        }
+    });
+    let tables = pick(|m| {
+        if let Movable::L2(i) = m {
+            Some(i)
+        } else {
+            None
+        }
+    });
+    for group in data.chunks(opts.flush_group.max(1)) {
         cancelled(opts)?;
         ap.move_group(&scan, group)?;
+    }
+    for group in tables.chunks(opts.flush_group.max(1)) {
+        cancelled(opts)?;
+        ap.move_l2_group(&scan, group)?;
+    }
+    for &(m, dst) in &moves {
+        if let Movable::RefBlock(b) = m {
+            cancelled(opts)?;
+            ap.move_refblock(b, dst)?;
+        }
     }
     report.clusters_moved = moves.len() as u64;
     // Cut after the last cluster in use, as the refcounts now say.

@@ -46,6 +46,17 @@ impl Host {
     }
 }
 
+/// One L2 table of the active tree that `dedup` may write (and move).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct L2Info {
+    /// File offset of the table.
+    pub(crate) offset: u64,
+    /// File offset of the L1 entry pointing to it.
+    pub(crate) l1_at: u64,
+    /// That L1 entry as stored.
+    pub(crate) l1_raw: u64,
+}
+
 /// What the scan found.
 #[derive(Debug, Default)]
 pub(crate) struct Scan {
@@ -53,6 +64,8 @@ pub(crate) struct Scan {
     pub(crate) refs: Vec<Ref>,
     /// Distinct host clusters of `refs`, ascending.
     pub(crate) hosts: Vec<Host>,
+    /// The L2 tables whose entries may change.
+    pub(crate) l2_tables: Vec<L2Info>,
     /// Active L2 tables skipped because a snapshot shares them (refcount > 1).
     pub(crate) shared_l2_tables: u64,
     /// Compressed entries left as they are.
@@ -88,6 +101,13 @@ impl<F: ReadAt + ?Sized> Visitor for Collect<'_, F> {
         self.writable = t.first_visit && rc == Stored::Count(1);
         if !self.writable && t.first_visit {
             self.scan.shared_l2_tables += 1;
+        }
+        if self.writable {
+            self.scan.l2_tables.push(L2Info {
+                offset: t.offset,
+                l1_at: t.l1.at,
+                l1_raw: t.l1.raw,
+            });
         }
         Ok(())
     }
