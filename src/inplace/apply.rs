@@ -6,7 +6,8 @@
 //!    refcount by the number of `B`'s entries (refcount blocks), sync;
 //! 2. point `B`'s entries at `S`, without COPIED (L2 tables), sync;
 //! 3. lower `B`'s refcount to 0 (refcount blocks), sync;
-//! 4. punch `B`'s clusters out of the file.
+//! 4. punch `B`'s clusters out of the file (with `--compact`, after the moves
+//!    instead: most of them are filled again, the rest is punched then).
 //!
 //! A group of moves (`--compact`: cluster `C` at the end of the file → free
 //! cluster `H` below):
@@ -44,6 +45,10 @@ pub(crate) struct Apply<'a, F: ReadAt + WriteAt + ?Sized> {
     sync: bool,
     /// L2 tables read so far, by offset.
     tables: BTreeMap<u64, TableBytes>,
+    /// Punch freed clusters at once (step 4).
+    pub(crate) punch_now: bool,
+    /// Hole-punching calls made.
+    pub(crate) punches: u64,
 }
 
 impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
@@ -59,6 +64,8 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
             cluster_bits,
             sync,
             tables: BTreeMap::new(),
+            punch_now: true,
+            punches: 0,
         }
     }
 
@@ -153,16 +160,21 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         self.refcounts.flush(self.file)?;
         self.sync()?;
         // 4. Their space goes back to the file system.
-        let mut freed: Vec<u64> = group.iter().map(|r| scan.hosts[r.from].cluster).collect();
-        freed.sort_unstable();
-        self.punch(&freed)?;
+        if self.punch_now {
+            let mut freed: Vec<u64> = group.iter().map(|r| scan.hosts[r.from].cluster).collect();
+            freed.sort_unstable();
+            self.punch(&freed)?;
+        }
         Ok(entries)
     }
 
-    /// Punches the clusters `sorted` out of the file, runs of adjacent ones at once.
-    fn punch(&self, sorted: &[u64]) -> Result<()> {
+    /// Punches the clusters `sorted` out of the file, runs of adjacent ones at
+    /// once (each call can cost milliseconds: a file system mounted with
+    /// `discard` trims the device as it frees).
+    pub(crate) fn punch(&mut self, sorted: &[u64]) -> Result<()> {
         let cb = self.cluster_bits;
         for run in sorted.chunk_by(|a, b| *b == *a + 1) {
+            self.punches += 1;
             let (off, len) = (run[0] << cb, (run.len() as u64) << cb);
             self.file
                 .punch_hole(off, len)

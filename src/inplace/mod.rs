@@ -227,10 +227,13 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         report.entries_remapped = plan.remaps.iter().map(|r| scan.hosts[r.from].n).sum();
     } else {
         let mut ap = apply::Apply::new(&io, &mut refcounts, cb, opts.sync);
+        // --compact fills most freed clusters again: it punches what is left.
+        ap.punch_now = !opts.compact;
         for group in plan.remaps.chunks(opts.flush_group.max(1)) {
             cancelled(opts)?;
             report.entries_remapped += ap.remap_group(&scan, group)?;
         }
+        report.hole_punches = ap.punches;
     }
     if opts.compact {
         let end = im.file_len.div_ceil(im.cluster_size);
@@ -322,6 +325,10 @@ fn compact<F: ReadAt + WriteAt + ?Sized>(
     let used = ap.used(end)?;
     let top = used.iter().rposition(|u| *u).map_or(1, |i| i as u64 + 1);
     let cut = top << cb;
+    // The free clusters left below the cut give their space back.
+    let free: Vec<u64> = (0..top).filter(|&c| !used[c as usize]).collect();
+    ap.punch(&free)?;
+    report.hole_punches += ap.punches;
     if cut < len {
         io.set_len(cut)
             .ctx(|| format!("cutting the image to {cut} bytes"))?;

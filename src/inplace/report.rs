@@ -32,6 +32,8 @@ pub struct DedupReport {
     pub bytes_freed: u64,
     /// Clusters moved towards the start of the file (`--compact`).
     pub clusters_moved: u64,
+    /// `fallocate(PUNCH_HOLE)` calls that gave freed space back.
+    pub hole_punches: u64,
     /// File size before.
     pub file_size_before: u64,
     /// File size after (with `--dry-run`: what it would be).
@@ -75,6 +77,7 @@ impl DedupReport {
             entries_remapped: 0,
             bytes_freed: 0,
             clusters_moved: 0,
+            hole_punches: 0,
             file_size_before: im.file_len,
             file_size_after: im.file_len,
             hash_collisions: 0,
