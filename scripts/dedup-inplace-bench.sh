@@ -15,8 +15,13 @@
 # and prints wall time, bytes written (the dedup report's bytes-written; for
 # convert, the size of the new file), and the file and allocated sizes after.
 # Every result is checked with `qemu-img check` and `qemu-img compare`.
-# Environment: WORKDIR (default ${TMPDIR:-/tmp}/qdedup-inplace), QDEDUP (the
+# Environment: WORKDIR (default ${TMPDIR:-/tmp}/qdedup-inplace), RAW (where the
+# generated raw disk goes, default in WORKDIR; it is kept and reused), QDEDUP (the
 # binary, default target/release/qdedup), SYNC=0 to pass --no-sync to both.
+#
+# Hole punching is where a file system can differ most: on ext4 mounted with
+# `discard` every fallocate(PUNCH_HOLE) that frees blocks waits for the device's
+# trim (milliseconds each); see docs/benchmarks.md.
 set -euo pipefail
 
 SIZE=${1:-${SIZE:-2G}}
@@ -26,7 +31,7 @@ QDEDUP=${QDEDUP:-target/release/qdedup}
 NOSYNC=()
 [[ ${SYNC:-1} == 0 ]] && NOSYNC=(--no-sync)
 mkdir -p "$WORKDIR"
-raw=$WORKDIR/in-$SIZE-$DUP.raw
+raw=${RAW:-$WORKDIR/in-$SIZE-$DUP.raw}
 base=$WORKDIR/base-$SIZE-$DUP.qcow2
 
 if [[ ! -f $raw ]]; then
@@ -81,6 +86,7 @@ for mode in dedup compact; do
     "$QDEDUP" dedup --output json "${NOSYNC[@]}" "${extra[@]}" "$WORKDIR/a.qcow2" > "$WORKDIR/$mode.json"
     t1=$(now)
     row "$mode" "$(echo "$t1 - $t0" | bc)" "$(field "$WORKDIR/$mode.json" bytes-written)" "$WORKDIR/a.qcow2"
+    echo "         ($(field "$WORKDIR/$mode.json" hole-punches) hole punches)"
     qemu-img check -q "$WORKDIR/a.qcow2"
     qemu-img compare -q "$base" "$WORKDIR/a.qcow2"
 done
