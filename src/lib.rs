@@ -17,7 +17,7 @@
 //! | [`map`]`(image, …)` | [`MapOptions`] | [`MapReport`] |
 //! | [`compare`]`(a, b, …)` | [`CompareOptions`] | [`CompareReport`] |
 //! | [`estimate`]`(input, …)` | [`EstimateOptions`] | [`EstimateReport`] |
-//! | [`dedup`]`(image, …)` | [`DedupOptions`] | [`DedupReport`] |
+//! | [`dedup`](fn@dedup)`(image, …)` | [`DedupOptions`] | [`DedupReport`] |
 //!
 //! Below them: [`convert::convert_input`] converts an input opened already (a
 //! [`source::Input`], which can wrap any [`source::Source`]), and

@@ -22,12 +22,12 @@
 //!    (lazy refcounts not written back), an image `check` finds corruptions in;
 //! 2. repair leaks and COPIED flags a crash left (`check --repair all`), so that
 //!    the refcounts are exact;
-//! 3. scan the active tree ([`scan`]): entries of L2 tables shared with a
+//! 3. scan the active tree (`scan.rs`): entries of L2 tables shared with a
 //!    snapshot, compressed entries and partly allocated extended entries are left
 //!    as they are;
 //! 4. hash every candidate cluster, compare candidates byte for byte and plan the
-//!    remaps within the refcount maximum ([`plan`]);
-//! 5. apply them in flush groups, in the order [`apply`] describes;
+//!    remaps within the refcount maximum (`plan.rs`);
+//! 5. apply them in flush groups, in the order `apply.rs` describes;
 //! 6. with `compact`, move clusters from the end into free ones and cut the file;
 //! 7. set COPIED again where a refcount is 1 (`check --repair all`), so that the
 //!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean.
