@@ -465,6 +465,14 @@ fn run_dedup(c: &command::Dedup) -> Result<ExitCode> {
         OutputFormat::Human => outln!("{report}"),
         OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }
+    if !report.dry_run && !report.clean_after {
+        errln!(
+            "qdedup: error: the final check does not find {} clean and strict: run `qdedup \
+             check` on it",
+            c.image.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

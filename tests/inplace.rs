@@ -295,6 +295,24 @@ fn what_cannot_be_changed_safely_is_refused_by_name() {
     ));
     let err = qdedup_fails_in_one_line([OsStr::new("dedup"), ext.as_os_str()]);
     assert!(err.contains("external data file"), "{err}");
+    // Encrypted (LUKS).
+    let enc = c.dir.join("enc.qcow2");
+    qemu_img([
+        OsStr::new("create"),
+        OsStr::new("-q"),
+        OsStr::new("--object"),
+        OsStr::new("secret,id=sec0,data=123456"),
+        OsStr::new("-f"),
+        OsStr::new("qcow2"),
+        OsStr::new("-o"),
+        OsStr::new("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"),
+        enc.as_os_str(),
+        OsStr::new("1M"),
+    ]);
+    let enc_bytes = std::fs::read(&enc).unwrap();
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), enc.as_os_str()]);
+    assert!(err.contains("encrypted"), "{err}");
+    assert_eq!(std::fs::read(&enc).unwrap(), enc_bytes);
     assert_eq!(std::fs::read(&c.img).unwrap(), bytes);
 }
 

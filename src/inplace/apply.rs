@@ -159,6 +159,8 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         }
         self.refcounts.flush(self.file)?;
         self.sync()?;
+        // The tables are written: memory stays bounded by one group's tables.
+        self.tables.clear();
         // 4. Their space goes back to the file system.
         if self.punch_now {
             let mut freed: Vec<u64> = group.iter().map(|r| scan.hosts[r.from].cluster).collect();
@@ -210,6 +212,7 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         }
         self.write_tables()?;
         self.sync()?;
+        self.tables.clear();
         // 3. Free the originals.
         for &(h, _) in group {
             self.refcounts.set(self.file, scan.hosts[h].cluster, 0)?;
