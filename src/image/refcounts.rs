@@ -489,6 +489,32 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_block_keeps_every_refcount_and_counts_its_new_cluster() {
+        let (f, h) = image(4);
+        // A free cluster 4 inside the file to move block 0 (at cluster 2) to.
+        f.set_len(5 << 16).unwrap();
+        let mut r = Refcounts::load(&f, &h).unwrap();
+        r.set(&f, 1, 7).unwrap();
+        r.flush(&f).unwrap();
+        r.move_block(&f, 0, 4 << 16).unwrap();
+        assert_eq!(r.block_offset(0), 4 << 16);
+        let mut again = Refcounts::load(&f, &h).unwrap();
+        assert_eq!(again.table()[0], 4 << 16, "the table entry switched");
+        assert_eq!(again.get(&f, 1).unwrap(), Stored::Count(7));
+        assert_eq!(
+            again.get(&f, 2).unwrap(),
+            Stored::Count(0),
+            "old place free"
+        );
+        assert_eq!(
+            again.get(&f, 4).unwrap(),
+            Stored::Count(1),
+            "new place counted"
+        );
+        assert!(r.move_block(&f, 9, 4 << 16).is_err(), "no block 9");
+    }
+
+    #[test]
     fn unaligned_block_offsets_are_reported_not_read() {
         let (f, h) = image(4);
         f.write_all_at(&0x1_0200u64.to_be_bytes(), 1 << 16).unwrap();
