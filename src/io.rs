@@ -94,6 +94,14 @@ pub trait WriteAt: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// Gives back the space of the `len` bytes at `offset`, which now read as
+    /// zeros, without changing the file's length (`fallocate(PUNCH_HOLE)`). A
+    /// hint as well: the default, and a file system that cannot, keep the bytes
+    /// (the caller no longer uses them, so either is correct).
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
 }
 
 impl ReadAt for File {
@@ -136,6 +144,15 @@ impl WriteAt for File {
             prefault_page_cache(self, offset, len);
         }
         Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::FallocateFlags as F;
+        match rustix::fs::fallocate(self, F::PUNCH_HOLE | F::KEEP_SIZE, offset, len) {
+            // No hole punching here (tmpfs before 3.5, some network file systems):
+            // the bytes stay, which is correct, only the space is not given back.
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
+            r => r.map_err(io::Error::from),
+        }
     }
 }
 
@@ -249,6 +266,17 @@ impl WriteAt for MemFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         let len = usize::try_from(len).map_err(io::Error::other)?;
         self.data.lock().expect("not poisoned").resize(len, 0);
+        Ok(())
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut d = self.data.lock().expect("not poisoned");
+        let start = usize::try_from(offset)
+            .map_err(io::Error::other)?
+            .min(d.len());
+        let end = usize::try_from(offset.saturating_add(len))
+            .map_err(io::Error::other)?
+            .min(d.len());
+        d[start..end].fill(0);
         Ok(())
     }
 }

@@ -17,6 +17,7 @@
 //! | [`map`]`(image, …)` | [`MapOptions`] | [`MapReport`] |
 //! | [`compare`]`(a, b, …)` | [`CompareOptions`] | [`CompareReport`] |
 //! | [`estimate`]`(input, …)` | [`EstimateOptions`] | [`EstimateReport`] |
+//! | [`dedup`](fn@dedup)`(image, …)` | [`DedupOptions`] | [`DedupReport`] |
 //!
 //! Below them: [`convert::convert_input`] converts an input opened already (a
 //! [`source::Input`], which can wrap any [`source::Source`]), and
@@ -73,6 +74,7 @@ pub mod dedup;
 pub mod error;
 pub mod format;
 pub mod image;
+pub mod inplace;
 pub mod inspect;
 pub mod io;
 #[doc(hidden)]
@@ -85,6 +87,7 @@ pub mod writer;
 pub use check::{check, CheckOptions, CheckReport};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use error::{Error, Result};
+pub use inplace::{dedup, DedupOptions, DedupReport};
 pub use inspect::compare::{compare, CompareOptions, CompareReport};
 pub use inspect::estimate::{estimate, estimate_source, EstimateOptions, EstimateReport};
 pub use inspect::info::{info, InfoOptions, InfoReport};

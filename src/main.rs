@@ -446,6 +446,37 @@ fn check_free_space(dir: &std::path::Path, size: u64, size_text: &str) -> Result
     Ok(())
 }
 
+fn run_dedup(c: &command::Dedup) -> Result<ExitCode> {
+    let mut opts = c.opts.clone();
+    // A terminating signal stops the run between two flush groups: the image
+    // stays sound (a second signal exits at once, leaving at worst leaks).
+    let signals = install_signal_handlers(true);
+    opts.cancel = Some(signals.any.clone());
+    let report = match qdedup::dedup(&c.image, &opts) {
+        Err(qdedup::Error::Interrupted) => {
+            errln!(
+                "qdedup: interrupted; the flush groups done stay done and the image is sound \
+                 (run dedup again to finish)"
+            );
+            return Ok(signals.exit_code());
+        }
+        r => r.with_context(|| format!("cannot dedup {}", c.image.display()))?,
+    };
+    match c.report {
+        OutputFormat::Human => outln!("{report}"),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    if !report.dry_run && !report.clean_after {
+        errln!(
+            "qdedup: error: the final check does not find {} clean and strict: run `qdedup \
+             check` on it",
+            c.image.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The exit code of a usage error (a bad option or value), as clap's.
 const USAGE_ERROR: u8 = 2;
 
@@ -496,6 +527,7 @@ fn main() -> ExitCode {
         Command::Convert(c) => run_convert(c),
         Command::Check(c) => run_check(c),
         Command::Demo(c) => run_demo(c),
+        Command::Dedup(c) => run_dedup(c),
         Command::Info(c) => run_info(c),
         Command::Map(c) => run_map(c),
         Command::Compare(c) => Ok(run_compare(c)),

@@ -279,6 +279,29 @@ pub(crate) struct CheckArgs {
     pub(crate) image: PathBuf,
 }
 
+#[derive(clap::Args)]
+pub(crate) struct DedupArgs {
+    /// Report what would be saved; write nothing.
+    #[arg(short = 'n', long)]
+    pub(crate) dry_run: bool,
+    /// Also move clusters from the end of the file into the freed space and cut
+    /// the file, so that its size shrinks too.
+    #[arg(long)]
+    pub(crate) compact: bool,
+    /// Remaps (or moves) per flush group; each group costs four syncs.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub(crate) flush_group: usize,
+    /// Do not fsync between the steps of a group (the order still holds for a
+    /// killed process, not for a power loss).
+    #[arg(long)]
+    pub(crate) no_sync: bool,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// The qcow2 image to deduplicate in place.
+    pub(crate) image: PathBuf,
+}
+
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
     /// Convert an image to a deduplicated qcow2 v3 image.
@@ -294,6 +317,9 @@ pub(crate) enum Cmd {
     /// Check a qcow2 image like qemu-img check (exit 0 clean, 1 check failed,
     /// 2 corruptions, 3 leaks only).
     Check(CheckArgs),
+    /// Deduplicate a qcow2 image in place: identical clusters of the active layer
+    /// share one host cluster, the others are freed (crash-safe; QEMU's write lock).
+    Dedup(DedupArgs),
     /// Generate a sample disk image, convert it and verify the result with qemu-img.
     Demo {
         /// Size of the sample image, e.g. 256M.

@@ -15,8 +15,8 @@ use qdedup::{InfoOptions, MapOptions};
 
 pub(crate) use super::args::OutputFormat;
 use super::args::{
-    BackingChain, CheckArgs, Cli, Cmd, CompareArgs, ConvertArgs, EstimateArgs, ImageArgs, InfoArgs,
-    InputFormat, MapArgs, RepairArg,
+    BackingChain, CheckArgs, Cli, Cmd, CompareArgs, ConvertArgs, DedupArgs, EstimateArgs,
+    ImageArgs, InfoArgs, InputFormat, MapArgs, RepairArg,
 };
 
 /// A subcommand with its options validated.
@@ -28,6 +28,7 @@ pub(crate) enum Command {
     Estimate(Estimate),
     Check(Check),
     Demo(Demo),
+    Dedup(Dedup),
     /// `-o help` (convert, estimate): list the `-o` options and stop.
     ImageOptionsHelp,
 }
@@ -87,6 +88,13 @@ pub(crate) struct Check {
     pub(crate) report: OutputFormat,
 }
 
+/// `qdedup dedup`.
+pub(crate) struct Dedup {
+    pub(crate) image: PathBuf,
+    pub(crate) opts: qdedup::DedupOptions,
+    pub(crate) report: OutputFormat,
+}
+
 /// `qdedup demo`.
 pub(crate) struct Demo {
     /// Bytes of the sample disk.
@@ -112,6 +120,7 @@ impl Command {
                 None => Command::ImageOptionsHelp,
             },
             Cmd::Check(a) => Command::Check(check(a)?),
+            Cmd::Dedup(a) => Command::Dedup(dedup(a)?),
             Cmd::Demo { size, keep } => Command::Demo(Demo {
                 size: parse_size(&size)?,
                 size_text: size,
@@ -361,6 +370,23 @@ fn check(a: CheckArgs) -> Result<Check> {
             force_share: a.force_share,
         },
         quiet: a.quiet,
+        report: a.output,
+    })
+}
+
+fn dedup(a: DedupArgs) -> Result<Dedup> {
+    if a.flush_group == 0 {
+        bail!("--flush-group 0: give at least 1 remap per flush group (default 4096)");
+    }
+    Ok(Dedup {
+        image: a.image,
+        opts: qdedup::DedupOptions {
+            dry_run: a.dry_run,
+            compact: a.compact,
+            flush_group: a.flush_group,
+            sync: !a.no_sync,
+            cancel: None,
+        },
         report: a.output,
     })
 }

@@ -330,6 +330,43 @@ impl Refcounts {
         self.flush(file)
     }
 
+    /// Moves refcount block `b` to the free cluster at `to` (cluster aligned,
+    /// refcount 0, inside the file), for a caller that compacts the file: `to` is
+    /// counted and the block written there and synced, then the table entry is
+    /// switched with one write and synced, then the old cluster's refcount goes
+    /// to 0. Interrupted anywhere, the old block or the new one is in force and
+    /// at most one cluster is leaked.
+    pub fn move_block(
+        &mut self,
+        file: &(impl ReadAt + WriteAt + ?Sized),
+        b: u64,
+        to: u64,
+    ) -> Result<()> {
+        let cb = self.cluster_bits;
+        let old = self.block_offset(b);
+        let idx = usize::try_from(b)
+            .ok()
+            .filter(|&i| i < self.table.len() && old != 0 && old % (1 << cb) == 0)
+            .ok_or_else(|| Error::InvalidArgument(format!("refcount block {b} cannot be moved")))?;
+        if to % (1 << cb) != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "refcount block target {to:#x} is not cluster aligned"
+            )));
+        }
+        self.set(file, to >> cb, 1)?;
+        self.flush(file)?;
+        let data = self.load_block(file, b, old)?.data.clone();
+        file.write_all_at(&data, to)
+            .ctx(|| format!("writing the refcount block at {to:#x}"))?;
+        file.sync().ctx(|| "cannot sync the image".to_string())?;
+        file.write_all_at(&to.to_be_bytes(), self.table_offset + 8 * b)
+            .ctx(|| "cannot write the refcount table".to_string())?;
+        self.table[idx] = to;
+        file.sync().ctx(|| "cannot sync the image".to_string())?;
+        self.set(file, old >> cb, 0)?;
+        self.flush(file)
+    }
+
     /// Writes every changed block (one write per block).
     pub fn flush(&mut self, file: &(impl ReadAt + WriteAt + ?Sized)) -> Result<()> {
         let mut dirty: Vec<u64> = self
@@ -449,6 +486,32 @@ mod tests {
         for &e in again.table().to_vec().iter().filter(|e| **e != 0) {
             assert_eq!(again.get(&f, e / cs).unwrap(), Stored::Count(1));
         }
+    }
+
+    #[test]
+    fn a_moved_block_keeps_every_refcount_and_counts_its_new_cluster() {
+        let (f, h) = image(4);
+        // A free cluster 4 inside the file to move block 0 (at cluster 2) to.
+        f.set_len(5 << 16).unwrap();
+        let mut r = Refcounts::load(&f, &h).unwrap();
+        r.set(&f, 1, 7).unwrap();
+        r.flush(&f).unwrap();
+        r.move_block(&f, 0, 4 << 16).unwrap();
+        assert_eq!(r.block_offset(0), 4 << 16);
+        let mut again = Refcounts::load(&f, &h).unwrap();
+        assert_eq!(again.table()[0], 4 << 16, "the table entry switched");
+        assert_eq!(again.get(&f, 1).unwrap(), Stored::Count(7));
+        assert_eq!(
+            again.get(&f, 2).unwrap(),
+            Stored::Count(0),
+            "old place free"
+        );
+        assert_eq!(
+            again.get(&f, 4).unwrap(),
+            Stored::Count(1),
+            "new place counted"
+        );
+        assert!(r.move_block(&f, 9, 4 << 16).is_err(), "no block 9");
     }
 
     #[test]

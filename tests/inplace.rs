@@ -1,0 +1,526 @@
+//! `qdedup dedup IMAGE`: in-place deduplication of images qemu-img wrote, with
+//! qemu-img and qemu-io as the oracle: the image stays clean and reads the same,
+//! the duplicates' space goes back to the file system, a second run finds
+//! nothing, an interrupted run (a failing write, SIGKILL) never corrupts, and an
+//! image in use is refused and left untouched.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+/// `qdedup dedup --output json [EXTRA] IMG`, asserted to succeed.
+fn dedup_json(img: &Path, extra: &[&str]) -> Value {
+    qdedup_json(argv(
+        &["dedup", "--output", "json"],
+        extra,
+        &[img.as_os_str()],
+    ))
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"))
+}
+
+fn max_refcount(bits: u32) -> u64 {
+    if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
+}
+
+/// An image qemu-img converted (no dedup) from clusters repeating a pool, with
+/// its content ids; with `backing`, over a base of other random clusters.
+struct Case {
+    dir: Scratch,
+    img: PathBuf,
+    ids: Vec<usize>,
+    cs: usize,
+}
+
+fn qemu_image(cs: usize, bits: u32, backing: bool, seed: u64, extra: &[&str]) -> Case {
+    let count = if cs == 4096 { 512 } else { 64 };
+    qemu_image_of(cs, count, bits, backing, seed, extra)
+}
+
+/// [`qemu_image`] of `count` clusters.
+fn qemu_image_of(
+    cs: usize,
+    count: usize,
+    bits: u32,
+    backing: bool,
+    seed: u64,
+    extra: &[&str],
+) -> Case {
+    let dir = Scratch::new();
+    let pool = if cs == 4096 { 40 } else { 12 };
+    let (data, ids) = repeated_clusters(cs, count, pool, 5, seed);
+    let raw = write_raw(dir.path(), "in.raw", &data);
+    let img = dir.join("img.qcow2");
+    let o = format!("cluster_size={cs},refcount_bits={bits}");
+    let mut args = vec!["-o", o.as_str()];
+    args.extend_from_slice(extra);
+    let base = dir.join("base.qcow2");
+    let base_s = base.to_str().unwrap().to_string();
+    if backing {
+        let other = write_raw(dir.path(), "base.raw", &random_bytes(seed + 1, data.len()));
+        qcow2_from_raw(&other, &base, &["-o", &o]);
+        args.extend_from_slice(&["-B", &base_s, "-F", "qcow2"]);
+    }
+    qcow2_from_raw(&raw, &img, &args);
+    Case { dir, img, ids, cs }
+}
+
+#[test]
+fn dedup_frees_every_duplicate_at_4k_and_64k_clusters_refcount_bits_2_16_64_with_and_without_backing(
+) {
+    let mut cases = 0;
+    for cs in [4096usize, 65536] {
+        for bits in [2u32, 16, 64] {
+            for backing in [false, true] {
+                let seed = cs as u64 + u64::from(bits) + u64::from(backing);
+                let c = qemu_image(cs, bits, backing, seed, &[]);
+                let what = format!("{cs} B clusters, refcount_bits {bits}, backing {backing}");
+                let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+                let alloc_before = allocated_bytes(&c.img);
+                let size_before = std::fs::metadata(&c.img).unwrap().len();
+                let expect = freeable_duplicates(&c.ids, max_refcount(bits));
+                assert!(expect > 0, "{what}: the input has duplicates");
+
+                let r = dedup_json(&c.img, &["--no-sync"]);
+                assert_eq!(n(&r, "clusters-remapped"), expect, "{what}: {r}");
+                assert_eq!(n(&r, "bytes-freed"), expect * c.cs as u64, "{what}");
+                assert_eq!(r["clean-after"], true, "{what}: {r}");
+                if bits == 2 {
+                    assert!(n(&r, "saturated-survivors") > 0, "{what}: {r}");
+                }
+                assert_qemu_check_clean(&c.img);
+                assert_qemu_compare_same(&before, "qcow2", &c.img);
+                let freed = alloc_before - allocated_bytes(&c.img);
+                assert!(
+                    freed * 10 >= expect * c.cs as u64 * 9,
+                    "{what}: {freed} bytes given back of {} duplicate bytes",
+                    expect * c.cs as u64
+                );
+
+                // A second run finds nothing to remap; with --compact it moves
+                // clusters into the freed space and the file shrinks.
+                let r2 = dedup_json(&c.img, &["--compact"]);
+                assert_eq!(n(&r2, "clusters-remapped"), 0, "{what}: {r2}");
+                assert!(n(&r2, "clusters-moved") > 0, "{what}: {r2}");
+                let size_after = std::fs::metadata(&c.img).unwrap().len();
+                assert_eq!(n(&r2, "file-size-after"), size_after);
+                assert!(
+                    (size_before - size_after) * 10 >= expect * c.cs as u64 * 9,
+                    "{what}: file {size_before} -> {size_after}, {expect} clusters freed"
+                );
+                assert_qemu_check_clean(&c.img);
+                assert_qemu_compare_same(&before, "qcow2", &c.img);
+                let r3 = dedup_json(&c.img, &[]);
+                assert_eq!(n(&r3, "clusters-remapped"), 0, "{what}: {r3}");
+                assert_eq!(n(&r3, "clusters-moved"), 0, "{what}: {r3}");
+                cases += 1;
+            }
+        }
+    }
+    assert_eq!(cases, 12);
+}
+
+#[test]
+fn a_dry_run_reports_the_saving_and_changes_no_byte() {
+    let c = qemu_image(4096, 16, false, 7, &[]);
+    let bytes = std::fs::read(&c.img).unwrap();
+    let expect = freeable_duplicates(&c.ids, max_refcount(16));
+    let dry = dedup_json(&c.img, &["--dry-run", "--compact"]);
+    assert_eq!(dry["dry-run"], true);
+    assert_eq!(n(&dry, "clusters-remapped"), expect, "{dry}");
+    assert_eq!(n(&dry, "bytes-freed"), expect * 4096);
+    assert_eq!(n(&dry, "bytes-written"), 0);
+    assert!(
+        n(&dry, "file-size-after") < n(&dry, "file-size-before"),
+        "{dry}"
+    );
+    assert!(dry["seconds"].as_f64().is_some());
+    assert_eq!(
+        std::fs::read(&c.img).unwrap(),
+        bytes,
+        "a dry run writes nothing"
+    );
+    // The human report says the same.
+    let human = stdout(&qdedup_ok([
+        OsStr::new("dedup"),
+        OsStr::new("-n"),
+        c.img.as_os_str(),
+    ]));
+    assert!(
+        human.contains(&format!("Clusters remapped: {expect}")),
+        "{human}"
+    );
+    assert!(human.contains("dry run"), "{human}");
+    // The real run does what the dry run said, and the file ends where it said.
+    let real = dedup_json(&c.img, &["--compact"]);
+    for key in [
+        "clusters-remapped",
+        "entries-remapped",
+        "bytes-freed",
+        "file-size-after",
+    ] {
+        assert_eq!(real[key], dry[key], "{key}: {real} vs {dry}");
+    }
+    assert!(n(&real, "bytes-written") < bytes.len() as u64 / 2, "{real}");
+}
+
+#[test]
+fn snapshots_keep_their_view_and_their_shared_tables_are_left_alone() {
+    for cs in [4096usize, 65536] {
+        // With 4 KiB clusters, two L2 tables (512 entries each).
+        let c = qemu_image_of(cs, if cs == 4096 { 1024 } else { 64 }, 16, false, 11, &[]);
+        qemu_snapshot(&c.img, "s1");
+        // After the snapshot, the guest writes the same two clusters eight times
+        // each: QEMU copies the touched L2 tables and allocates new clusters.
+        let mut cmds = Vec::new();
+        for i in 0..8u64 {
+            cmds.push(format!("write -P 0x5a {} {cs}", i * 2 * cs as u64));
+            cmds.push(format!("write -P 0xa5 {} {cs}", (i * 2 + 1) * cs as u64));
+        }
+        let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+        qemu_io(&c.img, &cmds);
+        let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+        let snap_before = qemu_view(before.as_os_str(), &["-l", "snapshot.name=s1"]);
+        let alloc_before = allocated_bytes(&c.img);
+        let r = dedup_json(&c.img, &[]);
+        // 16 new clusters of 2 contents: 14 freed.
+        assert_eq!(n(&r, "clusters-remapped"), 14, "{cs}: {r}");
+        if cs == 4096 {
+            // The writes copied the first L2 table; the second is still the
+            // snapshot's.
+            assert!(n(&r, "shared-l2-tables-skipped") > 0, "{r}");
+        }
+        assert_qemu_check_clean(&c.img);
+        assert_qemu_compare_same(&before, "qcow2", &c.img);
+        assert_eq!(
+            qemu_view(c.img.as_os_str(), &["-l", "snapshot.name=s1"]),
+            snap_before,
+            "the snapshot reads the same"
+        );
+        assert!(alloc_before - allocated_bytes(&c.img) >= 14 * cs as u64 * 9 / 10);
+        // Deleting the snapshot afterwards leaves a clean image too.
+        qemu_img([
+            "snapshot".as_ref(),
+            "-d".as_ref(),
+            "s1".as_ref(),
+            c.img.as_os_str(),
+        ]);
+        assert_qemu_check_clean(&c.img);
+        assert_qemu_compare_same(&before, "qcow2", &c.img);
+    }
+}
+
+#[test]
+fn qemu_writes_over_shared_clusters_read_correctly_and_check_clean() {
+    let c = qemu_image(65536, 16, false, 21, &[]);
+    let raw = c.dir.join("in.raw");
+    dedup_json(&c.img, &[]);
+    // Overwrite parts of several sharers, in the image and in the raw input alike.
+    let cmds = [
+        "write -P 0x11 0 4k",
+        "write -P 0x22 196608 64k",
+        "write -P 0x33 1048576 100k",
+        "write -z 2097152 64k",
+        "discard 3014656 64k",
+    ];
+    qemu_io(&c.img, &cmds);
+    qemu_io_fmt(&raw, "raw", &cmds[..4]);
+    qemu_io_fmt(&raw, "raw", &["write -z 3014656 64k"]);
+    let (code, r) = check_json([c.img.as_os_str()]);
+    assert_eq!(code, 0, "qdedup check (relaxed) finds it clean: {r}");
+    assert_qemu_compare_same(&raw, "raw", &c.img);
+    // A second dedup makes it strict again for qemu-img.
+    let r = dedup_json(&c.img, &[]);
+    assert_eq!(r["clean-after"], true, "{r}");
+    assert_qemu_check_clean(&c.img);
+    assert_qemu_compare_same(&raw, "raw", &c.img);
+}
+
+#[test]
+fn an_image_held_open_by_qemu_io_is_refused_and_left_untouched() {
+    let c = qemu_image(4096, 16, false, 3, &[]);
+    let bytes = std::fs::read(&c.img).unwrap();
+    let holder = QemuHolder::qemu_io(&c.img, &[]);
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), c.img.as_os_str()]);
+    assert!(
+        err.contains("Failed to get") && err.contains("lock"),
+        "{err}"
+    );
+    drop(holder);
+    assert_eq!(std::fs::read(&c.img).unwrap(), bytes, "not a byte changed");
+}
+
+#[test]
+fn what_cannot_be_changed_safely_is_refused_by_name() {
+    let c = qemu_image(65536, 16, false, 5, &[]);
+    let bytes = std::fs::read(&c.img).unwrap();
+    let incompat = 72; // incompatible_features
+                       // The corrupt bit.
+    let bad = copy_file(&c.img, c.dir.join("corrupt.qcow2"));
+    patch_be(&bad, incompat, 8, 2);
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), bad.as_os_str()]);
+    assert!(err.contains("marked corrupt"), "{err}");
+    // Dirty with lazy refcounts.
+    let dirty = copy_file(&c.img, c.dir.join("dirty.qcow2"));
+    patch_be(&dirty, incompat, 8, 1);
+    patch_be(&dirty, 80, 8, 1); // compatible_features: lazy refcounts
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), dirty.as_os_str()]);
+    assert!(err.contains("dirty"), "{err}");
+    // A refcount too low (a corruption check finds): run check first.
+    let low = copy_file(&c.img, c.dir.join("low.qcow2"));
+    let host = Img::open(&low).l2_entry(0, 0) & 0x00ff_ffff_ffff_fe00;
+    Img::open(&low).set_refcount(host / 65536, 0);
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), low.as_os_str()]);
+    assert!(
+        err.contains("corruptions") && err.contains("check"),
+        "{err}"
+    );
+    // An external data file.
+    let data = c.dir.join("data.raw");
+    let ext = c.dir.join("ext.qcow2");
+    qemu_img(argv(
+        &["create", "-q", "-f", "qcow2", "-o"],
+        &[&format!("data_file={}", data.display())],
+        &[ext.as_os_str(), OsStr::new("1M")],
+    ));
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), ext.as_os_str()]);
+    assert!(err.contains("external data file"), "{err}");
+    // Encrypted (LUKS).
+    let enc = c.dir.join("enc.qcow2");
+    qemu_img([
+        OsStr::new("create"),
+        OsStr::new("-q"),
+        OsStr::new("--object"),
+        OsStr::new("secret,id=sec0,data=123456"),
+        OsStr::new("-f"),
+        OsStr::new("qcow2"),
+        OsStr::new("-o"),
+        OsStr::new("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"),
+        enc.as_os_str(),
+        OsStr::new("1M"),
+    ]);
+    let enc_bytes = std::fs::read(&enc).unwrap();
+    let err = qdedup_fails_in_one_line([OsStr::new("dedup"), enc.as_os_str()]);
+    assert!(err.contains("encrypted"), "{err}");
+    assert_eq!(std::fs::read(&enc).unwrap(), enc_bytes);
+    assert_eq!(std::fs::read(&c.img).unwrap(), bytes);
+}
+
+#[test]
+fn compressed_clusters_are_left_as_they_are_and_extended_l2_entries_are_shared_when_whole() {
+    // Compressed: qemu-img convert -c of text repeated 4 times; QEMU stores
+    // each copy as its own stream, and they stay as they are.
+    let d = Scratch::new();
+    let text = text_bytes(9, 4 * 65536);
+    let raw = write_raw(d.path(), "text.raw", &[text.clone(), text].concat());
+    let img = d.join("c.qcow2");
+    qcow2_from_raw(&raw, &img, &["-c"]);
+    let before = copy_file(&img, d.join("before.qcow2"));
+    let r = dedup_json(&img, &[]);
+    assert_eq!(n(&r, "compressed-entries-skipped"), 8, "{r}");
+    assert_eq!(n(&r, "clusters-remapped"), 0, "{r}");
+    assert_qemu_check_clean(&img);
+    assert_qemu_compare_same(&before, "qcow2", &img);
+
+    // Extended L2: whole clusters are shared, a partly written one is not.
+    let c = qemu_image(65536, 16, false, 13, &["-o", "extended_l2=on"]);
+    let expect = freeable_duplicates(&c.ids, max_refcount(16));
+    let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+    let r = dedup_json(&c.img, &[]);
+    assert_eq!(n(&r, "clusters-remapped"), expect, "{r}");
+    assert_qemu_check_clean(&c.img);
+    assert_qemu_compare_same(&before, "qcow2", &c.img);
+    let d = Scratch::new();
+    let part = create_qcow2(d.join("part.qcow2"), Some("1M"), &["-o", "extended_l2=on"]);
+    qemu_io(&part, &["write -P 7 0 2k", "write -P 7 65536 2k"]);
+    let before = copy_file(&part, d.join("before.qcow2"));
+    let r = dedup_json(&part, &[]);
+    assert_eq!(n(&r, "partial-entries-skipped"), 2, "{r}");
+    assert_eq!(n(&r, "clusters-remapped"), 0, "{r}");
+    assert_qemu_check_clean(&part);
+    assert_qemu_compare_same(&before, "qcow2", &part);
+}
+
+/// A storage layer whose writes fail after a budget: the crash of a process at
+/// that write, as the library sees it (every write before it is in the file,
+/// none after it). Truncation and hole punching count as writes.
+struct FailingFile {
+    file: std::fs::File,
+    budget: std::sync::atomic::AtomicUsize,
+    writes: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingFile {
+    fn open(p: &Path, budget: usize) -> FailingFile {
+        FailingFile {
+            file: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(p)
+                .unwrap(),
+            budget: budget.into(),
+            writes: 0.into(),
+        }
+    }
+
+    fn spend(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.budget.load(SeqCst) == 0 {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.budget.fetch_sub(1, SeqCst);
+        self.writes.fetch_add(1, SeqCst);
+        Ok(())
+    }
+}
+
+impl qdedup::io::ReadAt for FailingFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        qdedup::io::ReadAt::read_at(&self.file, buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        qdedup::io::ReadAt::len(&self.file)
+    }
+}
+
+impl qdedup::io::WriteAt for FailingFile {
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.spend()?;
+        qdedup::io::WriteAt::write_all_at(&self.file, buf, offset)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.spend()?;
+        self.file.set_len(len)
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.spend()?;
+        qdedup::io::WriteAt::punch_hole(&self.file, offset, len)
+    }
+}
+
+/// What an interrupted run may leave: `qdedup check` finds no corruption
+/// (leaks and the relaxed COPIED state allowed), `qemu-img check` none but
+/// COPIED flags missing at refcount 1 (which it counts as corruptions, and
+/// repairs), the guest reads the same, and a rerun ends clean and strict.
+/// Returns whether `qemu-img check` saw the relaxed state.
+fn assert_interrupted_run_is_sound(img: &Path, before: &Path, what: &str) -> bool {
+    let (code, r) = check_json([img.as_os_str()]);
+    assert!(
+        code == 0 || code == 3,
+        "{what}: qdedup check exit {code}: {r}"
+    );
+    let q = qemu_img_check(img);
+    let errors: Vec<String> = String::from_utf8_lossy(&q.stderr)
+        .lines()
+        .filter(|l| l.contains("ERROR"))
+        .map(str::to_string)
+        .collect();
+    let relaxed = errors
+        .iter()
+        .all(|l| l.contains("OFLAG_COPIED data cluster") && l.ends_with("refcount=1"));
+    match q.status.code() {
+        Some(0 | 3) => {}
+        Some(2) if relaxed => {}
+        c => panic!("{what}: qemu-img check exit {c:?}:\n{}", said(&q)),
+    }
+    assert_qemu_compare_same(before, "qcow2", img);
+    let r = dedup_json(img, &["--compact", "--no-sync"]);
+    assert_eq!(r["clean-after"], true, "{what}: rerun {r}");
+    assert_qemu_check_clean(img);
+    assert_qemu_compare_same(before, "qcow2", img);
+    !errors.is_empty()
+}
+
+#[test]
+fn a_write_failing_at_any_of_26_points_leaves_a_sound_image_and_a_rerun_ends_clean() {
+    use qdedup::inplace::{dedup_image, DedupOptions};
+    let c = qemu_image(4096, 16, false, 31, &[]);
+    let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+    let opts = DedupOptions {
+        compact: true,
+        flush_group: 16,
+        ..DedupOptions::default()
+    };
+    // How many writes a whole run makes.
+    let probe = copy_file(&c.img, c.dir.join("probe.qcow2"));
+    let f = FailingFile::open(&probe, usize::MAX);
+    dedup_image(&f, "probe", &opts).unwrap();
+    let total = f.writes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(total > 40, "{total} writes");
+    let mut relaxed_seen = 0;
+    let mut cases = 0;
+    // 20 points spread over the run, and the first 6 writes one by one (the
+    // first flush group's steps).
+    let points: Vec<usize> = (0..20)
+        .map(|i| total * i / 20 + i % 3)
+        .chain(1..7)
+        .collect();
+    for (i, &n) in points.iter().enumerate() {
+        let img = copy_file(&c.img, c.dir.join(format!("fail{i}.qcow2")));
+        let f = FailingFile::open(&img, n);
+        let err = dedup_image(&f, "img", &opts).unwrap_err();
+        assert!(err.to_string().contains("injected"), "write {n}: {err}");
+        drop(f);
+        if assert_interrupted_run_is_sound(&img, &before, &format!("failing write {n}")) {
+            relaxed_seen += 1;
+        }
+        cases += 1;
+    }
+    assert_eq!(cases, 26);
+    eprintln!("{total} writes; the relaxed COPIED state seen at {relaxed_seen} of 26 points");
+    // The relaxed COPIED state lasts from the L2 write that clears COPIED on a
+    // survivor to the refcount write that raises its refcount: one of the
+    // first writes stops there.
+    assert!((1..26).contains(&relaxed_seen), "{relaxed_seen}");
+}
+
+#[test]
+fn dedup_killed_with_sigkill_at_20_points_leaves_a_sound_image_and_a_rerun_ends_clean() {
+    use std::os::unix::process::ExitStatusExt;
+    let c = qemu_image(4096, 16, false, 37, &[]);
+    let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+    // Small flush groups make many steps to stop between; without syncs (the
+    // order of writes is the same, and a killed process loses none of them).
+    let args = ["dedup", "--compact", "--flush-group", "2", "--no-sync"];
+    // How long a whole run takes here.
+    let probe = copy_file(&c.img, c.dir.join("probe.qcow2"));
+    let t = std::time::Instant::now();
+    qdedup_ok(argv(&args, &[], &[probe.as_os_str()]));
+    let whole = t.elapsed();
+    let mut killed = 0;
+    for i in 0..20u32 {
+        let img = copy_file(&c.img, c.dir.join(format!("kill{i}.qcow2")));
+        let mut child = std::process::Command::new(qdedup_bin())
+            .args(args)
+            .arg(&img)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(whole * i / 20);
+        let _ = child.kill(); // SIGKILL
+        let status = child.wait().unwrap();
+        if status.signal() == Some(9) {
+            killed += 1;
+        }
+        assert_interrupted_run_is_sound(&img, &before, &format!("SIGKILL after {i}/20"));
+    }
+    eprintln!("{killed} of 20 runs killed before their end (a whole run: {whole:?})");
+    assert!(
+        killed >= 10,
+        "only {killed} of 20 runs were killed before their end"
+    );
+}
