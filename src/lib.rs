@@ -17,6 +17,7 @@
 //! | [`map`]`(image, …)` | [`MapOptions`] | [`MapReport`] |
 //! | [`compare`]`(a, b, …)` | [`CompareOptions`] | [`CompareReport`] |
 //! | [`estimate`]`(input, …)` | [`EstimateOptions`] | [`EstimateReport`] |
+//! | [`checksum`](fn@checksum)`(image, …)` | [`ChecksumOptions`] | [`ChecksumReport`] |
 //!
 //! Below them: [`convert::convert_input`] converts an input opened already (a
 //! [`source::Input`], which can wrap any [`source::Source`]), and
@@ -67,6 +68,7 @@
 #![deny(missing_docs)]
 
 pub mod check;
+pub mod checksum;
 pub mod compress;
 pub mod convert;
 pub mod dedup;
@@ -83,6 +85,7 @@ pub mod source;
 pub mod writer;
 
 pub use check::{check, CheckOptions, CheckReport};
+pub use checksum::{checksum, ChecksumOptions, ChecksumReport};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use error::{Error, Result};
 pub use inspect::compare::{compare, CompareOptions, CompareReport};

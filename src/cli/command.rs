@@ -18,6 +18,9 @@ use super::args::{
     BackingChain, CheckArgs, Cli, Cmd, CompareArgs, ConvertArgs, EstimateArgs, ImageArgs, InfoArgs,
     InputFormat, MapArgs, RepairArg,
 };
+use super::args::{ChecksumArgs, DigestArg};
+use qdedup::checksum::Algorithm;
+use qdedup::ChecksumOptions;
 
 /// A subcommand with its options validated.
 pub(crate) enum Command {
@@ -28,6 +31,7 @@ pub(crate) enum Command {
     Estimate(Estimate),
     Check(Check),
     Demo(Demo),
+    Checksum(Checksum),
     /// `-o help` (convert, estimate): list the `-o` options and stop.
     ImageOptionsHelp,
 }
@@ -87,6 +91,14 @@ pub(crate) struct Check {
     pub(crate) report: OutputFormat,
 }
 
+/// `qdedup checksum`.
+pub(crate) struct Checksum {
+    pub(crate) images: Vec<PathBuf>,
+    /// Everything but `progress` and `cancel`, which belong to the terminal.
+    pub(crate) opts: ChecksumOptions,
+    pub(crate) report: OutputFormat,
+}
+
 /// `qdedup demo`.
 pub(crate) struct Demo {
     /// Bytes of the sample disk.
@@ -112,6 +124,7 @@ impl Command {
                 None => Command::ImageOptionsHelp,
             },
             Cmd::Check(a) => Command::Check(check(a)?),
+            Cmd::Checksum(a) => Command::Checksum(checksum(a)?),
             Cmd::Demo { size, keep } => Command::Demo(Demo {
                 size: parse_size(&size)?,
                 size_text: size,
@@ -219,6 +232,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         cache_syncs("-T", mode)?;
     }
     opts.force = a.force;
+    opts.checksum = a.checksum.map(algorithm);
     opts.input = OpenOptions {
         format: input_format(a.format),
         backing_chain: a.backing_chain == BackingChain::Full,
@@ -333,6 +347,37 @@ fn check(a: CheckArgs) -> Result<Check> {
             force_share: a.force_share,
         },
         quiet: a.quiet,
+        report: a.output,
+    })
+}
+
+fn algorithm(d: DigestArg) -> Algorithm {
+    match d {
+        DigestArg::Sha256 => Algorithm::Sha256,
+        DigestArg::Blake3 => Algorithm::Blake3,
+    }
+}
+
+fn checksum(a: ChecksumArgs) -> Result<Checksum> {
+    let block_size = parse_size(&a.block_size)?;
+    qdedup::checksum::check_block_size(block_size)?;
+    let mut opts = ChecksumOptions {
+        algorithm: algorithm(a.digest),
+        block_size,
+        input: OpenOptions {
+            format: input_format(a.format),
+            snapshot: a.snapshot,
+            force_share: a.force_share,
+            ..OpenOptions::default()
+        },
+        ..ChecksumOptions::default()
+    };
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    Ok(Checksum {
+        images: a.images,
+        opts,
         report: a.output,
     })
 }

@@ -109,6 +109,13 @@ pub struct ConvertReport {
     pub index_bytes: u64,
     /// Remarks (e.g. sharing impossible with refcount_bits=1).
     pub notes: Vec<String>,
+    /// `--checksum`: the blkhash digest of the input's guest content in hex
+    /// (what `qdedup checksum` prints for the input and for the output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// The hash function of `checksum` ("blake3" or "sha256").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum_algorithm: Option<String>,
 }
 
 impl std::fmt::Display for ConvertReport {
@@ -177,6 +184,9 @@ impl std::fmt::Display for ConvertReport {
             "time:              {:.2} s, {:.0} MB/s read",
             self.seconds, self.read_mb_per_s
         )?;
+        if let (Some(c), Some(a)) = (&self.checksum, &self.checksum_algorithm) {
+            write!(f, "\nchecksum:          {c} ({a}, blkhash)")?;
+        }
         for n in &self.notes {
             write!(f, "\nnote: {n}")?;
         }
@@ -207,6 +217,9 @@ pub struct ConvertStats {
     pub bytes_read: u64,
     /// Heap bytes of the dedup index at the end.
     pub index_bytes: u64,
+    /// The blkhash digest of the input's guest content, when
+    /// [`ConvertOptions::checksum`] asked for it.
+    pub checksum: Option<crate::checksum::BlockDigest>,
 }
 
 /// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
@@ -219,13 +232,25 @@ pub fn convert_to(
 ) -> Result<ConvertStats> {
     let mut w = opts.writer(src.virtual_size()).create(out)?;
     let compress = w.compressor();
-    let bytes_read = pipeline::run(src, opts, compress.as_deref(), &mut |b| w.accept_batch(b))?;
+    let mut sum = opts
+        .checksum
+        .map(|alg| {
+            crate::checksum::ConvertChecksum::new(alg, opts.cluster_size(), src.virtual_size())
+        })
+        .transpose()?;
+    let bytes_read = pipeline::run(src, opts, compress.as_deref(), &mut |b| {
+        if let Some(sum) = &mut sum {
+            sum.batch(b)?;
+        }
+        w.accept_batch(b)
+    })?;
     let index_bytes = w.index_heap_bytes() as u64;
     let stats = w.finish()?;
     Ok(ConvertStats {
         writer: stats,
         bytes_read,
         index_bytes,
+        checksum: sum.map(crate::checksum::ConvertChecksum::finish),
     })
 }
 
@@ -418,6 +443,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         writer: stats,
         bytes_read,
         index_bytes,
+        checksum,
     } = convert_to(src, file, opts)?;
     rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(final_mode))
         .map_err(std::io::Error::from)
@@ -505,5 +531,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         compression: opts.compression.map(|c| c.name().to_string()),
         index_bytes,
         notes,
+        checksum: checksum.as_ref().map(crate::checksum::to_hex),
+        checksum_algorithm: checksum.and(opts.checksum).map(|a| a.name().to_string()),
     })
 }

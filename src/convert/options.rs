@@ -43,6 +43,9 @@ pub struct ConvertOptions {
     /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion: it then
     /// fails with [`Error::Interrupted`] and leaves no output behind.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Also compute the blkhash digest of the input's guest content with this
+    /// hash function (`convert --checksum`; see [`crate::checksum`]).
+    pub checksum: Option<crate::checksum::Algorithm>,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -58,6 +61,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("max_in_flight", &self.max_in_flight)
             .field("sync", &self.sync)
             .field("force", &self.force)
+            .field("checksum", &self.checksum)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +82,7 @@ impl Default for ConvertOptions {
             force: false,
             progress: None,
             cancel: None,
+            checksum: None,
         }
     }
 }

@@ -237,6 +237,9 @@ pub fn run_sequential_with(
             return Err(Error::Interrupted);
         }
         process(&mut batch, cs as usize, compress, claims.as_ref());
+        if let Some(alg) = opts.checksum {
+            crate::checksum::block_digests(alg, &mut batch, cs, total);
+        }
         deliver(&batch)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
@@ -305,7 +308,12 @@ pub fn run_pipelined_with(
                     // it by sequence number), with its read error if any.
                     if !stop.load(Ordering::Relaxed) {
                         match fill(src, &mut b, cs) {
-                            Ok(()) => process(&mut b, cs as usize, compress, claims),
+                            Ok(()) => {
+                                process(&mut b, cs as usize, compress, claims);
+                                if let Some(alg) = opts.checksum {
+                                    crate::checksum::block_digests(alg, &mut b, cs, total);
+                                }
+                            }
                             Err(e) => b.error = Some(e),
                         }
                     }

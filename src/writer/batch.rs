@@ -64,6 +64,10 @@ pub struct Batch {
     pub(crate) bytes_read: u64,
     /// A read error, carried to the writer so that it still gets this batch.
     pub(crate) error: Option<Error>,
+    /// `convert --checksum`: the digests of the whole 64 KiB blocks inside the
+    /// batch, where the cluster hashes are not them
+    /// ([`crate::checksum::block_digests`]).
+    pub block_digests: Vec<crate::checksum::BlockDigest>,
 }
 
 impl Batch {
