@@ -54,6 +54,7 @@ use sha2::Digest as _;
 
 use crate::convert::options::ProgressFn;
 use crate::error::{Error, Result};
+use crate::image::refcounts::{Refcounts, Stored};
 use crate::source::chain::{open_layers, Layer, LayerKind};
 use crate::source::qcow2::LayerExtent;
 use crate::source::{BlockStatus, OpenOptions, Source};
@@ -569,6 +570,8 @@ struct Planner<'a> {
     seq: u64,
     /// Blocks seen whose bytes may appear again: their pieces → slot.
     seen: HashMap<Box<[(Piece, u64)]>, u32>,
+    /// Each layer's refcounts (`None`: not qcow2, or unreadable).
+    refcounts: Vec<Option<Refcounts>>,
     next_slot: u32,
     failed: bool,
 }
@@ -637,7 +640,7 @@ impl Planner<'_> {
                 continue;
             }
             data += blen;
-            let shareable = !one.iter().any(|(p, _)| matches!(p, Piece::Guest { .. }));
+            let shareable = self.may_repeat(&one);
             if shareable {
                 if let Some(&slot) = self.seen.get(one.as_slice()) {
                     job.entries.push(Entry::Reuse { slot, len: blen });
@@ -668,6 +671,42 @@ impl Planner<'_> {
         job.seq = self.seq;
         self.seq += 1;
         Ok(true)
+    }
+}
+
+impl Planner<'_> {
+    /// Whether another block may be made of the same pieces: not where a piece is
+    /// read by guest offset (raw), nor where a plain piece lies in a host cluster
+    /// whose stored refcount is below 2 (no other L2 entry points there). The
+    /// refcounts only save memory: a stale one (a dirty image) costs a read, never
+    /// a wrong digest, since equal pieces are equal bytes whatever the refcounts.
+    fn may_repeat(&mut self, pieces: &[(Piece, u64)]) -> bool {
+        let View::Layers(layers) = self.view else {
+            return false;
+        };
+        for &(p, len) in pieces {
+            let (layer, host) = match p {
+                Piece::Guest { .. } => return false,
+                Piece::Zero | Piece::Compressed { .. } => continue,
+                Piece::Data { layer, host } => (layer as usize, host),
+            };
+            let LayerKind::Qcow2(q) = &layers[layer].kind else {
+                return false;
+            };
+            let Some(rc) = self.refcounts.get_mut(layer).and_then(Option::as_mut) else {
+                continue;
+            };
+            let bits = q.header().cluster_bits;
+            // A piece lies inside the file (the mapper checked it): no overflow.
+            for c in host >> bits..=(host + len - 1) >> bits {
+                if let Ok(Stored::Count(n)) = rc.get(q.file(), c) {
+                    if n < 2 {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
     }
 }
 
@@ -776,6 +815,16 @@ fn run(view: &View<'_>, opts: &ChecksumOptions, image: String) -> Result<Checksu
         pos: 0,
         seq: 0,
         seen: HashMap::new(),
+        refcounts: match view {
+            View::Layers(layers) => layers
+                .iter()
+                .map(|l| match &l.kind {
+                    LayerKind::Qcow2(q) => Refcounts::load(q.file(), q.header()).ok(),
+                    LayerKind::Raw(_) => None,
+                })
+                .collect(),
+            View::Source(_) => Vec::new(),
+        },
         next_slot: 0,
         failed: false,
     });
