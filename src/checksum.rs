@@ -1116,6 +1116,92 @@ mod tests {
         }
     }
 
+    /// A disk in memory; runs of 4 KiB zeros are reported as zero.
+    struct Mem(Vec<u8>);
+
+    impl Source for Mem {
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn block_status(&self, offset: u64, max_len: u64) -> Result<(BlockStatus, u64)> {
+            let end = (offset + max_len).min(self.virtual_size());
+            let zero_at = |o: u64| {
+                let e = ((o / 4096 + 1) * 4096).min(end);
+                self.0[o as usize..e as usize].iter().all(|b| *b == 0)
+            };
+            let first = zero_at(offset);
+            let mut o = offset;
+            while o < end && zero_at(o) == first {
+                o = ((o / 4096 + 1) * 4096).min(end);
+            }
+            let st = if first {
+                BlockStatus::Zero
+            } else {
+                BlockStatus::Data
+            };
+            Ok((st, o - offset))
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            buf.copy_from_slice(&self.0[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn format_name(&self) -> &'static str {
+            "mem"
+        }
+    }
+
+    /// 3 MiB + 1000 bytes: zeros, repeats and unique data at odd offsets.
+    fn disk() -> Vec<u8> {
+        let mut d = vec![0u8; (3 << 20) + 1000];
+        let mut x = 1u32;
+        for (i, b) in d.iter_mut().enumerate() {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            if (i / 70_000) % 3 != 1 {
+                *b = (x >> 24) as u8;
+            }
+        }
+        d.copy_within(0..200_000, 2_000_000);
+        d
+    }
+
+    #[test]
+    fn sources_and_conversions_give_the_reference_digest() {
+        let d = disk();
+        let src = Mem(d.clone());
+        let mut cases = 0;
+        for alg in [Algorithm::Sha256, Algorithm::Blake3] {
+            let want = to_hex(&reference(alg, BLOCK_SIZE as usize, &d));
+            for workers in [0, 1, 3] {
+                let opts = ChecksumOptions {
+                    algorithm: alg,
+                    workers,
+                    ..ChecksumOptions::default()
+                };
+                assert_eq!(checksum_source(&src, &opts).unwrap().checksum, want);
+                cases += 1;
+            }
+            for cluster_bits in [9, 12, 16, 21] {
+                for workers in [0, 2] {
+                    let opts = crate::ConvertOptions {
+                        cluster_bits,
+                        workers,
+                        checksum: Some(alg),
+                        ..crate::ConvertOptions::default()
+                    };
+                    let out = crate::io::MemFile::default();
+                    let stats = crate::convert::convert_to(&src, &out, &opts).unwrap();
+                    assert_eq!(
+                        stats.checksum.map(|c| to_hex(&c)).as_deref(),
+                        Some(want.as_str()),
+                        "{alg:?} cluster_bits {cluster_bits} workers {workers}"
+                    );
+                    cases += 1;
+                }
+            }
+        }
+        assert_eq!(cases, 22);
+    }
+
     #[test]
     fn block_sizes_outside_the_range_are_refused() {
         for bs in [0, 512, 4095, 6000, (64 << 20) + 4096] {

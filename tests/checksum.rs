@@ -351,3 +351,18 @@ fn an_unreadable_image_is_reported_and_the_others_still_hashed() {
         said(&o)
     );
 }
+
+#[test]
+fn an_image_a_writer_holds_is_refused_unless_force_share() {
+    let dir = Scratch::new();
+    let raw = write_raw(dir.path(), "in.raw", &random_bytes(4, 256 << 10));
+    let img = dir.join("held.qcow2");
+    qcow2_from_raw(&raw, &img, &[]);
+    let want = qdedup_checksum(&[], &raw);
+    let _holder = QemuHolder::qemu_io(&img, &[]);
+    let o = qdedup(["checksum".as_ref(), img.as_os_str()]);
+    assert_eq!(exit_code(&o), 1, "{}", said(&o));
+    assert!(stderr(&o).contains("lock"), "{}", said(&o));
+    // As qemu-img -U: read anyway (nothing writes it here, so the digest holds).
+    assert_eq!(qdedup_checksum(&["-U"], &img), want);
+}

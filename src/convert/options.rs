@@ -44,7 +44,7 @@ pub struct ConvertOptions {
     /// fails with [`Error::Interrupted`] and leaves no output behind.
     pub cancel: Option<Arc<AtomicBool>>,
     /// Also compute the blkhash digest of the input's guest content with this
-    /// hash function (`convert --checksum`; see [`crate::checksum`]).
+    /// hash function (`convert --checksum`; see [`crate::checksum`](mod@crate::checksum)).
     pub checksum: Option<crate::checksum::Algorithm>,
 }
 
