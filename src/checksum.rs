@@ -374,7 +374,8 @@ pub struct ChecksumReport {
     pub blocks: u64,
     /// Blocks known to be zeros without reading them.
     pub zero_blocks: u64,
-    /// Blocks read and hashed.
+    /// Blocks read (and hashed, except a full block that reads as zeros: it
+    /// takes the zero-block digest).
     pub hashed_blocks: u64,
     /// Blocks whose digest was reused: their bytes are host bytes an earlier
     /// block was hashed from (shared clusters of a deduplicated image).
@@ -710,10 +711,19 @@ impl Planner<'_> {
     }
 }
 
+/// How the workers hash a block.
+struct Hashing {
+    alg: Algorithm,
+    /// Block size (≤ [`MAX_BLOCK_SIZE`]).
+    block_size: usize,
+    /// The digest of a full block of zeros.
+    zero: BlockDigest,
+}
+
 /// Reads and hashes the blocks of a planned job.
 fn hash_job(
     view: &View<'_>,
-    alg: Algorithm,
+    how: &Hashing,
     job: &mut Job,
     buf: &mut Vec<u8>,
     cache: &mut Decompressed,
@@ -746,7 +756,13 @@ fn hash_job(
             }
             at += plen as usize;
         }
-        *digest = alg.hash(buf);
+        // A full block of zeros read from data (a dense raw file, zeros
+        // written into a qcow2 image): its digest is known.
+        *digest = if buf.len() == how.block_size && crate::dedup::is_zero(buf) {
+            how.zero
+        } else {
+            how.alg.hash(buf)
+        };
     }
     Ok(())
 }
@@ -830,14 +846,20 @@ fn run(view: &View<'_>, opts: &ChecksumOptions, image: String) -> Result<Checksu
     });
     let mut slots = Vec::new();
     let mut counts = Counts::default();
-    let alg = opts.algorithm;
+    let how = Hashing {
+        alg: opts.algorithm,
+        // ≤ MAX_BLOCK_SIZE: fits usize.
+        block_size: opts.block_size as usize,
+        zero: h.zero_digest(),
+    };
+    let how = &how;
     if opts.workers == 0 {
         let (mut job, mut buf, mut cache) = (Job::default(), Vec::new(), Decompressed::default());
         while planner.lock().expect("not poisoned").plan(&mut job)? {
             if cancelled(opts) {
                 return Err(Error::Interrupted);
             }
-            hash_job(view, alg, &mut job, &mut buf, &mut cache)?;
+            hash_job(view, how, &mut job, &mut buf, &mut cache)?;
             accumulate(&mut h, &job, &mut slots, &mut counts)?;
             if let Some(p) = &opts.progress {
                 p(job.end, size);
@@ -875,7 +897,7 @@ fn run(view: &View<'_>, opts: &ChecksumOptions, image: String) -> Result<Checksu
                                     break;
                                 }
                             }
-                            if let Err(e) = hash_job(view, alg, &mut job, &mut buf, &mut cache) {
+                            if let Err(e) = hash_job(view, how, &mut job, &mut buf, &mut cache) {
                                 job.error = Some(e);
                             }
                             if done_tx.send(job).is_err() {
