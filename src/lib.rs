@@ -18,6 +18,7 @@
 //! | [`compare`]`(a, b, …)` | [`CompareOptions`] | [`CompareReport`] |
 //! | [`estimate`]`(input, …)` | [`EstimateOptions`] | [`EstimateReport`] |
 //! | [`dedup`](fn@dedup)`(image, …)` | [`DedupOptions`] | [`DedupReport`] |
+//! | [`checksum`](fn@checksum)`(image, …)` | [`ChecksumOptions`] | [`ChecksumReport`] |
 //!
 //! Below them: [`convert::convert_input`] converts an input opened already (a
 //! [`source::Input`], which can wrap any [`source::Source`]), and
@@ -68,6 +69,7 @@
 #![deny(missing_docs)]
 
 pub mod check;
+pub mod checksum;
 pub mod compress;
 pub mod convert;
 pub mod dedup;
@@ -85,6 +87,7 @@ pub mod source;
 pub mod writer;
 
 pub use check::{check, CheckOptions, CheckReport};
+pub use checksum::{checksum, ChecksumOptions, ChecksumReport};
 pub use convert::{convert, ConvertOptions, ConvertReport};
 pub use error::{Error, Result};
 pub use inplace::{dedup, DedupOptions, DedupReport};

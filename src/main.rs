@@ -312,6 +312,66 @@ fn run_convert(c: &command::Convert) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `qdedup checksum`: one `DIGEST  IMAGE` line per image (as blksum and
+/// sha256sum), or a JSON list; an image that cannot be read is reported and the
+/// others are still hashed (exit 1).
+fn run_checksum(c: &command::Checksum) -> Result<ExitCode> {
+    let signals = install_signal_handlers(true);
+    let mut opts = c.opts.clone();
+    opts.cancel = Some(signals.any.clone());
+    let mut reports = Vec::new();
+    let mut failed = false;
+    for image in &c.images {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let pb = indicatif::ProgressBar::new(0);
+            pb.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template"),
+            );
+            pb
+        });
+        opts.progress = bar.clone().map(|bar| {
+            let f: Arc<ProgressFn> = Arc::new(move |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            });
+            f
+        });
+        let r = qdedup::checksum(image, &opts);
+        if let Some(pb) = bar {
+            pb.finish_and_clear();
+        }
+        match r {
+            Ok(r) => {
+                if c.report == OutputFormat::Human {
+                    outln!("{r}");
+                }
+                reports.push(r);
+            }
+            Err(qdedup::Error::Interrupted) => {
+                errln!("qdedup: interrupted");
+                return Ok(signals.exit_code());
+            }
+            Err(e) => {
+                let e =
+                    anyhow::Error::from(e).context(format!("cannot checksum {}", image.display()));
+                errln!("qdedup: error: {}", error_chain(&e));
+                failed = true;
+            }
+        }
+    }
+    if c.report == OutputFormat::Json {
+        outln!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
 /// Exit code of `qemu-img check` on an image whose format has no checks (raw).
 const CHECK_NOT_SUPPORTED: u8 = 63;
 
@@ -528,6 +588,7 @@ fn main() -> ExitCode {
         Command::Check(c) => run_check(c),
         Command::Demo(c) => run_demo(c),
         Command::Dedup(c) => run_dedup(c),
+        Command::Checksum(c) => run_checksum(c),
         Command::Info(c) => run_info(c),
         Command::Map(c) => run_map(c),
         Command::Compare(c) => Ok(run_compare(c)),

@@ -97,6 +97,17 @@ pub(crate) struct ConvertArgs {
     /// Report format.
     #[arg(long, value_enum, default_value = "human")]
     pub(crate) output: OutputFormat,
+    /// Also print the blkhash digest of the input's guest content (blake3 when
+    /// no DIGEST is given: almost free), as `qdedup checksum` prints it.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "DIGEST",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "blake3"
+    )]
+    pub(crate) checksum: Option<DigestArg>,
     #[command(flatten)]
     pub(crate) qemu: QemuImgConvertArgs,
     /// Input image.
@@ -302,6 +313,43 @@ pub(crate) struct DedupArgs {
     pub(crate) image: PathBuf,
 }
 
+/// A blkhash hash function, as `blksum -d` names it.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum DigestArg {
+    Sha256,
+    Blake3,
+}
+
+#[derive(clap::Args)]
+pub(crate) struct ChecksumArgs {
+    /// Hash function (blksum's default is sha256).
+    #[arg(short = 'd', long = "digest", value_enum, default_value = "sha256")]
+    pub(crate) digest: DigestArg,
+    /// Block size, e.g. 64k (blkhash's default; another size gives another digest).
+    #[arg(long, default_value = "64k")]
+    pub(crate) block_size: String,
+    /// Image format (probed when omitted).
+    #[arg(short = 'f', long = "format", value_enum)]
+    pub(crate) format: Option<InputFormat>,
+    /// Hash this snapshot's view instead of the active layer: ID or name (ID
+    /// first), or qemu-img's snapshot.id=ID / snapshot.name=NAME.
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    pub(crate) snapshot: Option<String>,
+    /// Open the image even if another process (a running VM) writes it, as
+    /// qemu-img's -U: take only shared locks (what is read may be inconsistent).
+    #[arg(short = 'U', long = "force-share")]
+    pub(crate) force_share: bool,
+    /// Hashing threads (default: available cores; 0 = this thread only).
+    #[arg(short = 'm', long = "workers")]
+    pub(crate) workers: Option<usize>,
+    /// Report format (human: `DIGEST  IMAGE` lines, as blksum and sha256sum).
+    #[arg(long, value_enum, default_value = "human")]
+    pub(crate) output: OutputFormat,
+    /// Images.
+    #[arg(required = true)]
+    pub(crate) images: Vec<PathBuf>,
+}
+
 #[derive(Subcommand)]
 pub(crate) enum Cmd {
     /// Convert an image to a deduplicated qcow2 v3 image.
@@ -320,6 +368,10 @@ pub(crate) enum Cmd {
     /// Deduplicate a qcow2 image in place: identical clusters of the active layer
     /// share one host cluster, the others are freed (crash-safe; QEMU's write lock).
     Dedup(DedupArgs),
+    /// Print blkhash digests of the images' guest content, as blksum does
+    /// (`DIGEST  IMAGE`); a qcow2 image and a raw image with the same content
+    /// have the same digest.
+    Checksum(ChecksumArgs),
     /// Generate a sample disk image, convert it and verify the result with qemu-img.
     Demo {
         /// Size of the sample image, e.g. 256M.

@@ -18,6 +18,9 @@ use super::args::{
     BackingChain, CheckArgs, Cli, Cmd, CompareArgs, ConvertArgs, DedupArgs, EstimateArgs,
     ImageArgs, InfoArgs, InputFormat, MapArgs, RepairArg,
 };
+use super::args::{ChecksumArgs, DigestArg};
+use qdedup::checksum::Algorithm;
+use qdedup::ChecksumOptions;
 
 /// A subcommand with its options validated.
 pub(crate) enum Command {
@@ -29,6 +32,7 @@ pub(crate) enum Command {
     Check(Check),
     Demo(Demo),
     Dedup(Dedup),
+    Checksum(Checksum),
     /// `-o help` (convert, estimate): list the `-o` options and stop.
     ImageOptionsHelp,
 }
@@ -95,6 +99,14 @@ pub(crate) struct Dedup {
     pub(crate) report: OutputFormat,
 }
 
+/// `qdedup checksum`.
+pub(crate) struct Checksum {
+    pub(crate) images: Vec<PathBuf>,
+    /// Everything but `progress` and `cancel`, which belong to the terminal.
+    pub(crate) opts: ChecksumOptions,
+    pub(crate) report: OutputFormat,
+}
+
 /// `qdedup demo`.
 pub(crate) struct Demo {
     /// Bytes of the sample disk.
@@ -121,6 +133,7 @@ impl Command {
             },
             Cmd::Check(a) => Command::Check(check(a)?),
             Cmd::Dedup(a) => Command::Dedup(dedup(a)?),
+            Cmd::Checksum(a) => Command::Checksum(checksum(a)?),
             Cmd::Demo { size, keep } => Command::Demo(Demo {
                 size: parse_size(&size)?,
                 size_text: size,
@@ -252,6 +265,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         opts.sparse_size = Some(parse_size(s)?);
     }
     opts.salvage = a.qemu.salvage;
+    opts.checksum = a.checksum.map(algorithm);
     opts.validate()?;
     opts.input = OpenOptions {
         format: input_format(a.format),
@@ -387,6 +401,37 @@ fn dedup(a: DedupArgs) -> Result<Dedup> {
             sync: !a.no_sync,
             cancel: None,
         },
+        report: a.output,
+    })
+}
+
+fn algorithm(d: DigestArg) -> Algorithm {
+    match d {
+        DigestArg::Sha256 => Algorithm::Sha256,
+        DigestArg::Blake3 => Algorithm::Blake3,
+    }
+}
+
+fn checksum(a: ChecksumArgs) -> Result<Checksum> {
+    let block_size = parse_size(&a.block_size)?;
+    qdedup::checksum::check_block_size(block_size)?;
+    let mut opts = ChecksumOptions {
+        algorithm: algorithm(a.digest),
+        block_size,
+        input: OpenOptions {
+            format: input_format(a.format),
+            snapshot: a.snapshot,
+            force_share: a.force_share,
+            ..OpenOptions::default()
+        },
+        ..ChecksumOptions::default()
+    };
+    if let Some(w) = a.workers {
+        opts.workers = w;
+    }
+    Ok(Checksum {
+        images: a.images,
+        opts,
         report: a.output,
     })
 }

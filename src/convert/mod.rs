@@ -130,6 +130,13 @@ pub struct ConvertReport {
     /// Input ranges that could not be read and were converted as zeros
     /// (`--salvage`), in guest order.
     pub salvaged: Vec<SalvagedRange>,
+    /// `--checksum`: the blkhash digest of the input's guest content in hex
+    /// (what `qdedup checksum` prints for the input and for the output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// The hash function of `checksum` ("blake3" or "sha256").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum_algorithm: Option<String>,
 }
 
 /// A range of the input `--salvage` converted as zeros.
@@ -241,6 +248,9 @@ impl std::fmt::Display for ConvertReport {
                 )?;
             }
         }
+        if let (Some(c), Some(a)) = (&self.checksum, &self.checksum_algorithm) {
+            write!(f, "\nchecksum:          {c} ({a}, blkhash)")?;
+        }
         for n in &self.notes {
             write!(f, "\nnote: {n}")?;
         }
@@ -331,6 +341,9 @@ pub struct ConvertStats {
     pub bytes_read: u64,
     /// Heap bytes of the dedup index at the end.
     pub index_bytes: u64,
+    /// The blkhash digest of the input's guest content, when
+    /// [`ConvertOptions::checksum`] asked for it.
+    pub checksum: Option<crate::checksum::BlockDigest>,
 }
 
 /// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
@@ -398,6 +411,12 @@ pub fn convert_salvaging_to(
         .backing(backing.map(|b| b.name.clone()))
         .create(out)?;
     let compress = w.compressor();
+    let mut sum = opts
+        .checksum
+        .map(|alg| {
+            crate::checksum::ConvertChecksum::new(alg, opts.cluster_size(), src.virtual_size())
+        })
+        .transpose()?;
     let overlay = pipeline::Overlay {
         backing: backing.map(|b| b.source.as_ref()),
         zero_flag: opts.qcow2_version >= 3,
@@ -408,6 +427,9 @@ pub fn convert_salvaging_to(
     let zero = pipeline::zero_hash(opts.cluster_size());
     let (mut backing_clusters, mut zero_data_clusters) = (0u64, 0u64);
     let bytes_read = pipeline::run_overlay(src, &overlay, opts, compress.as_deref(), &mut |b| {
+        if let Some(sum) = &mut sum {
+            sum.batch(b)?;
+        }
         for k in &b.kinds {
             match k {
                 Kind::Backing => backing_clusters += 1,
@@ -435,6 +457,7 @@ pub fn convert_salvaging_to(
                 writer: stats,
                 bytes_read: bytes_read.source,
                 index_bytes,
+                checksum: sum.map(crate::checksum::ConvertChecksum::finish),
             },
             backing_clusters,
             backing_bytes_read: bytes_read.backing,
@@ -641,6 +664,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
                         writer: stats,
                         bytes_read,
                         index_bytes,
+                        checksum,
                     },
                 backing_clusters,
                 backing_bytes_read,
@@ -761,5 +785,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         backing_bytes_read,
         zero_data_clusters,
         salvaged,
+        checksum: checksum.as_ref().map(crate::checksum::to_hex),
+        checksum_algorithm: checksum.and(opts.checksum).map(|a| a.name().to_string()),
     })
 }

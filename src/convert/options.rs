@@ -64,6 +64,9 @@ pub struct ConvertOptions {
     /// compressed stream) is converted as zeros and listed in the report,
     /// instead of failing the conversion.
     pub salvage: bool,
+    /// Also compute the blkhash digest of the input's guest content with this
+    /// hash function (`convert --checksum`; see [`crate::checksum`](mod@crate::checksum)).
+    pub checksum: Option<crate::checksum::Algorithm>,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -84,6 +87,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("qcow2_version", &self.qcow2_version)
             .field("sparse_size", &self.sparse_size)
             .field("salvage", &self.salvage)
+            .field("checksum", &self.checksum)
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +113,7 @@ impl Default for ConvertOptions {
             qcow2_version: 3,
             sparse_size: None,
             salvage: false,
+            checksum: None,
         }
     }
 }

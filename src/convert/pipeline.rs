@@ -525,6 +525,9 @@ fn run_sequential_overlay(
         }
         process(&mut batch, cs as usize, compress, claims.as_ref());
         allocate_zeros(&mut batch, overlay, cs);
+        if let Some(alg) = opts.checksum {
+            crate::checksum::block_digests(alg, &mut batch, cs, total);
+        }
         deliver(&batch)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
@@ -616,6 +619,9 @@ fn run_pipelined_overlay(
                             Ok(()) => {
                                 process(&mut b, cs as usize, compress, claims);
                                 allocate_zeros(&mut b, overlay, cs);
+                                if let Some(alg) = opts.checksum {
+                                    crate::checksum::block_digests(alg, &mut b, cs, total);
+                                }
                             }
                             Err(e) => b.error = Some(e),
                         }

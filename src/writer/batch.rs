@@ -77,6 +77,10 @@ pub struct Batch {
     /// Ranges of the source that could not be read and were converted as zeros
     /// (`--salvage`): guest offset, length, the first error.
     pub(crate) salvaged: Vec<(u64, u64, String)>,
+    /// `convert --checksum`: the digests of the whole 64 KiB blocks inside the
+    /// batch, where the cluster hashes are not them
+    /// ([`crate::checksum::block_digests`]).
+    pub block_digests: Vec<crate::checksum::BlockDigest>,
 }
 
 impl Batch {
