@@ -249,15 +249,61 @@ impl ContentSample {
         ContentSample { threshold, seed }
     }
 
-    /// Whether the content hashing to `h` is in the sample (splitmix64 of the
-    /// content hash's first word and the seed: one pseudo-random draw per content).
-    fn contains(&self, h: &Hash) -> bool {
+    /// The content's pseudo-random draw: splitmix64 of the content hash's first
+    /// word and the seed.
+    fn draw(&self, h: &Hash) -> u64 {
         let w = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
         let mut z = w ^ self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        self.threshold == u64::MAX || z < self.threshold
+        z ^ (z >> 31)
+    }
+}
+
+/// The fewest distinct contents the sampled estimate compresses per cluster
+/// size (all of them if there are fewer): below about a thousand the estimate
+/// of a few-content image (a well-deduplicated one at 64 KiB clusters) is off
+/// by more than 5%.
+const MIN_SAMPLED: usize = 1024;
+
+/// The sample of one cluster size: the contents whose draw is under `p · 2^64`
+/// or among the [`MIN_SAMPLED`] smallest draws (bottom-k sampling, streamed: a
+/// content is compressed if its draw is under the threshold so far, which only
+/// falls, and dropped at the end if it is not under the final one; so the final
+/// sample is exactly the contents under the final threshold, as if it had been
+/// known from the start).
+#[derive(Default)]
+struct Floor {
+    /// The smallest draws of the stored copies so far (a max-heap).
+    smallest: std::collections::BinaryHeap<u64>,
+}
+
+impl Floor {
+    /// The largest draw the floor keeps in the sample (everything while fewer
+    /// than [`MIN_SAMPLED`] contents were seen).
+    fn threshold(&self) -> u64 {
+        if self.smallest.len() < MIN_SAMPLED {
+            u64::MAX
+        } else {
+            self.smallest.peek().copied().unwrap_or(u64::MAX)
+        }
+    }
+
+    /// A new stored copy's draw.
+    fn add(&mut self, z: u64) {
+        if self.smallest.len() < MIN_SAMPLED {
+            self.smallest.push(z);
+        } else if self.smallest.peek().is_some_and(|&m| z < m) {
+            self.smallest.pop();
+            self.smallest.push(z);
+        }
+    }
+}
+
+impl ContentSample {
+    /// Whether a content with draw `z` is in the sample so far, given the floor.
+    fn admits(&self, z: u64, floor: &Floor) -> bool {
+        self.threshold == u64::MAX || z < self.threshold || z <= floor.threshold()
     }
 }
 
@@ -354,9 +400,13 @@ struct SizeState<'a> {
     sample: Option<ContentSample>,
     stats: SampleStats,
     /// Sampling: every stored copy in the writer's order, as its covariate and,
-    /// for sampled contents, its stored bytes ([`UNSAMPLED`] otherwise); 8
-    /// bytes per stored copy.
+    /// for sampled contents, its stored bytes ([`UNSAMPLED`] otherwise); with
+    /// `stored_draws`, 16 bytes per stored copy.
     stored_seq: Vec<(f32, u32)>,
+    /// Sampling: the draw of each entry of `stored_seq`.
+    stored_draws: Vec<u64>,
+    /// Sampling: the bottom-k floor of this size's sample.
+    floor: Floor,
 }
 
 /// `stored_seq`'s mark of a content that was not sampled.
@@ -378,7 +428,11 @@ impl SizeState<'_> {
             self.last_l1 = Some(l1);
             self.l2_tables += 1;
         }
-        let in_sample = self.sample.is_none_or(|s| s.contains(&hash));
+        let draw = self.sample.map(|s| s.draw(&hash));
+        let in_sample = match (self.sample, draw) {
+            (Some(s), Some(z)) => s.admits(z, &self.floor),
+            _ => true,
+        };
         // The compression outcome of this content (computed once); contents out
         // of the sample are not compressed (the writers store them plain).
         let outcome: Option<Option<u32>> = match &self.compressor {
@@ -432,9 +486,40 @@ impl SizeState<'_> {
                     _ => UNSAMPLED,
                 };
                 self.stored_seq.push((entropy_size(data) as f32, y));
+                let z = draw.unwrap_or(0);
+                self.stored_draws.push(z);
+                self.floor.add(z);
             }
         }
         Ok(())
+    }
+
+    /// `stored_seq` with the final sample: a content compressed while the
+    /// floor's threshold was higher, whose draw is not under the final
+    /// threshold, is marked [`UNSAMPLED`] again.
+    fn final_sample(&self) -> Vec<(f32, u32)> {
+        let Some(sample) = self.sample else {
+            return self.stored_seq.clone();
+        };
+        self.stored_seq
+            .iter()
+            .zip(&self.stored_draws)
+            .map(|(&(x, y), &z)| {
+                if y == UNSAMPLED || sample.admits(z, &self.floor) {
+                    (x, y)
+                } else {
+                    (x, UNSAMPLED)
+                }
+            })
+            .collect()
+    }
+
+    /// Sampled contents in the final sample.
+    fn sampled(&self) -> u64 {
+        self.final_sample()
+            .iter()
+            .filter(|&&(_, y)| y != UNSAMPLED)
+            .count() as u64
     }
 
     /// Adds primary cluster `g` (of `pcs` bytes) to the cluster being assembled.
@@ -613,10 +698,11 @@ fn from_sample(
         let data = data.max(0.0).ceil() as u64;
         (d.file_size + layout(data)).saturating_sub(layout(d.host_data_clusters))
     };
+    let seq = st.final_sample();
     let (est, lo, hi) = if s.contents == 0 {
         // Nothing sampled: anywhere between no data and all of it plain.
         (resize(stored), resize(0.0), resize(stored))
-    } else if let Some((data, half)) = model_assisted(&st.stored_seq, cs, stored) {
+    } else if let Some((data, half)) = model_assisted(&seq, cs, stored) {
         (resize(data), resize(data - half), resize(data + half + 1.0))
     } else {
         // Data clusters per stored content: those each sampled content added
@@ -763,6 +849,8 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             sample,
             stats: SampleStats::default(),
             stored_seq: Vec::new(),
+            stored_draws: Vec::new(),
+            floor: Floor::default(),
         });
     }
     // Exact mode, uncompressed, clusters under 4 KiB: replay qemu-img's writes.
@@ -845,7 +933,7 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
             )
         };
         if st.cb == copts.cluster_bits {
-            primary_sampled = st.stats.contents;
+            primary_sampled = if sample.is_some() { st.sampled() } else { 0 };
         }
         table.push(r);
     }
@@ -893,7 +981,7 @@ impl std::fmt::Display for EstimateReport {
                 writeln!(
                     f,
                     "sampled: {} distinct contents of {} compressed (contents hashing into \
-                     {:.2}%, seed {}); compressed sizes are estimates",
+                     {:.2}%, at least {MIN_SAMPLED}, seed {}); compressed sizes are estimates",
                     s.units_sampled,
                     super::info::human_size(s.unit),
                     100.0 * s.fraction,
