@@ -94,6 +94,16 @@ pub trait WriteAt: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+    /// Reads back `buf.len()` bytes written at `offset` (the writer's
+    /// `--verify` and its final pass over early-written L2 tables). The default
+    /// cannot: it fails with [`io::ErrorKind::Unsupported`].
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _ = (buf, offset);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this output cannot be read back",
+        ))
+    }
 }
 
 impl ReadAt for File {
@@ -127,6 +137,9 @@ impl WriteAt for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
     }
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
         // Unwritten extents reserved in one call: writing into them skips the
@@ -250,5 +263,8 @@ impl WriteAt for MemFile {
         let len = usize::try_from(len).map_err(io::Error::other)?;
         self.data.lock().expect("not poisoned").resize(len, 0);
         Ok(())
+    }
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
     }
 }

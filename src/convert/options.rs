@@ -43,6 +43,9 @@ pub struct ConvertOptions {
     /// Set from outside (e.g. a Ctrl-C handler) to stop the conversion: it then
     /// fails with [`Error::Interrupted`] and leaves no output behind.
     pub cancel: Option<Arc<AtomicBool>>,
+    /// Compare bytes before sharing a copy the dedup index found (read back
+    /// from the output; default false: a match is trusted on 96 bits of BLAKE3).
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -58,6 +61,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("max_in_flight", &self.max_in_flight)
             .field("sync", &self.sync)
             .field("force", &self.force)
+            .field("verify", &self.verify)
             .finish_non_exhaustive()
     }
 }
@@ -78,6 +82,7 @@ impl Default for ConvertOptions {
             force: false,
             progress: None,
             cancel: None,
+            verify: false,
         }
     }
 }

@@ -55,7 +55,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::compress::CompressFn;
-use crate::dedup::{DedupIndex, Hash, Target};
+use crate::dedup::{is_zero, DedupIndex, Hash, Target};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
 use crate::format::extensions::{self, QCOW2_EXT_MAGIC_FEATURE_TABLE};
@@ -128,6 +128,9 @@ pub struct WriterStats {
     /// Compressions the incompressibility probe skipped (the writer's and the
     /// pipeline workers' together: they share one compressor).
     pub probe_skipped: u64,
+    /// With [`WriterBuilder::verify`]: index matches whose bytes differed (a
+    /// fingerprint collision); each got its own copy.
+    pub verify_mismatches: u64,
 }
 
 /// Where [`ImageWriter::finish`] puts the metadata, in clusters: after the data come
@@ -222,6 +225,7 @@ pub struct WriterBuilder {
     compression_level: Option<i32>,
     compress_probe: bool,
     dedup: bool,
+    verify: bool,
 }
 
 impl WriterBuilder {
@@ -236,6 +240,7 @@ impl WriterBuilder {
             compression_level: None,
             compress_probe: true,
             dedup: true,
+            verify: false,
         }
     }
 
@@ -284,6 +289,17 @@ impl WriterBuilder {
         self
     }
 
+    /// Before sharing a copy the index found, read it back from the output and
+    /// compare bytes (decompressing a compressed copy), like ZFS's
+    /// `dedup=verify` (default off: a match is trusted on 96 bits of BLAKE3,
+    /// docs/format.md). A mismatch gets its own copy. The output must be readable
+    /// ([`WriteAt::read_back`]).
+    #[must_use]
+    pub fn verify(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
+    }
+
     /// Checks the settings and creates the writer over `out`, a fresh, empty file.
     pub fn create<'a>(&self, out: &'a dyn WriteAt) -> Result<ImageWriter<'a>> {
         let cs = self.cluster_size;
@@ -315,7 +331,7 @@ impl WriterBuilder {
                 Arc::clone(&skipped),
             )
         });
-        ImageWriter::new(
+        let mut w = ImageWriter::new(
             out,
             virtual_size,
             cluster_bits,
@@ -324,7 +340,9 @@ impl WriterBuilder {
             self.compression,
             compressor,
             skipped,
-        )
+        )?;
+        w.verify = self.verify;
+        Ok(w)
     }
 }
 
@@ -341,6 +359,8 @@ pub struct ImageWriter<'a> {
     compressor: Option<Arc<CompressFn>>,
     probe_skipped: Arc<AtomicU64>,
     dedup: bool,
+    /// Compare bytes before sharing (see [`WriterBuilder::verify`]).
+    verify: bool,
     max_ref: u64,
     index: DedupIndex,
     /// Refcount of each host cluster; index 0 is the header.
@@ -360,6 +380,8 @@ pub struct ImageWriter<'a> {
     ctail: Option<u64>,
     wbuf: Vec<u8>,
     wbuf_off: u64,
+    /// End of the furthest byte handed to `push_bytes`.
+    bytes_end: u64,
     run: Option<(u64, std::ops::Range<usize>)>,
     stats: WriterStats,
 }
@@ -404,6 +426,7 @@ impl<'a> ImageWriter<'a> {
             compressor,
             probe_skipped,
             dedup,
+            verify: false,
             max_ref: refcount::max_refcount(refcount_order).min(u64::from(u32::MAX)),
             index: DedupIndex::new(),
             refcounts: vec![1],
@@ -417,6 +440,7 @@ impl<'a> ImageWriter<'a> {
             ctail: None,
             wbuf: Vec::new(),
             wbuf_off: 0,
+            bytes_end: 0,
             run: None,
             stats: WriterStats::default(),
         })
@@ -581,8 +605,16 @@ impl<'a> ImageWriter<'a> {
         i: usize,
     ) -> Result<u64> {
         if self.dedup {
-            match self.index.lookup(&hash) {
-                Some(Target::Cluster(h)) => {
+            let found = match self.index.lookup(&hash) {
+                Some(t) if self.verify && !self.same_bytes(t, cdata, batch)? => {
+                    self.stats.verify_mismatches += 1;
+                    None
+                }
+                found => found,
+            };
+            match found.map(|t| L2Entry::decode(t, self.cluster_bits, false)) {
+                Some(L2Entry::Normal { offset, .. }) => {
+                    let h = offset >> self.cluster_bits;
                     let rc = &mut self.refcounts[h as usize];
                     if u64::from(*rc) < self.max_ref {
                         *rc += 1;
@@ -591,10 +623,7 @@ impl<'a> ImageWriter<'a> {
                     }
                     self.stats.saturation_copies += 1;
                 }
-                Some(Target::Compressed { offset, len }) => {
-                    let desc =
-                        CompressedDescriptor::for_stream(offset, u64::from(len), self.cluster_bits)
-                            .expect("descriptor was valid when the stream was placed");
+                Some(L2Entry::Compressed { desc, .. }) => {
                     let (a, b) = desc.clusters(self.cluster_bits);
                     if (a..=b).all(|c| u64::from(self.refcounts[c as usize]) < self.max_ref) {
                         for c in a..=b {
@@ -610,7 +639,7 @@ impl<'a> ImageWriter<'a> {
                     }
                     self.stats.saturation_copies += 1;
                 }
-                None => {}
+                _ => {}
             }
         }
         self.stats.unique_clusters += 1;
@@ -637,7 +666,7 @@ impl<'a> ImageWriter<'a> {
         self.refcounts[h as usize] = 1;
         self.push_run(h, i, batch)?;
         if self.dedup {
-            self.index.insert(hash, Target::Cluster(h));
+            self.index.insert(hash, h << self.cluster_bits);
         }
         Ok(h << self.cluster_bits)
     }
@@ -698,17 +727,45 @@ impl<'a> ImageWriter<'a> {
         self.stats.compressed_bytes += len;
         self.flush_run(batch)?;
         self.push_bytes(s, off)?;
-        Ok((
-            L2Entry::Compressed {
-                desc,
-                copied: false,
+        let entry = L2Entry::Compressed {
+            desc,
+            copied: false,
+        }
+        .encode(self.cluster_bits);
+        Ok((entry, entry))
+    }
+
+    /// Whether the copy at `target` (an L2 entry) holds `data`: read back from
+    /// the output after writing out what is still buffered, decompressed where
+    /// compressed.
+    fn same_bytes(&mut self, target: Target, data: &[u8], batch: &[u8]) -> Result<bool> {
+        let cb = self.cluster_bits;
+        self.flush_run(batch)?;
+        self.flush_wbuf()?;
+        let read = |buf: &mut [u8], off: u64| {
+            self.out
+                .read_back(buf, off)
+                .ctx(|| format!("cannot read back the output at offset {off:#x} (--verify)"))
+        };
+        let mut got = vec![0u8; self.cs() as usize];
+        match L2Entry::decode(target, cb, false) {
+            L2Entry::Normal { offset, .. } => read(&mut got, offset)?,
+            L2Entry::Compressed { desc, .. } => {
+                // The descriptor's sector range may run past the end of what is
+                // written (the last stream's sector padding): read what there is.
+                let end = self.bytes_end;
+                let len = desc.read_len().min(end.saturating_sub(desc.host_offset));
+                let mut stream = vec![0u8; len as usize];
+                read(&mut stream, desc.host_offset)?;
+                let codec = self.compression.unwrap_or(CompressionType::Zlib);
+                if crate::compress::decompress(codec, &stream, &mut got).is_err() {
+                    return Ok(false);
+                }
             }
-            .encode(self.cluster_bits),
-            Target::Compressed {
-                offset: off,
-                len: s.len() as u32,
-            },
-        ))
+            _ => return Ok(false),
+        }
+        // The last cluster of a disk may be shorter: the rest reads as zeros.
+        Ok(got.get(..data.len()) == Some(data) && is_zero(&got[data.len()..]))
     }
 
     /// Extends the pending run of plain clusters written straight from the batch.
@@ -733,6 +790,7 @@ impl<'a> ImageWriter<'a> {
     }
 
     fn push_bytes(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        self.bytes_end = self.bytes_end.max(off + bytes.len() as u64);
         if !self.wbuf.is_empty() && self.wbuf_off + self.wbuf.len() as u64 != off {
             self.flush_wbuf()?;
         }
@@ -898,5 +956,96 @@ impl<'a> ImageWriter<'a> {
         self.stats.file_size = total << cb;
         self.stats.probe_skipped = self.probe_skipped.load(Ordering::Relaxed);
         Ok(self.stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::hash_cluster;
+    use crate::io::MemFile;
+    use crate::source::{Qcow2Source, Source};
+
+    const CS: usize = 4096;
+
+    /// Two different clusters handed to the writer under one hash (a forced
+    /// fingerprint collision); returns the image's two guest clusters as read
+    /// back and the writer's counters.
+    fn collide(verify: bool, codec: Option<CompressionType>) -> ([Vec<u8>; 2], WriterStats) {
+        let a: Vec<u8> = (0..CS).map(|i| b"first content "[i % 14]).collect();
+        let b: Vec<u8> = (0..CS).map(|i| b"other bytes! "[i % 13]).collect();
+        let hash = hash_cluster(&a);
+        let data = [a.as_slice(), b.as_slice()].concat();
+        let out = MemFile::new(Vec::new());
+        let mut w = WriterBuilder::new(2 * CS as u64)
+            .cluster_size(CS as u64)
+            .compression(codec)
+            .verify(verify)
+            .create(&out)
+            .unwrap();
+        let cluster = |d| ClusterIn::Data {
+            hash,
+            data: d,
+            stream: Stream::NotTried,
+        };
+        w.accept(0, &data, [cluster(&data[..CS]), cluster(&data[CS..])])
+            .unwrap();
+        w.next_guest = 2;
+        let stats = w.finish().unwrap();
+        let img = Qcow2Source::from_reader(Box::new(MemFile::new(out.contents())), None).unwrap();
+        let read = |g: u64| {
+            let mut buf = vec![0u8; CS];
+            img.read_at(&mut buf, g * CS as u64).unwrap();
+            buf
+        };
+        let got = [read(0), read(1)];
+        assert_eq!(got[0], a);
+        (got, stats)
+    }
+
+    #[test]
+    fn a_fingerprint_collision_shares_the_wrong_copy_without_verify() {
+        for codec in [None, Some(CompressionType::Zlib)] {
+            let (got, stats) = collide(false, codec);
+            assert_eq!(got[1], got[0], "{codec:?}");
+            assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (1, 1));
+            assert_eq!(stats.verify_mismatches, 0);
+        }
+    }
+
+    #[test]
+    fn verify_stores_a_colliding_content_as_its_own_copy() {
+        for codec in [
+            None,
+            Some(CompressionType::Zlib),
+            Some(CompressionType::Zstd),
+        ] {
+            let (got, stats) = collide(true, codec);
+            let b: Vec<u8> = (0..CS).map(|i| b"other bytes! "[i % 13]).collect();
+            assert_eq!(got[1], b, "{codec:?}");
+            assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (2, 0));
+            assert_eq!(stats.verify_mismatches, 1);
+            assert_eq!(
+                stats.compressed_clusters,
+                if codec.is_some() { 2 } else { 0 }
+            );
+        }
+    }
+
+    #[test]
+    fn verify_still_shares_true_duplicates() {
+        let a = vec![0x5au8; CS];
+        let out = MemFile::new(Vec::new());
+        let mut w = WriterBuilder::new(3 * CS as u64)
+            .cluster_size(CS as u64)
+            .verify(true)
+            .create(&out)
+            .unwrap();
+        for _ in 0..3 {
+            w.write_cluster(&a).unwrap();
+        }
+        let stats = w.finish().unwrap();
+        assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (1, 2));
+        assert_eq!(stats.verify_mismatches, 0);
     }
 }
