@@ -13,7 +13,7 @@
 //! |----------|---------|---------------------------------------------------------------|
 //! | `hi`     | 8 bytes | bytes 0..8 of the BLAKE3 hash, keyed (0: the slot is empty)   |
 //! | `lo`     | 4 bytes | bytes 8..12 of the hash                                       |
-//! | `target` | 8 bytes | the shareable copy, as its L2 entry ([`Target`])              |
+//! | `target` | 8 bytes | the shareable copy ([`Target`])                               |
 //!
 //! A match is trusted on these **96 bits** of the hash (docs/format.md gives the
 //! bound); `--verify` compares bytes as well (the writer's business).
@@ -43,10 +43,10 @@ use std::hash::BuildHasher;
 /// A 256-bit BLAKE3 hash of a cluster's content.
 pub type Hash = [u8; 32];
 
-/// Where a content's shareable copy lives: its L2 entry as the writer encodes it
-/// ([`crate::format::l1l2::L2Entry::encode`], `QCOW_OFLAG_COPIED` clear): a host
-/// cluster's offset, or a compressed cluster descriptor with
-/// `QCOW_OFLAG_COMPRESSED`.
+/// Where a content's shareable copy lives, in 8 bytes as the writer encodes it: a
+/// compressed stream's L2 entry (descriptor with `QCOW_OFLAG_COMPRESSED`), or a
+/// plain host cluster's offset carrying, in its low `cluster_bits` bits (zero in
+/// an offset), the L2 slot of the guest cluster that first referenced it.
 pub type Target = u64;
 
 /// Tail slots added at a time when entries spill past the last home slot.

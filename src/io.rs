@@ -95,7 +95,7 @@ pub trait WriteAt: Send + Sync {
         Ok(())
     }
     /// Reads back `buf.len()` bytes written at `offset` (the writer's
-    /// `--verify` and its final pass over early-written L2 tables). The default
+    /// `--verify`; a `File` must be open for reading too). The default
     /// cannot: it fails with [`io::ErrorKind::Unsupported`].
     fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let _ = (buf, offset);

@@ -67,12 +67,6 @@ impl WriteAt for NullSink {
         self.len.store(len, Ordering::Relaxed);
         Ok(())
     }
-    /// Reads as zeros: nothing is kept (the writer's final pass over its L2
-    /// tables then changes nothing that counts).
-    fn read_back(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
-        buf.fill(0);
-        Ok(())
-    }
 }
 
 /// Options of [`estimate`].

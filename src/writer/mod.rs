@@ -32,25 +32,32 @@
 //! One writer owns the output. It takes clusters in guest order and appends every
 //! new host cluster (or compressed stream) after the previous one, so host offsets
 //! follow guest order and the output is the same whatever the number of workers.
-//! When all data is written, [`ImageWriter::finish`] lays out the metadata after the
-//! data and writes the header last:
+//! An L2 table is written into the next host cluster as soon as the writer reaches
+//! data past its guest range, so only one table is in memory. When all data is
+//! written, [`ImageWriter::finish`] writes the last table, clears COPIED in written
+//! tables whose clusters a later duplicate shared, lays out the rest of the
+//! metadata after the data and writes the header last:
 //!
 //! ```text
 //! cluster 0        header, feature-name table extension
-//! 1 ..             data clusters and compressed streams, in guest order
-//! then             L2 tables (only those with allocated entries), in L1 order
+//! 1 ..             data clusters and compressed streams, in guest order, each
+//!                  L2 table after the data of its range
 //! then             L1 table
 //! then             refcount blocks
 //! then             refcount table
 //! ```
+//!
+//! Memory does not grow with the image's size beyond the dedup index (≤ 24 bytes
+//! per stored copy), the refcounts (2 bits per host cluster, plus a map entry per
+//! cluster referenced 3 or more times) and the L1 table (8 bytes per L2 table).
 //!
 //! Refcounts are exact (the number of L2 entries referencing each host cluster,
 //! +1 per touched cluster per compressed reference) and `QCOW_OFLAG_COPIED` is set
 //! iff the refcount is 1, so `qemu-img check` finds the output clean.
 
 pub mod batch;
+mod refcounts;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -67,6 +74,7 @@ use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount;
 use crate::io::WriteAt;
 use batch::{Batch, Kind, Stream};
+use refcounts::HostRefcounts;
 
 /// Write requests smaller than this are gathered into one buffer.
 const WRITE_BUFFER: usize = 4 << 20;
@@ -78,6 +86,30 @@ const DIRECT_WRITE: usize = 256 << 10;
 /// delayed allocation block by block, and lets the file's page cache be prepared
 /// ahead of the writer.
 const PREALLOCATE_STEP: u64 = 64 << 20;
+
+/// COPIED fixes gathered before they are written (16 bytes each).
+const COPIED_FIXES: usize = 4096;
+
+/// A shareable copy as the dedup index holds it ([`Target`]): a compressed
+/// stream's L2 entry (`QCOW_OFLAG_COMPRESSED` set), or a plain host cluster's
+/// offset with, in its low `cluster_bits` bits (zero in an offset), the L2 slot
+/// of the guest cluster that first referenced it.
+enum Copy {
+    Plain { host: u64, slot: u64 },
+    Compressed(CompressedDescriptor),
+}
+
+impl Copy {
+    fn decode(t: Target, cluster_bits: u32) -> Self {
+        match L2Entry::decode(t, cluster_bits, false) {
+            L2Entry::Compressed { desc, .. } => Copy::Compressed(desc),
+            _ => Copy::Plain {
+                host: t >> cluster_bits,
+                slot: t & ((1 << cluster_bits) - 1),
+            },
+        }
+    }
+}
 
 /// What the writer gets for one guest cluster.
 #[derive(Debug, Clone, Copy)]
@@ -133,9 +165,11 @@ pub struct WriterStats {
     pub verify_mismatches: u64,
 }
 
-/// Where [`ImageWriter::finish`] puts the metadata, in clusters: after the data come
-/// the L2 tables, the L1 table, the refcount blocks and the refcount table. The
-/// one home of this arithmetic (`estimate` predicts sizes with it).
+/// Where the metadata goes, in clusters: after the data (`data_end`) come the
+/// `l2_tables` L2 tables, the L1 table, the refcount blocks and the refcount
+/// table. The writer places its L2 tables among the data and calls this with
+/// them counted in `data_end` and `l2_tables` 0; the total is the same either
+/// way. The one home of this arithmetic (`estimate` predicts sizes with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetadataLayout {
     /// Clusters of the L1 table (0 for an empty disk).
@@ -364,9 +398,23 @@ pub struct ImageWriter<'a> {
     max_ref: u64,
     index: DedupIndex,
     /// Refcount of each host cluster; index 0 is the header.
-    refcounts: Vec<u32>,
-    /// L2 tables by L1 index (raw entries, COPIED not yet set).
-    l2: BTreeMap<u64, Box<[u64]>>,
+    refcounts: HostRefcounts,
+    /// The L1 index of the L2 table being filled, if any (clusters come in
+    /// guest order: once the writer passes a table's range, it is written).
+    l2_cur: Option<u64>,
+    /// Its entries (raw, COPIED not yet set).
+    l2_table: Vec<u64>,
+    /// The L1 table: the L2 tables written so far (entries with COPIED).
+    l1: Vec<u64>,
+    /// L2 tables written.
+    l2_written: u64,
+    /// Host clusters below this one may be referenced from a written L2 table.
+    l2_watermark: u64,
+    /// Host cluster of each L2 table written, in order (increasing).
+    l2_hosts: Vec<u64>,
+    /// Entries of written tables whose cluster a later duplicate shared (refcount
+    /// 1 → 2): (byte offset of the entry, host cluster); COPIED is cleared there.
+    copied_fixes: Vec<(u64, u64)>,
     l2_entries: u64,
     l1_size: u64,
     next_cluster: u64,
@@ -429,8 +477,20 @@ impl<'a> ImageWriter<'a> {
             verify: false,
             max_ref: refcount::max_refcount(refcount_order).min(u64::from(u32::MAX)),
             index: DedupIndex::new(),
-            refcounts: vec![1],
-            l2: BTreeMap::new(),
+            refcounts: {
+                let mut r = HostRefcounts::default();
+                r.extend_to(1);
+                r.set(0, 1);
+                r
+            },
+            l2_cur: None,
+            l2_table: Vec::new(),
+            // Zeros from the allocator: untouched pages take no memory.
+            l1: vec![0; l1_size as usize],
+            l2_written: 0,
+            l2_watermark: 0,
+            l2_hosts: Vec::new(),
+            copied_fixes: Vec::new(),
             l2_entries,
             l1_size,
             next_cluster: 1,
@@ -586,7 +646,9 @@ impl<'a> ImageWriter<'a> {
                     data: cdata,
                     stream,
                 } => {
-                    let entry = self.place(hash, cdata, stream, data, i)?;
+                    self.enter_l2(guest)?;
+                    let slot = guest % self.l2_entries;
+                    let entry = self.place(hash, cdata, stream, data, i, slot)?;
                     self.set_l2(guest, entry);
                 }
             }
@@ -603,6 +665,7 @@ impl<'a> ImageWriter<'a> {
         stream: Stream<&[u8]>,
         batch: &[u8],
         i: usize,
+        slot: u64,
     ) -> Result<u64> {
         if self.dedup {
             let found = match self.index.lookup(&hash) {
@@ -612,22 +675,25 @@ impl<'a> ImageWriter<'a> {
                 }
                 found => found,
             };
-            match found.map(|t| L2Entry::decode(t, self.cluster_bits, false)) {
-                Some(L2Entry::Normal { offset, .. }) => {
-                    let h = offset >> self.cluster_bits;
-                    let rc = &mut self.refcounts[h as usize];
-                    if u64::from(*rc) < self.max_ref {
-                        *rc += 1;
+            match found.map(|t| Copy::decode(t, self.cluster_bits)) {
+                Some(Copy::Plain {
+                    host: h,
+                    slot: first,
+                }) => {
+                    if self.refcounts.get(h) < self.max_ref {
+                        if self.refcounts.add(h) == 1 && h < self.l2_watermark {
+                            self.clear_copied(h, first)?;
+                        }
                         self.stats.duplicate_clusters += 1;
                         return Ok(h << self.cluster_bits);
                     }
                     self.stats.saturation_copies += 1;
                 }
-                Some(L2Entry::Compressed { desc, .. }) => {
+                Some(Copy::Compressed(desc)) => {
                     let (a, b) = desc.clusters(self.cluster_bits);
-                    if (a..=b).all(|c| u64::from(self.refcounts[c as usize]) < self.max_ref) {
+                    if (a..=b).all(|c| self.refcounts.get(c) < self.max_ref) {
                         for c in a..=b {
-                            self.refcounts[c as usize] += 1;
+                            self.refcounts.add(c);
                         }
                         self.stats.duplicate_clusters += 1;
                         self.stats.compressed_references += 1;
@@ -639,7 +705,7 @@ impl<'a> ImageWriter<'a> {
                     }
                     self.stats.saturation_copies += 1;
                 }
-                _ => {}
+                None => {}
             }
         }
         self.stats.unique_clusters += 1;
@@ -663,10 +729,11 @@ impl<'a> ImageWriter<'a> {
             return Ok(entry);
         }
         let h = self.alloc_clusters(1)?;
-        self.refcounts[h as usize] = 1;
+        self.refcounts.set(h, 1);
         self.push_run(h, i, batch)?;
         if self.dedup {
-            self.index.insert(hash, h << self.cluster_bits);
+            // The slot of this first reference rides in the offset's low bits.
+            self.index.insert(hash, (h << self.cluster_bits) | slot);
         }
         Ok(h << self.cluster_bits)
     }
@@ -679,7 +746,7 @@ impl<'a> ImageWriter<'a> {
                 "output image larger than 2^56 bytes".into(),
             ));
         }
-        self.refcounts.resize(self.next_cluster as usize, 0);
+        self.refcounts.extend_to(self.next_cluster);
         self.stats.host_data_clusters += n;
         Ok(h)
     }
@@ -693,7 +760,7 @@ impl<'a> ImageWriter<'a> {
         // The cluster holding the tail may already be at the maximum refcount
         // through references to earlier streams: then start a fresh cluster.
         if let Some(t) = self.ctail {
-            if u64::from(self.refcounts[(t >> self.cluster_bits) as usize]) >= self.max_ref {
+            if self.refcounts.get(t >> self.cluster_bits) >= self.max_ref {
                 self.ctail = None;
             }
         }
@@ -720,7 +787,7 @@ impl<'a> ImageWriter<'a> {
             })?;
         let (a, b) = desc.clusters(self.cluster_bits);
         for c in a..=b {
-            self.refcounts[c as usize] += 1;
+            self.refcounts.add(c);
         }
         self.stats.compressed_clusters += 1;
         self.stats.compressed_references += 1;
@@ -748,9 +815,9 @@ impl<'a> ImageWriter<'a> {
                 .ctx(|| format!("cannot read back the output at offset {off:#x} (--verify)"))
         };
         let mut got = vec![0u8; self.cs() as usize];
-        match L2Entry::decode(target, cb, false) {
-            L2Entry::Normal { offset, .. } => read(&mut got, offset)?,
-            L2Entry::Compressed { desc, .. } => {
+        match Copy::decode(target, cb) {
+            Copy::Plain { host, .. } => read(&mut got, host << cb)?,
+            Copy::Compressed(desc) => {
                 // The descriptor's sector range may run past the end of what is
                 // written (the last stream's sector padding): read what there is.
                 let end = self.bytes_end;
@@ -762,7 +829,6 @@ impl<'a> ImageWriter<'a> {
                     return Ok(false);
                 }
             }
-            _ => return Ok(false),
         }
         // The last cluster of a disk may be shorter: the rest reads as zeros.
         Ok(got.get(..data.len()) == Some(data) && is_zero(&got[data.len()..]))
@@ -838,84 +904,150 @@ impl<'a> ImageWriter<'a> {
     }
 
     fn set_l2(&mut self, guest_cluster: u64, entry: u64) {
-        let l1i = guest_cluster / self.l2_entries;
         let l2i = (guest_cluster % self.l2_entries) as usize;
-        let n = self.l2_entries as usize;
-        self.l2
-            .entry(l1i)
-            .or_insert_with(|| vec![0u64; n].into_boxed_slice())[l2i] = entry;
+        self.l2_table[l2i] = entry;
+    }
+
+    /// Makes the L2 table of `guest_cluster` the current one, writing the
+    /// previous one out first (the writer is past its range).
+    fn enter_l2(&mut self, guest_cluster: u64) -> Result<()> {
+        let l1i = guest_cluster / self.l2_entries;
+        if self.l2_cur != Some(l1i) {
+            self.write_l2()?;
+            self.l2_cur = Some(l1i);
+            self.l2_table.resize(self.l2_entries as usize, 0);
+        }
+        Ok(())
+    }
+
+    /// Writes the current L2 table into the next host cluster, COPIED set where
+    /// the refcount is 1 now (a later share is fixed by `finish`).
+    fn write_l2(&mut self) -> Result<()> {
+        let Some(l1i) = self.l2_cur.take() else {
+            return Ok(());
+        };
+        let cb = self.cluster_bits;
+        let h = self.alloc_clusters(1)?;
+        self.stats.host_data_clusters -= 1;
+        self.refcounts.set(h, 1);
+        let mut table = vec![0u8; self.cs() as usize];
+        for (slot, e) in table.chunks_exact_mut(8).zip(self.l2_table.iter_mut()) {
+            let raw = match L2Entry::decode(*e, cb, false) {
+                L2Entry::Normal { offset, .. } => L2Entry::Normal {
+                    offset,
+                    copied: self.refcounts.get(offset >> cb) == 1,
+                }
+                .encode(cb),
+                _ => *e,
+            };
+            slot.copy_from_slice(&raw.to_be_bytes());
+            *e = 0;
+        }
+        // Written on its own (not gathered with the data): one write per table.
+        self.write(&table, h << cb)?;
+        self.l1[l1i as usize] = L1Entry {
+            l2_offset: h << cb,
+            copied: true,
+        }
+        .encode();
+        self.l2_written += 1;
+        self.l2_hosts.push(h);
+        self.l2_watermark = self.next_cluster;
+        Ok(())
+    }
+
+    /// Notes that host cluster `h`, first referenced from slot `slot` of an L2
+    /// table already written, is now shared: COPIED is cleared there (in
+    /// batches of [`COPIED_FIXES`] 8-byte writes, and at the end).
+    fn clear_copied(&mut self, h: u64, slot: u64) -> Result<()> {
+        // The table written first after `h` was allocated holds its first
+        // reference (tables are written in guest order, data before them).
+        let k = self.l2_hosts.partition_point(|&t| t < h);
+        let table = self.l2_hosts[k];
+        self.copied_fixes
+            .push(((table << self.cluster_bits) + slot * 8, h));
+        if self.copied_fixes.len() >= COPIED_FIXES {
+            self.apply_copied_fixes()?;
+        }
+        Ok(())
+    }
+
+    fn apply_copied_fixes(&mut self) -> Result<()> {
+        let mut fixes = std::mem::take(&mut self.copied_fixes);
+        fixes.sort_unstable();
+        for &(at, h) in &fixes {
+            let e = L2Entry::Normal {
+                offset: h << self.cluster_bits,
+                copied: false,
+            };
+            self.write(&e.encode(self.cluster_bits).to_be_bytes(), at)?;
+        }
+        fixes.clear();
+        self.copied_fixes = fixes;
+        Ok(())
     }
 
     /// Writes the metadata and the header; returns the final counters. Clusters
     /// never given read as zeros.
     pub fn finish(mut self) -> Result<WriterStats> {
         self.flush_pending()?;
-        self.flush_wbuf()?;
         let cs = self.cs();
         let cb = self.cluster_bits;
         let data_end = self.next_cluster;
-        let n_l2 = self.l2.len() as u64;
-        let layout =
-            MetadataLayout::compute(cb, self.refcount_order, self.virtual_size, data_end, n_l2);
+        self.stats.data_end = match self.ctail {
+            Some(t) if (t >> cb) + 1 == data_end => t,
+            _ => data_end << cb,
+        };
+        self.stats.max_refcount = self.refcounts.max(1, data_end);
+        // The last L2 table, then COPIED cleared where a later duplicate shared
+        // a cluster of a table already written.
+        self.write_l2()?;
+        self.flush_wbuf()?;
+        self.apply_copied_fixes()?;
+        let layout = MetadataLayout::compute(
+            cb,
+            self.refcount_order,
+            self.virtual_size,
+            self.next_cluster,
+            0,
+        );
         layout.check(cb)?;
         let MetadataLayout {
             l1_clusters,
-            l2_start,
             l1_start,
             refblocks_start: rb_start,
             refblocks: rb,
             reftable_start: rt_start,
             reftable_clusters: rt,
             total_clusters: total,
+            ..
         } = layout;
         let epb = refcount::entries_per_block(cb, self.refcount_order);
-        self.stats.data_end = match self.ctail {
-            Some(t) if (t >> cb) + 1 == data_end => t,
-            _ => data_end << cb,
-        };
-        self.refcounts.resize(total as usize, 1);
-        self.stats.max_refcount = self.refcounts[1..data_end as usize]
-            .iter()
-            .copied()
-            .max()
-            .map_or(0, u64::from);
 
-        // L2 tables and the L1 table.
-        let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
-        let mut table = vec![0u8; cs as usize];
-        for (k, (&l1i, entries)) in self.l2.iter().enumerate() {
-            for (slot, &e) in table.chunks_exact_mut(8).zip(entries.iter()) {
-                let e = match L2Entry::decode(e, cb, false) {
-                    L2Entry::Normal { offset, .. } => L2Entry::Normal {
-                        offset,
-                        copied: self.refcounts[(offset >> cb) as usize] == 1,
-                    }
-                    .encode(cb),
-                    _ => e,
-                };
+        // The L1 table.
+        if l1_clusters > 0 {
+            let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
+            for (slot, e) in l1.chunks_exact_mut(8).zip(&self.l1) {
                 slot.copy_from_slice(&e.to_be_bytes());
             }
-            let off = (l2_start + k as u64) << cb;
-            self.write(&table, off)?;
-            let l1e = L1Entry {
-                l2_offset: off,
-                copied: true,
-            }
-            .encode();
-            l1[(l1i * 8) as usize..(l1i * 8 + 8) as usize].copy_from_slice(&l1e.to_be_bytes());
-        }
-        if l1_clusters > 0 {
             self.write(&l1, l1_start << cb)?;
         }
 
-        // Refcount blocks and table.
-        let mut blocks = vec![0u8; (rb * cs) as usize];
-        for (c, &r) in self.refcounts.iter().enumerate() {
-            let c = c as u64;
-            let b = &mut blocks[((c / epb) * cs) as usize..((c / epb + 1) * cs) as usize];
-            refcount::set(b, self.refcount_order, c % epb, u64::from(r));
+        // Refcount blocks (one at a time; the metadata after the data, L1 and
+        // refcount structures, has refcount 1) and the table.
+        let mut block = vec![0u8; cs as usize];
+        for b in 0..rb {
+            block.fill(0);
+            for c in b * epb..((b + 1) * epb).min(total) {
+                let r = if c < self.refcounts.len() {
+                    self.refcounts.get(c)
+                } else {
+                    1
+                };
+                refcount::set(&mut block, self.refcount_order, c - b * epb, r);
+            }
+            self.write(&block, (rb_start + b) << cb)?;
         }
-        self.write(&blocks, rb_start << cb)?;
         let mut reftable = vec![0u8; (rt * cs) as usize];
         for i in 0..rb {
             let off = (rb_start + i) << cb;
@@ -952,7 +1084,7 @@ impl<'a> ImageWriter<'a> {
             .set_len(total << cb)
             .ctx(|| "cannot set the output length".to_string())?;
 
-        self.stats.metadata_clusters = 1 + n_l2 + l1_clusters + rb + rt;
+        self.stats.metadata_clusters = 1 + self.l2_written + l1_clusters + rb + rt;
         self.stats.file_size = total << cb;
         self.stats.probe_skipped = self.probe_skipped.load(Ordering::Relaxed);
         Ok(self.stats)
