@@ -112,7 +112,7 @@ fn bench_index(c: &mut Criterion) {
             let mut m = DedupIndex::new();
             for (i, k) in keys.iter().enumerate() {
                 if m.lookup(k).is_none() {
-                    m.insert(*k, Target::Cluster(i as u64));
+                    m.insert(*k, (i as u64) << 16);
                 }
             }
             m.len()
@@ -123,7 +123,7 @@ fn bench_index(c: &mut Criterion) {
             let mut m: HashMap<Hash, Target> = HashMap::new();
             for (i, k) in keys.iter().enumerate() {
                 if !m.contains_key(k) {
-                    m.insert(*k, Target::Cluster(i as u64));
+                    m.insert(*k, (i as u64) << 16);
                 }
             }
             m.len()
@@ -134,7 +134,7 @@ fn bench_index(c: &mut Criterion) {
             let m: dashmap::DashMap<Hash, Target> = dashmap::DashMap::new();
             for (i, k) in keys.iter().enumerate() {
                 if !m.contains_key(k) {
-                    m.insert(*k, Target::Cluster(i as u64));
+                    m.insert(*k, (i as u64) << 16);
                 }
             }
             m.len()

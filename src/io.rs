@@ -102,6 +102,17 @@ pub trait WriteAt: Send + Sync {
         let _ = (offset, len);
         Ok(())
     }
+
+    /// Reads back `buf.len()` bytes written at `offset` (the writer's
+    /// `--verify`; a `File` must be open for reading too). The default
+    /// cannot: it fails with [`io::ErrorKind::Unsupported`].
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let _ = (buf, offset);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this output cannot be read back",
+        ))
+    }
 }
 
 impl ReadAt for File {
@@ -135,6 +146,9 @@ impl WriteAt for File {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
     }
     fn preallocate(&self, offset: u64, len: u64) -> io::Result<()> {
         // Unwritten extents reserved in one call: writing into them skips the
@@ -278,5 +292,9 @@ impl WriteAt for MemFile {
             .min(d.len());
         d[start..end].fill(0);
         Ok(())
+    }
+
+    fn read_back(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.read_exact_at(buf, offset)
     }
 }

@@ -211,6 +211,81 @@ fn overlays_hold_only_the_clusters_that_differ_from_the_base() {
 }
 
 #[test]
+fn overlays_at_small_clusters_span_many_l2_tables_and_stay_clean() {
+    // The 64 KiB changes of `base_and_new` over clusters of 512 B to 4 KiB: each
+    // change, zeroed range and filled range covers several output clusters and
+    // (at 512 B and 1 KiB, whose L2 tables cover 32 and 128 KiB) several L2
+    // tables, some holding only zero-flag entries or only unallocated ones.
+    let (base, new) = base_and_new(99, CLUSTERS);
+    // (bytes of clusters of `cs` bytes that differ from the base and are not
+    // zero, bytes of zero clusters over non-zero base data).
+    let expected_bytes = |cs: usize| {
+        let (mut data, mut zero) = (0u64, 0u64);
+        for (i, n) in new.chunks(cs).enumerate() {
+            let b = base.get(i * cs..(i + 1) * cs).unwrap_or(&[]);
+            if n == b || (b.is_empty() && n.iter().all(|x| *x == 0)) {
+                continue;
+            }
+            if n.iter().all(|x| *x == 0) {
+                zero += cs as u64;
+            } else {
+                data += cs as u64;
+            }
+        }
+        (data, zero)
+    };
+    // The same from `qemu-img map` of the overlay: its own extents.
+    let overlay_bytes = |img: &Path| {
+        let (mut data, mut zero) = (0u64, 0u64);
+        for e in qemu_map(img).as_array().expect("map array") {
+            if e["depth"] != 0 || e["present"] != true {
+                continue;
+            }
+            let n = e["length"].as_u64().unwrap();
+            if e["data"] == true {
+                data += n;
+            } else if e["zero"] == true {
+                zero += n;
+            }
+        }
+        (data, zero)
+    };
+    let dir = Scratch::new();
+    let (bpath, bfmt) = make_base(dir.path(), BaseKind::Qcow2, &base);
+    let new_raw = write_raw(dir.path(), "new.raw", &new);
+    let b = bpath.to_str().unwrap();
+    let mut cases = 0;
+    for (cs, opts) in [
+        (512, "cluster_size=512"),
+        (1024, "cluster_size=1k,refcount_bits=1"),
+        (2048, "cluster_size=2k,refcount_bits=2"),
+        (4096, "cluster_size=4k,refcount_bits=64"),
+        (4096, "cluster_size=4k,compat=0.10"),
+    ] {
+        for compress in [false, true] {
+            let ov = dir.join(format!("ov-{cases}.qcow2"));
+            let mut args = vec!["-B", b, "-F", bfmt, "-o", opts, "--verify"];
+            if compress {
+                args.push("-c");
+            }
+            let r = convert_json(&args, &new_raw, &ov);
+            assert_overlay(&ov, &new_raw, "raw", b, bfmt);
+            let (data, zero) = expected_bytes(cs);
+            assert!(data > 0 && zero > 0, "{data} {zero}");
+            // Version 2 has no zero flag: the zeros over base data are data.
+            let want = if opts.contains("compat=0.10") {
+                (data + zero, 0)
+            } else {
+                (data, zero)
+            };
+            assert_eq!(overlay_bytes(&ov), want, "{opts} -c {compress}: {r}");
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 10);
+}
+
+#[test]
 fn compressible_changes_are_stored_compressed_in_the_overlay() {
     let dir = Scratch::new();
     let base = text_bytes(3, 16 * CS);

@@ -33,12 +33,12 @@ const PINNED: &[(Mix, &[&str], &str)] = &[
     (
         Mix::MIXED,
         &["-o", "cluster_size=4k,refcount_bits=2"],
-        "ca722e8276f2f7d761fb608bcd8a113ec45efe4c24efc07d67d0b08c0f9def0f",
+        "e864087ffa797327713904923beaa5610969b86349927585fabb8356aa96d97a",
     ),
     (
         Mix::MIXED,
         &["-c", "-o", "cluster_size=512"],
-        "b1905e5a4ac9be09526e49510961528edc092762d22a28d69890eec2e76b5793",
+        "0a89e79000219a52d8bdad46935304c5cc83ff63737a3d0331db45b8ab7380b7",
     ),
     (
         SPARSE,

@@ -78,6 +78,11 @@ pub(crate) struct ConvertArgs {
     /// Store every cluster, even when its content was already written.
     #[arg(long)]
     pub(crate) no_dedup: bool,
+    /// Compare bytes before sharing a cluster with an earlier copy (read back
+    /// from the output, like ZFS's dedup=verify); without it a match is trusted
+    /// on 96 bits of BLAKE3.
+    #[arg(long)]
+    pub(crate) verify: bool,
     /// Hash/compress worker threads (default: available cores; 0 = sequential).
     #[arg(short = 'm', long = "workers")]
     pub(crate) workers: Option<usize>,

@@ -221,6 +221,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         return Ok(None);
     };
     opts.dedup = !a.no_dedup;
+    opts.verify = a.verify;
     if let Some(w) = a.workers {
         opts.workers = w;
     }

@@ -106,8 +106,13 @@ pub struct ConvertReport {
     pub dedup: bool,
     /// Compression codec, if any.
     pub compression: Option<String>,
-    /// Heap bytes of the dedup index at the end.
+    /// Heap bytes of the dedup index at the end: every slot of its table, used
+    /// or not (at most 24 per stored copy; docs/format.md).
     pub index_bytes: u64,
+    /// Whether matches were verified by comparing bytes (`--verify`).
+    pub verify: bool,
+    /// With `--verify`: matches whose bytes differed (fingerprint collisions).
+    pub verify_mismatches: u64,
     /// Remarks (e.g. sharing impossible with refcount_bits=1).
     pub notes: Vec<String>,
     /// qcow2 version of the output (3, or 2 with `compat=0.10`).
@@ -228,6 +233,21 @@ impl std::fmt::Display for ConvertReport {
             self.duplicate_percent,
             self.max_refcount
         )?;
+        writeln!(
+            f,
+            "dedup index:       {:.1} MiB ({:.1} bytes per stored copy){}",
+            mib(self.index_bytes),
+            if self.stored_copies == 0 {
+                0.0
+            } else {
+                self.index_bytes as f64 / self.stored_copies as f64
+            },
+            if self.verify {
+                format!(", verified: {} mismatches", self.verify_mismatches)
+            } else {
+                String::new()
+            }
+        )?;
         write!(
             f,
             "time:              {:.2} s, {:.0} MB/s read",
@@ -270,6 +290,7 @@ impl ConvertOptions {
             .compress_probe(self.compress_probe)
             .dedup(self.dedup)
             .version(self.qcow2_version)
+            .verify(self.verify)
     }
 }
 
@@ -774,6 +795,8 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         dedup: opts.dedup,
         compression: opts.compression.map(|c| c.name().to_string()),
         index_bytes,
+        verify: opts.verify,
+        verify_mismatches: stats.verify_mismatches,
         notes,
         qcow2_version: opts.qcow2_version,
         backing_file: backing

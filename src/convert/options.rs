@@ -67,6 +67,9 @@ pub struct ConvertOptions {
     /// Also compute the blkhash digest of the input's guest content with this
     /// hash function (`convert --checksum`; see [`crate::checksum`](mod@crate::checksum)).
     pub checksum: Option<crate::checksum::Algorithm>,
+    /// Compare bytes before sharing a copy the dedup index found (read back
+    /// from the output; default false: a match is trusted on 96 bits of BLAKE3).
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for ConvertOptions {
@@ -88,6 +91,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("sparse_size", &self.sparse_size)
             .field("salvage", &self.salvage)
             .field("checksum", &self.checksum)
+            .field("verify", &self.verify)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +118,7 @@ impl Default for ConvertOptions {
             sparse_size: None,
             salvage: false,
             checksum: None,
+            verify: false,
         }
     }
 }

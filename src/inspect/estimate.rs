@@ -825,7 +825,7 @@ pub fn estimate_source(src: &dyn Source, opts: &EstimateOptions) -> Result<Estim
     };
     let mut states = Vec::with_capacity(bits.len());
     for (&cb, (ds, ps)) in bits.iter().zip(&sinks) {
-        let w = copts.writer(vsize).cluster_size(1 << cb);
+        let w = copts.writer(vsize).cluster_size(1 << cb).verify(false);
         let writers = Some((
             w.clone().dedup(true).create(ds)?,
             w.dedup(false).create(ps)?,

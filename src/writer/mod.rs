@@ -32,32 +32,39 @@
 //! One writer owns the output. It takes clusters in guest order and appends every
 //! new host cluster (or compressed stream) after the previous one, so host offsets
 //! follow guest order and the output is the same whatever the number of workers.
-//! When all data is written, [`ImageWriter::finish`] lays out the metadata after the
-//! data and writes the header last:
+//! An L2 table is written into the next host cluster as soon as the writer reaches
+//! data past its guest range, so only one table is in memory. When all data is
+//! written, [`ImageWriter::finish`] writes the last table, clears COPIED in written
+//! tables whose clusters a later duplicate shared, lays out the rest of the
+//! metadata after the data and writes the header last:
 //!
 //! ```text
 //! cluster 0        header (v3, or v2's 72 bytes), backing-format extension
 //!                  (overlays), feature-name table extension (v3), end marker,
 //!                  backing file name (overlays)
-//! 1 ..             data clusters and compressed streams, in guest order
-//! then             L2 tables (only those with allocated entries), in L1 order
+//! 1 ..             data clusters and compressed streams, in guest order, each
+//!                  L2 table after the data of its range
 //! then             L1 table
 //! then             refcount blocks
 //! then             refcount table
 //! ```
+//!
+//! Memory does not grow with the image's size beyond the dedup index (≤ 24 bytes
+//! per stored copy), the refcounts (2 bits per host cluster, plus a map entry per
+//! cluster referenced 3 or more times) and the L1 table (8 bytes per L2 table).
 //!
 //! Refcounts are exact (the number of L2 entries referencing each host cluster,
 //! +1 per touched cluster per compressed reference) and `QCOW_OFLAG_COPIED` is set
 //! iff the refcount is 1, so `qemu-img check` finds the output clean.
 
 pub mod batch;
+mod refcounts;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::compress::CompressFn;
-use crate::dedup::{DedupIndex, Hash, Target};
+use crate::dedup::{is_zero, DedupIndex, Hash, Target};
 use crate::error::{Error, IoContext, Result};
 use crate::format::compressed::CompressedDescriptor;
 use crate::format::extensions::{
@@ -71,6 +78,7 @@ use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount;
 use crate::io::WriteAt;
 use batch::{Batch, Kind, Stream};
+use refcounts::HostRefcounts;
 
 /// Write requests smaller than this are gathered into one buffer.
 const WRITE_BUFFER: usize = 4 << 20;
@@ -82,6 +90,30 @@ const DIRECT_WRITE: usize = 256 << 10;
 /// delayed allocation block by block, and lets the file's page cache be prepared
 /// ahead of the writer.
 const PREALLOCATE_STEP: u64 = 64 << 20;
+
+/// COPIED fixes gathered before they are written (16 bytes each).
+const COPIED_FIXES: usize = 4096;
+
+/// A shareable copy as the dedup index holds it ([`Target`]): a compressed
+/// stream's L2 entry (`QCOW_OFLAG_COMPRESSED` set), or a plain host cluster's
+/// offset with, in its low `cluster_bits` bits (zero in an offset), the L2 slot
+/// of the guest cluster that first referenced it.
+enum Copy {
+    Plain { host: u64, slot: u64 },
+    Compressed(CompressedDescriptor),
+}
+
+impl Copy {
+    fn decode(t: Target, cluster_bits: u32) -> Self {
+        match L2Entry::decode(t, cluster_bits, false) {
+            L2Entry::Compressed { desc, .. } => Copy::Compressed(desc),
+            _ => Copy::Plain {
+                host: t >> cluster_bits,
+                slot: t & ((1 << cluster_bits) - 1),
+            },
+        }
+    }
+}
 
 /// What the writer gets for one guest cluster.
 #[derive(Debug, Clone, Copy)]
@@ -137,11 +169,16 @@ pub struct WriterStats {
     pub probe_skipped: u64,
     /// Guest clusters written as zero-flag entries ([`ClusterIn::ZeroFlag`]).
     pub zero_flag_clusters: u64,
+    /// With [`WriterBuilder::verify`]: index matches whose bytes differed (a
+    /// fingerprint collision); each got its own copy.
+    pub verify_mismatches: u64,
 }
 
-/// Where [`ImageWriter::finish`] puts the metadata, in clusters: after the data come
-/// the L2 tables, the L1 table, the refcount blocks and the refcount table. The
-/// one home of this arithmetic (`estimate` predicts sizes with it).
+/// Where the metadata goes, in clusters: after the data (`data_end`) come the
+/// `l2_tables` L2 tables, the L1 table, the refcount blocks and the refcount
+/// table. The writer places its L2 tables among the data and calls this with
+/// them counted in `data_end` and `l2_tables` 0; the total is the same either
+/// way. The one home of this arithmetic (`estimate` predicts sizes with it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetadataLayout {
     /// Clusters of the L1 table (0 for an empty disk).
@@ -233,6 +270,7 @@ pub struct WriterBuilder {
     dedup: bool,
     version: u32,
     backing: Option<BackingName>,
+    verify: bool,
 }
 
 /// The backing file an overlay names in its header: the name as stored, and the
@@ -260,6 +298,7 @@ impl WriterBuilder {
             dedup: true,
             version: 3,
             backing: None,
+            verify: false,
         }
     }
 
@@ -324,6 +363,17 @@ impl WriterBuilder {
         self
     }
 
+    /// Before sharing a copy the index found, read it back from the output and
+    /// compare bytes (decompressing a compressed copy), like ZFS's
+    /// `dedup=verify` (default off: a match is trusted on 96 bits of BLAKE3,
+    /// docs/format.md). A mismatch gets its own copy. The output must be readable
+    /// ([`WriteAt::read_back`]).
+    #[must_use]
+    pub fn verify(mut self, on: bool) -> Self {
+        self.verify = on;
+        self
+    }
+
     /// Checks the settings and creates the writer over `out`, a fresh, empty file.
     pub fn create<'a>(&self, out: &'a dyn WriteAt) -> Result<ImageWriter<'a>> {
         let cs = self.cluster_size;
@@ -384,6 +434,7 @@ impl WriterBuilder {
         // Fails now, before any data is written, if the backing name does not
         // fit in cluster 0.
         w.header_cluster(&Header::new_v3(cluster_bits, 4, 0))?;
+        w.verify = self.verify;
         Ok(w)
     }
 }
@@ -401,12 +452,28 @@ pub struct ImageWriter<'a> {
     compressor: Option<Arc<CompressFn>>,
     probe_skipped: Arc<AtomicU64>,
     dedup: bool,
+    /// Compare bytes before sharing (see [`WriterBuilder::verify`]).
+    verify: bool,
     max_ref: u64,
     index: DedupIndex,
     /// Refcount of each host cluster; index 0 is the header.
-    refcounts: Vec<u32>,
-    /// L2 tables by L1 index (raw entries, COPIED not yet set).
-    l2: BTreeMap<u64, Box<[u64]>>,
+    refcounts: HostRefcounts,
+    /// The L1 index of the L2 table being filled, if any (clusters come in
+    /// guest order: once the writer passes a table's range, it is written).
+    l2_cur: Option<u64>,
+    /// Its entries (raw, COPIED not yet set).
+    l2_table: Vec<u64>,
+    /// The L1 table: the L2 tables written so far (entries with COPIED).
+    l1: Vec<u64>,
+    /// L2 tables written.
+    l2_written: u64,
+    /// Host clusters below this one may be referenced from a written L2 table.
+    l2_watermark: u64,
+    /// Host cluster of each L2 table written, in order (increasing).
+    l2_hosts: Vec<u64>,
+    /// Entries of written tables whose cluster a later duplicate shared (refcount
+    /// 1 → 2): (byte offset of the entry, host cluster); COPIED is cleared there.
+    copied_fixes: Vec<(u64, u64)>,
     l2_entries: u64,
     l1_size: u64,
     next_cluster: u64,
@@ -420,6 +487,8 @@ pub struct ImageWriter<'a> {
     ctail: Option<u64>,
     wbuf: Vec<u8>,
     wbuf_off: u64,
+    /// End of the furthest byte handed to `push_bytes`.
+    bytes_end: u64,
     run: Option<(u64, std::ops::Range<usize>)>,
     stats: WriterStats,
     /// qcow2 version written (2 or 3).
@@ -468,10 +537,23 @@ impl<'a> ImageWriter<'a> {
             compressor,
             probe_skipped,
             dedup,
+            verify: false,
             max_ref: refcount::max_refcount(refcount_order).min(u64::from(u32::MAX)),
             index: DedupIndex::new(),
-            refcounts: vec![1],
-            l2: BTreeMap::new(),
+            refcounts: {
+                let mut r = HostRefcounts::default();
+                r.extend_to(1);
+                r.set(0, 1);
+                r
+            },
+            l2_cur: None,
+            l2_table: Vec::new(),
+            // Zeros from the allocator: untouched pages take no memory.
+            l1: vec![0; l1_size as usize],
+            l2_written: 0,
+            l2_watermark: 0,
+            l2_hosts: Vec::new(),
+            copied_fixes: Vec::new(),
             l2_entries,
             l1_size,
             next_cluster: 1,
@@ -481,6 +563,7 @@ impl<'a> ImageWriter<'a> {
             ctail: None,
             wbuf: Vec::new(),
             wbuf_off: 0,
+            bytes_end: 0,
             run: None,
             stats: WriterStats::default(),
             version: 3,
@@ -630,6 +713,8 @@ impl<'a> ImageWriter<'a> {
                         ));
                     }
                     self.stats.zero_flag_clusters += 1;
+                    // Its L2 table is the current one, as for data.
+                    self.enter_l2(guest)?;
                     self.set_l2(guest, L2Entry::ZeroPlain.encode(self.cluster_bits));
                 }
                 ClusterIn::Data {
@@ -637,7 +722,9 @@ impl<'a> ImageWriter<'a> {
                     data: cdata,
                     stream,
                 } => {
-                    let entry = self.place(hash, cdata, stream, data, i)?;
+                    self.enter_l2(guest)?;
+                    let slot = guest % self.l2_entries;
+                    let entry = self.place(hash, cdata, stream, data, i, slot)?;
                     self.set_l2(guest, entry);
                 }
             }
@@ -654,26 +741,35 @@ impl<'a> ImageWriter<'a> {
         stream: Stream<&[u8]>,
         batch: &[u8],
         i: usize,
+        slot: u64,
     ) -> Result<u64> {
         if self.dedup {
-            match self.index.lookup(&hash) {
-                Some(Target::Cluster(h)) => {
-                    let rc = &mut self.refcounts[h as usize];
-                    if u64::from(*rc) < self.max_ref {
-                        *rc += 1;
+            let found = match self.index.lookup(&hash) {
+                Some(t) if self.verify && !self.same_bytes(t, cdata, batch)? => {
+                    self.stats.verify_mismatches += 1;
+                    None
+                }
+                found => found,
+            };
+            match found.map(|t| Copy::decode(t, self.cluster_bits)) {
+                Some(Copy::Plain {
+                    host: h,
+                    slot: first,
+                }) => {
+                    if self.refcounts.get(h) < self.max_ref {
+                        if self.refcounts.add(h) == 1 && h < self.l2_watermark {
+                            self.clear_copied(h, first)?;
+                        }
                         self.stats.duplicate_clusters += 1;
                         return Ok(h << self.cluster_bits);
                     }
                     self.stats.saturation_copies += 1;
                 }
-                Some(Target::Compressed { offset, len }) => {
-                    let desc =
-                        CompressedDescriptor::for_stream(offset, u64::from(len), self.cluster_bits)
-                            .expect("descriptor was valid when the stream was placed");
+                Some(Copy::Compressed(desc)) => {
                     let (a, b) = desc.clusters(self.cluster_bits);
-                    if (a..=b).all(|c| u64::from(self.refcounts[c as usize]) < self.max_ref) {
+                    if (a..=b).all(|c| self.refcounts.get(c) < self.max_ref) {
                         for c in a..=b {
-                            self.refcounts[c as usize] += 1;
+                            self.refcounts.add(c);
                         }
                         self.stats.duplicate_clusters += 1;
                         self.stats.compressed_references += 1;
@@ -709,10 +805,11 @@ impl<'a> ImageWriter<'a> {
             return Ok(entry);
         }
         let h = self.alloc_clusters(1)?;
-        self.refcounts[h as usize] = 1;
+        self.refcounts.set(h, 1);
         self.push_run(h, i, batch)?;
         if self.dedup {
-            self.index.insert(hash, Target::Cluster(h));
+            // The slot of this first reference rides in the offset's low bits.
+            self.index.insert(hash, (h << self.cluster_bits) | slot);
         }
         Ok(h << self.cluster_bits)
     }
@@ -725,7 +822,7 @@ impl<'a> ImageWriter<'a> {
                 "output image larger than 2^56 bytes".into(),
             ));
         }
-        self.refcounts.resize(self.next_cluster as usize, 0);
+        self.refcounts.extend_to(self.next_cluster);
         self.stats.host_data_clusters += n;
         Ok(h)
     }
@@ -739,7 +836,7 @@ impl<'a> ImageWriter<'a> {
         // The cluster holding the tail may already be at the maximum refcount
         // through references to earlier streams: then start a fresh cluster.
         if let Some(t) = self.ctail {
-            if u64::from(self.refcounts[(t >> self.cluster_bits) as usize]) >= self.max_ref {
+            if self.refcounts.get(t >> self.cluster_bits) >= self.max_ref {
                 self.ctail = None;
             }
         }
@@ -766,24 +863,51 @@ impl<'a> ImageWriter<'a> {
             })?;
         let (a, b) = desc.clusters(self.cluster_bits);
         for c in a..=b {
-            self.refcounts[c as usize] += 1;
+            self.refcounts.add(c);
         }
         self.stats.compressed_clusters += 1;
         self.stats.compressed_references += 1;
         self.stats.compressed_bytes += len;
         self.flush_run(batch)?;
         self.push_bytes(s, off)?;
-        Ok((
-            L2Entry::Compressed {
-                desc,
-                copied: false,
+        let entry = L2Entry::Compressed {
+            desc,
+            copied: false,
+        }
+        .encode(self.cluster_bits);
+        Ok((entry, entry))
+    }
+
+    /// Whether the copy at `target` (an L2 entry) holds `data`: read back from
+    /// the output after writing out what is still buffered, decompressed where
+    /// compressed.
+    fn same_bytes(&mut self, target: Target, data: &[u8], batch: &[u8]) -> Result<bool> {
+        let cb = self.cluster_bits;
+        self.flush_run(batch)?;
+        self.flush_wbuf()?;
+        let read = |buf: &mut [u8], off: u64| {
+            self.out
+                .read_back(buf, off)
+                .ctx(|| format!("cannot read back the output at offset {off:#x} (--verify)"))
+        };
+        let mut got = vec![0u8; self.cs() as usize];
+        match Copy::decode(target, cb) {
+            Copy::Plain { host, .. } => read(&mut got, host << cb)?,
+            Copy::Compressed(desc) => {
+                // The descriptor's sector range may run past the end of what is
+                // written (the last stream's sector padding): read what there is.
+                let end = self.bytes_end;
+                let len = desc.read_len().min(end.saturating_sub(desc.host_offset));
+                let mut stream = vec![0u8; len as usize];
+                read(&mut stream, desc.host_offset)?;
+                let codec = self.compression.unwrap_or(CompressionType::Zlib);
+                if crate::compress::decompress(codec, &stream, &mut got).is_err() {
+                    return Ok(false);
+                }
             }
-            .encode(self.cluster_bits),
-            Target::Compressed {
-                offset: off,
-                len: s.len() as u32,
-            },
-        ))
+        }
+        // The last cluster of a disk may be shorter: the rest reads as zeros.
+        Ok(got.get(..data.len()) == Some(data) && is_zero(&got[data.len()..]))
     }
 
     /// Extends the pending run of plain clusters written straight from the batch.
@@ -808,6 +932,7 @@ impl<'a> ImageWriter<'a> {
     }
 
     fn push_bytes(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        self.bytes_end = self.bytes_end.max(off + bytes.len() as u64);
         if !self.wbuf.is_empty() && self.wbuf_off + self.wbuf.len() as u64 != off {
             self.flush_wbuf()?;
         }
@@ -855,12 +980,87 @@ impl<'a> ImageWriter<'a> {
     }
 
     fn set_l2(&mut self, guest_cluster: u64, entry: u64) {
-        let l1i = guest_cluster / self.l2_entries;
         let l2i = (guest_cluster % self.l2_entries) as usize;
-        let n = self.l2_entries as usize;
-        self.l2
-            .entry(l1i)
-            .or_insert_with(|| vec![0u64; n].into_boxed_slice())[l2i] = entry;
+        self.l2_table[l2i] = entry;
+    }
+
+    /// Makes the L2 table of `guest_cluster` the current one, writing the
+    /// previous one out first (the writer is past its range).
+    fn enter_l2(&mut self, guest_cluster: u64) -> Result<()> {
+        let l1i = guest_cluster / self.l2_entries;
+        if self.l2_cur != Some(l1i) {
+            self.write_l2()?;
+            self.l2_cur = Some(l1i);
+            self.l2_table.resize(self.l2_entries as usize, 0);
+        }
+        Ok(())
+    }
+
+    /// Writes the current L2 table into the next host cluster, COPIED set where
+    /// the refcount is 1 now (a later share is fixed by `finish`).
+    fn write_l2(&mut self) -> Result<()> {
+        let Some(l1i) = self.l2_cur.take() else {
+            return Ok(());
+        };
+        let cb = self.cluster_bits;
+        let h = self.alloc_clusters(1)?;
+        self.stats.host_data_clusters -= 1;
+        self.refcounts.set(h, 1);
+        let mut table = vec![0u8; self.cs() as usize];
+        for (slot, e) in table.chunks_exact_mut(8).zip(self.l2_table.iter_mut()) {
+            let raw = match L2Entry::decode(*e, cb, false) {
+                L2Entry::Normal { offset, .. } => L2Entry::Normal {
+                    offset,
+                    copied: self.refcounts.get(offset >> cb) == 1,
+                }
+                .encode(cb),
+                _ => *e,
+            };
+            slot.copy_from_slice(&raw.to_be_bytes());
+            *e = 0;
+        }
+        // Written on its own (not gathered with the data): one write per table.
+        self.write(&table, h << cb)?;
+        self.l1[l1i as usize] = L1Entry {
+            l2_offset: h << cb,
+            copied: true,
+        }
+        .encode();
+        self.l2_written += 1;
+        self.l2_hosts.push(h);
+        self.l2_watermark = self.next_cluster;
+        Ok(())
+    }
+
+    /// Notes that host cluster `h`, first referenced from slot `slot` of an L2
+    /// table already written, is now shared: COPIED is cleared there (in
+    /// batches of [`COPIED_FIXES`] 8-byte writes, and at the end).
+    fn clear_copied(&mut self, h: u64, slot: u64) -> Result<()> {
+        // The table written first after `h` was allocated holds its first
+        // reference (tables are written in guest order, data before them).
+        let k = self.l2_hosts.partition_point(|&t| t < h);
+        let table = self.l2_hosts[k];
+        self.copied_fixes
+            .push(((table << self.cluster_bits) + slot * 8, h));
+        if self.copied_fixes.len() >= COPIED_FIXES {
+            self.apply_copied_fixes()?;
+        }
+        Ok(())
+    }
+
+    fn apply_copied_fixes(&mut self) -> Result<()> {
+        let mut fixes = std::mem::take(&mut self.copied_fixes);
+        fixes.sort_unstable();
+        for &(at, h) in &fixes {
+            let e = L2Entry::Normal {
+                offset: h << self.cluster_bits,
+                copied: false,
+            };
+            self.write(&e.encode(self.cluster_bits).to_be_bytes(), at)?;
+        }
+        fixes.clear();
+        self.copied_fixes = fixes;
+        Ok(())
     }
 
     /// Cluster 0 for the header `h` (a v3 header; turned into a v2 one for a
@@ -926,72 +1126,63 @@ impl<'a> ImageWriter<'a> {
     /// never given read as zeros.
     pub fn finish(mut self) -> Result<WriterStats> {
         self.flush_pending()?;
-        self.flush_wbuf()?;
         let cs = self.cs();
         let cb = self.cluster_bits;
         let data_end = self.next_cluster;
-        let n_l2 = self.l2.len() as u64;
-        let layout =
-            MetadataLayout::compute(cb, self.refcount_order, self.virtual_size, data_end, n_l2);
+        self.stats.data_end = match self.ctail {
+            Some(t) if (t >> cb) + 1 == data_end => t,
+            _ => data_end << cb,
+        };
+        self.stats.max_refcount = self.refcounts.max(1, data_end);
+        // The last L2 table, then COPIED cleared where a later duplicate shared
+        // a cluster of a table already written.
+        self.write_l2()?;
+        self.flush_wbuf()?;
+        self.apply_copied_fixes()?;
+        let layout = MetadataLayout::compute(
+            cb,
+            self.refcount_order,
+            self.virtual_size,
+            self.next_cluster,
+            0,
+        );
         layout.check(cb)?;
         let MetadataLayout {
             l1_clusters,
-            l2_start,
             l1_start,
             refblocks_start: rb_start,
             refblocks: rb,
             reftable_start: rt_start,
             reftable_clusters: rt,
             total_clusters: total,
+            ..
         } = layout;
         let epb = refcount::entries_per_block(cb, self.refcount_order);
-        self.stats.data_end = match self.ctail {
-            Some(t) if (t >> cb) + 1 == data_end => t,
-            _ => data_end << cb,
-        };
-        self.refcounts.resize(total as usize, 1);
-        self.stats.max_refcount = self.refcounts[1..data_end as usize]
-            .iter()
-            .copied()
-            .max()
-            .map_or(0, u64::from);
 
-        // L2 tables and the L1 table.
-        let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
-        let mut table = vec![0u8; cs as usize];
-        for (k, (&l1i, entries)) in self.l2.iter().enumerate() {
-            for (slot, &e) in table.chunks_exact_mut(8).zip(entries.iter()) {
-                let e = match L2Entry::decode(e, cb, false) {
-                    L2Entry::Normal { offset, .. } => L2Entry::Normal {
-                        offset,
-                        copied: self.refcounts[(offset >> cb) as usize] == 1,
-                    }
-                    .encode(cb),
-                    _ => e,
-                };
+        // The L1 table.
+        if l1_clusters > 0 {
+            let mut l1 = vec![0u8; (l1_clusters * cs) as usize];
+            for (slot, e) in l1.chunks_exact_mut(8).zip(&self.l1) {
                 slot.copy_from_slice(&e.to_be_bytes());
             }
-            let off = (l2_start + k as u64) << cb;
-            self.write(&table, off)?;
-            let l1e = L1Entry {
-                l2_offset: off,
-                copied: true,
-            }
-            .encode();
-            l1[(l1i * 8) as usize..(l1i * 8 + 8) as usize].copy_from_slice(&l1e.to_be_bytes());
-        }
-        if l1_clusters > 0 {
             self.write(&l1, l1_start << cb)?;
         }
 
-        // Refcount blocks and table.
-        let mut blocks = vec![0u8; (rb * cs) as usize];
-        for (c, &r) in self.refcounts.iter().enumerate() {
-            let c = c as u64;
-            let b = &mut blocks[((c / epb) * cs) as usize..((c / epb + 1) * cs) as usize];
-            refcount::set(b, self.refcount_order, c % epb, u64::from(r));
+        // Refcount blocks (one at a time; the metadata after the data, L1 and
+        // refcount structures, has refcount 1) and the table.
+        let mut block = vec![0u8; cs as usize];
+        for b in 0..rb {
+            block.fill(0);
+            for c in b * epb..((b + 1) * epb).min(total) {
+                let r = if c < self.refcounts.len() {
+                    self.refcounts.get(c)
+                } else {
+                    1
+                };
+                refcount::set(&mut block, self.refcount_order, c - b * epb, r);
+            }
+            self.write(&block, (rb_start + b) << cb)?;
         }
-        self.write(&blocks, rb_start << cb)?;
         let mut reftable = vec![0u8; (rt * cs) as usize];
         for i in 0..rb {
             let off = (rb_start + i) << cb;
@@ -1017,9 +1208,100 @@ impl<'a> ImageWriter<'a> {
             .set_len(total << cb)
             .ctx(|| "cannot set the output length".to_string())?;
 
-        self.stats.metadata_clusters = 1 + n_l2 + l1_clusters + rb + rt;
+        self.stats.metadata_clusters = 1 + self.l2_written + l1_clusters + rb + rt;
         self.stats.file_size = total << cb;
         self.stats.probe_skipped = self.probe_skipped.load(Ordering::Relaxed);
         Ok(self.stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dedup::hash_cluster;
+    use crate::io::MemFile;
+    use crate::source::{Qcow2Source, Source};
+
+    const CS: usize = 4096;
+
+    /// Two different clusters handed to the writer under one hash (a forced
+    /// fingerprint collision); returns the image's two guest clusters as read
+    /// back and the writer's counters.
+    fn collide(verify: bool, codec: Option<CompressionType>) -> ([Vec<u8>; 2], WriterStats) {
+        let a: Vec<u8> = (0..CS).map(|i| b"first content "[i % 14]).collect();
+        let b: Vec<u8> = (0..CS).map(|i| b"other bytes! "[i % 13]).collect();
+        let hash = hash_cluster(&a);
+        let data = [a.as_slice(), b.as_slice()].concat();
+        let out = MemFile::new(Vec::new());
+        let mut w = WriterBuilder::new(2 * CS as u64)
+            .cluster_size(CS as u64)
+            .compression(codec)
+            .verify(verify)
+            .create(&out)
+            .unwrap();
+        let cluster = |d| ClusterIn::Data {
+            hash,
+            data: d,
+            stream: Stream::NotTried,
+        };
+        w.accept(0, &data, [cluster(&data[..CS]), cluster(&data[CS..])])
+            .unwrap();
+        w.next_guest = 2;
+        let stats = w.finish().unwrap();
+        let img = Qcow2Source::from_reader(Box::new(MemFile::new(out.contents())), None).unwrap();
+        let read = |g: u64| {
+            let mut buf = vec![0u8; CS];
+            img.read_at(&mut buf, g * CS as u64).unwrap();
+            buf
+        };
+        let got = [read(0), read(1)];
+        assert_eq!(got[0], a);
+        (got, stats)
+    }
+
+    #[test]
+    fn a_fingerprint_collision_shares_the_wrong_copy_without_verify() {
+        for codec in [None, Some(CompressionType::Zlib)] {
+            let (got, stats) = collide(false, codec);
+            assert_eq!(got[1], got[0], "{codec:?}");
+            assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (1, 1));
+            assert_eq!(stats.verify_mismatches, 0);
+        }
+    }
+
+    #[test]
+    fn verify_stores_a_colliding_content_as_its_own_copy() {
+        for codec in [
+            None,
+            Some(CompressionType::Zlib),
+            Some(CompressionType::Zstd),
+        ] {
+            let (got, stats) = collide(true, codec);
+            let b: Vec<u8> = (0..CS).map(|i| b"other bytes! "[i % 13]).collect();
+            assert_eq!(got[1], b, "{codec:?}");
+            assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (2, 0));
+            assert_eq!(stats.verify_mismatches, 1);
+            assert_eq!(
+                stats.compressed_clusters,
+                if codec.is_some() { 2 } else { 0 }
+            );
+        }
+    }
+
+    #[test]
+    fn verify_still_shares_true_duplicates() {
+        let a = vec![0x5au8; CS];
+        let out = MemFile::new(Vec::new());
+        let mut w = WriterBuilder::new(3 * CS as u64)
+            .cluster_size(CS as u64)
+            .verify(true)
+            .create(&out)
+            .unwrap();
+        for _ in 0..3 {
+            w.write_cluster(&a).unwrap();
+        }
+        let stats = w.finish().unwrap();
+        assert_eq!((stats.unique_clusters, stats.duplicate_clusters), (1, 2));
+        assert_eq!(stats.verify_mismatches, 0);
     }
 }
