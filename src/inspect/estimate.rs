@@ -562,7 +562,8 @@ impl SizeState<'_> {
 /// the residuals (each scaled by its leverage, `e/(1 − h)`, which keeps it
 /// honest when a few contents far from the others steer the line), with a
 /// finite-population correction and Student's t for the residuals' effective
-/// degrees of freedom. It is built at 99% ([`Z_CONSERVATIVE`]) and printed as a
+/// degrees of freedom, combined with the packing's uncertainty
+/// ([`sampled_packing`] against [`impute_packing`]). It is built at 99% ([`Z_CONSERVATIVE`]) and printed as a
 /// conservative 95% interval: at 95% it held the truth in 18 of 20 seeds on
 /// two file-system images (as often as chance allows a calibrated 95%
 /// interval: 2 misses in 20 happen one time in four), and users read it as a
@@ -608,7 +609,26 @@ fn model_assisted(seq: &[(f32, u32)], cs: u64, stored: f64) -> Option<(f64, f64)
     };
     let half_bytes = t_quantile(Z_CONSERVATIVE, df) * stored * (resid / n * fpc).sqrt();
     let per_byte = impute_packing(seq, cs)?;
-    Some((bytes * per_byte, half_bytes * per_byte))
+    // The packing is a model too: its uncertainty is taken as half the gap
+    // between the imputed packing and the sampled contents' own packing (which
+    // over-counts the room streams leave), plus the rounding of one cluster.
+    let thinned = sampled_packing(seq, cs)?;
+    let model = (bytes * (thinned - per_byte)).abs() / 2.0 + 1.0;
+    let half = (half_bytes * per_byte).hypot(model);
+    Some((bytes * per_byte, half))
+}
+
+/// Data clusters per stored byte of the sampled contents alone, packed in order
+/// as the writer packs them. `None` without a sampled content.
+fn sampled_packing(seq: &[(f32, u32)], cs: u64) -> Option<f64> {
+    let mut packing = SampleStats::default();
+    let mut bytes = 0u64;
+    for &(_, y) in seq.iter().filter(|&&(_, y)| y != UNSAMPLED) {
+        let stream = (u64::from(y) < cs).then_some(y);
+        bytes += stream.map_or(cs, u64::from);
+        packing.place(cs, stream);
+    }
+    (bytes > 0).then(|| packing.packed_clusters as f64 / bytes as f64)
 }
 
 /// The two-sided quantile of Student's t with `df` degrees of freedom whose
