@@ -46,7 +46,7 @@ pub struct ConvertOptions {
     /// Write an overlay on this backing file (qemu-img's `-B`/`-b`, `-o
     /// backing_file=`): the name is stored as given; a relative name is opened
     /// relative to the output's directory, as QEMU does. Clusters equal to the
-    /// backing chain's content stay unallocated (see [`crate::convert`]).
+    /// backing chain's content stay unallocated (see [`mod@crate::convert`]).
     pub backing_file: Option<std::path::PathBuf>,
     /// Format of the backing file (qemu-img's `-F`, `-o backing_fmt=`); probed
     /// when `None`.
