@@ -328,10 +328,14 @@ fn mkfs_vfat(dir: &Path, tree: &Path, image_size: u64) -> PathBuf {
         .map(|e| e.unwrap().path())
         .collect();
     copies.sort();
-    // -s: recursive; -m: keep the files' (fixed) times; -Q: stop at the first error.
+    // -s: recursive; -m: keep the files' (fixed) times; -Q: stop at the first
+    // error; -D a: a name FAT cannot tell from another (it ignores case, e.g.
+    // README and readme in one directory) is renamed, not asked about (mcopy
+    // asks on the terminal and, with none, fails without a word).
     let o = std::process::Command::new("mcopy")
         .env("MTOOLS_SKIP_CHECK", "1")
-        .args(["-s", "-m", "-Q", "-i"])
+        .stdin(std::process::Stdio::null())
+        .args(["-D", "a", "-s", "-m", "-Q", "-i"])
         .arg(&img)
         .args(&copies)
         .arg("::/")
