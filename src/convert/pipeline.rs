@@ -523,11 +523,7 @@ fn run_sequential_overlay(
         if cancelled(opts) {
             return Err(Error::Interrupted);
         }
-        process(&mut batch, cs as usize, compress, claims.as_ref());
-        allocate_zeros(&mut batch, overlay, cs);
-        if let Some(alg) = opts.checksum {
-            crate::checksum::block_digests(alg, &mut batch, cs, total);
-        }
+        work_on(&mut batch, overlay, opts, total, compress, claims.as_ref());
         deliver(&batch)?;
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
@@ -537,6 +533,25 @@ fn run_sequential_overlay(
         source: reader.bytes_read,
         backing: reader.backing_bytes_read,
     })
+}
+
+/// A worker's steps on a batch that was read (and compared with the backing
+/// file): hash and compress ([`process`]), store zeros where `-S 0` asks, and
+/// the block digests of `--checksum`. `total` is the virtual size.
+fn work_on(
+    batch: &mut Batch,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    total: u64,
+    compress: Option<&CompressFn>,
+    claims: Option<&Claims>,
+) {
+    let cs = opts.cluster_size();
+    process(batch, cs as usize, compress, claims);
+    allocate_zeros(batch, overlay, cs);
+    if let Some(alg) = opts.checksum {
+        crate::checksum::block_digests(alg, batch, cs, total);
+    }
 }
 
 /// The pipelined workers, handing processed batches to `deliver` in guest order
@@ -617,11 +632,7 @@ fn run_pipelined_overlay(
                         });
                         match filled {
                             Ok(()) => {
-                                process(&mut b, cs as usize, compress, claims);
-                                allocate_zeros(&mut b, overlay, cs);
-                                if let Some(alg) = opts.checksum {
-                                    crate::checksum::block_digests(alg, &mut b, cs, total);
-                                }
+                                work_on(&mut b, overlay, opts, total, compress, claims);
                             }
                             Err(e) => b.error = Some(e),
                         }
