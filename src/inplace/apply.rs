@@ -9,8 +9,15 @@
 //!    COPIED would be a corruption);
 //! 2. point `B`'s entries at `S`, without COPIED (L2 tables), sync;
 //! 3. lower `B`'s refcount to 0 (refcount blocks), sync;
-//! 4. punch `B`'s clusters out of the file (with `--compact`, after the moves
-//!    instead: most of them are filled again, the rest is punched then).
+//! 4. punch `B`'s clusters out of the file (on background threads, in runs of
+//!    adjacent clusters across groups, while the next groups are applied:
+//!    [`super::punch`]; with `--compact`, after the moves instead: most of them
+//!    are filled again, the rest is punched then).
+//!
+//! After the last group, plain dedup moves a few clusters in use that lie
+//! between two freed ones into freed clusters that lie between two in use
+//! ([`super::plan::bridges`]): the same steps as the moves below, and then the
+//! runs around each moved cluster are punched as one.
 //!
 //! A group of moves (`--compact`: cluster `C` at the end of the file → free
 //! cluster `H` below):
@@ -48,8 +55,10 @@ pub(crate) struct Apply<'a, F: ReadAt + WriteAt + ?Sized> {
     sync: bool,
     /// L2 tables read so far, by offset.
     tables: BTreeMap<u64, TableBytes>,
-    /// Punch freed clusters at once (step 4).
+    /// Collect the freed clusters for punching at once (step 4).
     pub(crate) punch_now: bool,
+    /// Clusters freed and not taken yet ([`Apply::take_freed`]).
+    freed: Vec<u64>,
     /// Hole-punching calls made.
     pub(crate) punches: u64,
 }
@@ -68,6 +77,7 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
             sync,
             tables: BTreeMap::new(),
             punch_now: true,
+            freed: Vec::new(),
             punches: 0,
         }
     }
@@ -166,13 +176,20 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         self.sync()?;
         // The tables are written: memory stays bounded by one group's tables.
         self.tables.clear();
-        // 4. Their space goes back to the file system.
+        // 4. Their space may go back to the file system: the caller punches
+        // them ([`Apply::take_freed`], [`super::punch::Puncher`]).
         if self.punch_now {
-            let mut freed: Vec<u64> = group.iter().map(|r| scan.hosts[r.from].cluster).collect();
-            freed.sort_unstable();
-            self.punch(&freed)?;
+            self.freed
+                .extend(group.iter().map(|r| scan.hosts[r.from].cluster));
+            self.freed.sort_unstable();
         }
         Ok(entries)
+    }
+
+    /// The clusters freed (durably: refcount 0 synced) by the groups applied
+    /// since the last call, ascending; collected only with `punch_now`.
+    pub(crate) fn take_freed(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.freed)
     }
 
     /// Punches the clusters `sorted` out of the file, runs of adjacent ones at

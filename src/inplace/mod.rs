@@ -27,7 +27,10 @@
 //!    as they are;
 //! 4. hash every candidate cluster, compare candidates byte for byte and plan the
 //!    remaps within the refcount maximum (`plan.rs`);
-//! 5. apply them in flush groups, in the order `apply.rs` describes;
+//! 5. apply them in flush groups, in the order `apply.rs` describes, punching
+//!    the freed clusters on background threads (`punch.rs`) in runs as long as
+//!    the survivors chosen and a few moves joining runs (`plan::bridges`) make
+//!    them;
 //! 6. with `compact`, move clusters from the end into free ones and cut the file;
 //! 7. set COPIED again where a refcount is 1 (`check --repair all`), so that the
 //!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean.
@@ -37,6 +40,7 @@
 mod apply;
 use apply::Movable;
 mod plan;
+mod punch;
 mod report;
 mod scan;
 
@@ -55,6 +59,10 @@ use crate::image::lock::{lock, LockMode};
 use crate::image::refcounts::Refcounts;
 use crate::image::{Image, OpenMode};
 use crate::io::{ReadAt, WriteAt};
+
+/// Plain dedup moves at most this share (in percent) of the image's clusters
+/// to join runs of freed clusters ([`plan::bridges`]).
+const JOIN_MOVES_PERCENT: u64 = 3;
 
 /// How to deduplicate.
 #[derive(Debug, Clone)]
@@ -225,21 +233,88 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
     let cb = im.cluster_bits;
     let scan = scan::scan(&io, &im, &mut refcounts)?;
     cancelled(opts)?;
-    let plan = plan::plan(&io, &scan, cb, refcounts.max())?;
+    // With --compact most freed clusters are filled again: the lowest offsets
+    // survive (less to move). Without, every run of freed clusters costs a punch.
+    let survivors = if opts.compact {
+        plan::Survivors::LowestOffset
+    } else {
+        plan::Survivors::LongRuns
+    };
+    let plan = plan::plan(&io, &scan, cb, refcounts.max(), survivors)?;
     cancelled(opts)?;
     report.note_scan(&scan, &plan);
     let freed: std::collections::HashSet<usize> = plan.remaps.iter().map(|r| r.from).collect();
+    // Plain dedup: clusters moved to join runs of freed clusters (fewer punches),
+    // within a share of the image.
+    let joins = if opts.compact {
+        Vec::new()
+    } else {
+        let clusters = im.file_len >> cb;
+        let budget = clusters.saturating_mul(JOIN_MOVES_PERCENT).div_ceil(100);
+        plan::bridges(
+            &scan,
+            &plan.remaps,
+            usize::try_from(budget).unwrap_or(usize::MAX),
+        )
+    };
+    report.clusters_moved_to_join_holes = joins.len() as u64;
     if opts.dry_run {
         report.entries_remapped = plan.remaps.iter().map(|r| scan.hosts[r.from].n).sum();
     } else {
         let mut ap = apply::Apply::new(&io, &mut refcounts, cb, opts.sync);
         // --compact fills most freed clusters again: it punches what is left.
         ap.punch_now = !opts.compact;
-        for group in plan.remaps.chunks(opts.flush_group.max(1)) {
-            cancelled(opts)?;
-            report.entries_remapped += ap.remap_group(&scan, group)?;
-        }
-        report.hole_punches = ap.punches;
+        // In file order: each group frees clusters of one stretch of the file,
+        // whose runs the puncher joins across groups.
+        let mut remaps = plan.remaps.clone();
+        remaps.sort_unstable_by_key(|r| r.from);
+        // The islands are filled again: never punched. The bridges are freed
+        // after the remaps: the runs around them wait.
+        let mut islands: Vec<u64> = joins.iter().map(|j| j.1).collect();
+        islands.sort_unstable();
+        let bridges: Vec<u64> = joins.iter().map(|j| scan.hosts[j.0].cluster).collect();
+        report.hole_punches = std::thread::scope(|s| -> Result<u64> {
+            let mut puncher = ap
+                .punch_now
+                .then(|| punch::Puncher::new(s, &io, cb, punch::PUNCH_THREADS));
+            if let Some(p) = &mut puncher {
+                p.wait_for(bridges.clone());
+            }
+            // The bridges moved so far (ascending: `joins` is in host order).
+            let mut moved = 0;
+            let stop = |p: Option<punch::Puncher>, moved: &[u64], e| -> Result<u64> {
+                // The groups done stay done, and so do their punches.
+                if let Some(mut p) = p {
+                    p.add_late(moved)?;
+                    p.finish()?;
+                }
+                Err(e)
+            };
+            for group in remaps.chunks(opts.flush_group.max(1)) {
+                if let Err(e) = cancelled(opts) {
+                    return stop(puncher, &[], e);
+                }
+                report.entries_remapped += ap.remap_group(&scan, group)?;
+                if let Some(p) = &mut puncher {
+                    let mut freed = ap.take_freed();
+                    freed.retain(|c| islands.binary_search(c).is_err());
+                    p.add(&freed)?;
+                }
+            }
+            // 5. The bridges move into the islands (as compaction moves data).
+            for group in joins.chunks(opts.flush_group.max(1)) {
+                if let Err(e) = cancelled(opts) {
+                    return stop(puncher, &bridges[..moved], e);
+                }
+                ap.move_group(&scan, group)?;
+                moved += group.len();
+            }
+            if let Some(p) = &mut puncher {
+                p.add_late(&bridges)?;
+            }
+            // Every punch is made before anything else changes the image.
+            puncher.map_or(Ok(0), punch::Puncher::finish)
+        })?;
     }
     if opts.compact {
         let end = im.file_len.div_ceil(im.cluster_size);

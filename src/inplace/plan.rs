@@ -5,9 +5,13 @@
 //! 128 bits) to find groups; a hash only proposes a pair: the two clusters are
 //! compared byte for byte before a remap is planned (as the kernel's
 //! FIDEDUPERANGE compares before it shares). The survivor of a group is a cluster
-//! that must stay anyway (a snapshot or a skipped table refers to it) or else the
-//! one at the lowest offset, so that `--compact` has less to move. A survivor
-//! takes remaps while its refcount stays within the image's maximum
+//! that must stay anyway (a snapshot or a skipped table refers to it) or else,
+//! with [`Survivors::LowestOffset`] (`--compact`), the one at the lowest offset,
+//! so that compaction has less to move; with [`Survivors::LongRuns`] (plain
+//! dedup), the one whose staying splits the fewest runs of freed clusters (see
+//! [`choose_survivors`]): each run costs one hole punch, and on a file system
+//! mounted with `discard` each punch waits for the device. A survivor takes
+//! remaps while its refcount stays within the image's maximum
 //! (2^refcount_bits − 1); a remap that would pass it makes the duplicate the
 //! group's next survivor instead.
 
@@ -18,6 +22,17 @@ use super::scan::{Host, Scan};
 
 /// Bytes read at once while hashing (runs of adjacent clusters).
 const READ_CHUNK: u64 = 4 << 20;
+
+/// How the survivor of a group of identical clusters is chosen (among those
+/// that may be freed; a cluster that must stay anyway always comes first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Survivors {
+    /// The one at the lowest offset (`--compact` moves less).
+    LowestOffset,
+    /// The one that leaves the freed clusters in the fewest runs of adjacent
+    /// clusters (fewest hole punches).
+    LongRuns,
+}
 
 /// One planned remap: every changeable entry of host `from` is pointed at host
 /// `to`, whose refcount rises by their number; `from` is then freed.
@@ -57,6 +72,7 @@ pub(crate) fn plan<F: ReadAt + ?Sized>(
     scan: &Scan,
     cluster_bits: u32,
     max_refcount: u64,
+    survivors: Survivors,
 ) -> Result<Plan> {
     let cs = 1u64 << cluster_bits;
     let mut plan = Plan::default();
@@ -89,6 +105,11 @@ pub(crate) fn plan<F: ReadAt + ?Sized>(
     }
     plan.clusters_hashed = keyed.len() as u64;
     keyed.sort_unstable();
+    let preferred = match survivors {
+        Survivors::LowestOffset => Vec::new(),
+        Survivors::LongRuns => choose_survivors(scan, &keyed),
+    };
+    let is_preferred = |m: usize| preferred.get(m).copied().unwrap_or(false);
     let mut survivor = vec![0u8; cs as usize];
     let mut dup = vec![0u8; cs as usize];
     for group in keyed.chunk_by(|a, b| a.0 == b.0) {
@@ -97,8 +118,9 @@ pub(crate) fn plan<F: ReadAt + ?Sized>(
         }
         let mut members: Vec<usize> = group.iter().map(|g| g.1).collect();
         let host = |m: usize| -> &Host { &scan.hosts[m] };
-        // Clusters that stay anyway first, then by offset.
-        members.sort_unstable_by_key(|&m| (host(m).removable(), host(m).cluster));
+        // Clusters that stay anyway first, then the preferred survivor, then by
+        // offset.
+        members.sort_unstable_by_key(|&m| (host(m).removable(), !is_preferred(m), host(m).cluster));
         let mut cur = members[0];
         let mut cur_rc = host(cur).rc;
         read_cluster(file, host(cur).cluster, cluster_bits, &mut survivor)?;
@@ -138,4 +160,132 @@ pub(crate) fn plan<F: ReadAt + ?Sized>(
         }
     }
     Ok(plan)
+}
+
+/// Picks, for every group of equal hashes (runs of `keyed`, sorted by hash)
+/// none of whose clusters must stay anyway, the cluster to keep so that the
+/// clusters freed form few runs of adjacent clusters: each run is one hole
+/// punch. Returns, per index in [`Scan::hosts`], whether it is the preferred
+/// survivor of its group.
+///
+/// Starting from the lowest offset, each group's survivor moves to the member
+/// whose staying costs the fewest runs given its neighbours (+1 between two
+/// freed clusters: it splits a run; −1 between two kept ones: its own run
+/// disappears; 0 otherwise; ties keep the current one, then the lowest
+/// offset), over a few passes until nothing changes. A heuristic: the bytes are
+/// compared afterwards as always, and the refcount maximum may still make more
+/// members stay. On the 2 GiB benchmark (35% random copies) the runs, joined
+/// across flush groups, fall from 7 513 to 4 478 (10 127 punches before, one
+/// flush group at a time).
+pub(crate) fn choose_survivors(scan: &Scan, keyed: &[([u8; 16], usize)]) -> Vec<bool> {
+    const PASSES: usize = 6;
+    let hosts = &scan.hosts;
+    let mut freed = vec![false; hosts.len()];
+    let mut survivor = vec![false; hosts.len()];
+    // The groups with a choice: their members, and the current survivor.
+    let mut groups: Vec<(Vec<usize>, usize)> = Vec::new();
+    for group in keyed.chunk_by(|a, b| a.0 == b.0) {
+        if group.len() < 2 {
+            continue;
+        }
+        if group.iter().any(|g| !hosts[g.1].removable()) {
+            // A cluster that stays anyway survives: every other one is freed.
+            for g in group {
+                freed[g.1] = hosts[g.1].removable();
+            }
+            continue;
+        }
+        let members: Vec<usize> = group.iter().map(|g| g.1).collect();
+        // Hosts are sorted by cluster: the lowest index is the lowest offset.
+        let first = *members.iter().min().expect("two members or more");
+        for &m in &members {
+            freed[m] = m != first;
+        }
+        groups.push((members, first));
+    }
+    // Whether the neighbour of host `m` on side `d` (its cluster ± 1) is freed.
+    let neighbour_freed = |freed: &[bool], m: usize, left: bool| -> bool {
+        let n = if left { m.checked_sub(1) } else { Some(m + 1) };
+        n.filter(|&n| n < hosts.len())
+            .filter(|&n| hosts[n].cluster.abs_diff(hosts[m].cluster) == 1)
+            .is_some_and(|n| freed[n])
+    };
+    let cost = |freed: &[bool], m: usize| -> i32 {
+        match (
+            neighbour_freed(freed, m, true),
+            neighbour_freed(freed, m, false),
+        ) {
+            (true, true) => 1,
+            (false, false) => -1,
+            _ => 0,
+        }
+    };
+    for _ in 0..PASSES {
+        let mut changed = false;
+        for (members, cur) in &mut groups {
+            freed[*cur] = true;
+            let mut best = *cur;
+            let mut best_cost = cost(&freed, best);
+            for &m in members.iter() {
+                let c = cost(&freed, m);
+                if c < best_cost || (c == best_cost && m < best && best != *cur) {
+                    best = m;
+                    best_cost = c;
+                }
+            }
+            freed[best] = false;
+            if best != *cur {
+                *cur = best;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for (_, cur) in groups {
+        survivor[cur] = true;
+    }
+    survivor
+}
+
+/// Moves that join runs of freed clusters (plain dedup): a cluster in use
+/// between two freed ones (a *bridge*) moves into a freed cluster between two
+/// in use (an *island*). The bridge's place then joins the two runs around it
+/// and the island is filled: two hole punches fewer for one cluster written.
+/// Returns `(index in Scan::hosts of the bridge, island cluster)`, at most
+/// `budget` of them, islands in file order.
+///
+/// A bridge is a cluster every reference of which `dedup` may change and that
+/// no remap touches (a survivor gains references the scan did not see); an
+/// island next to a bridge is left out (filling it would keep the bridge's
+/// runs apart).
+pub(crate) fn bridges(scan: &Scan, remaps: &[Remap], budget: usize) -> Vec<(usize, u64)> {
+    if budget == 0 || remaps.is_empty() {
+        return Vec::new();
+    }
+    let mut freed: Vec<u64> = remaps.iter().map(|r| scan.hosts[r.from].cluster).collect();
+    freed.sort_unstable();
+    let is_freed = |c: u64| freed.binary_search(&c).is_ok();
+    let mut touched = vec![false; scan.hosts.len()];
+    for r in remaps {
+        touched[r.from] = true;
+        touched[r.to] = true;
+    }
+    let found: Vec<usize> = (0..scan.hosts.len())
+        .filter(|&i| {
+            let h = &scan.hosts[i];
+            !touched[i]
+                && h.removable()
+                && h.cluster > 0
+                && is_freed(h.cluster - 1)
+                && is_freed(h.cluster + 1)
+        })
+        .collect();
+    let bridge_clusters: Vec<u64> = found.iter().map(|&i| scan.hosts[i].cluster).collect();
+    let is_bridge = |c: u64| bridge_clusters.binary_search(&c).is_ok();
+    let islands = freed.iter().copied().filter(|&f| {
+        f > 0 && !is_freed(f - 1) && !is_freed(f + 1) && !is_bridge(f - 1) && !is_bridge(f + 1)
+    });
+    found.into_iter().zip(islands).take(budget).collect()
 }

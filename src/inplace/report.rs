@@ -34,6 +34,10 @@ pub struct DedupReport {
     pub clusters_moved: u64,
     /// `fallocate(PUNCH_HOLE)` calls that gave freed space back.
     pub hole_punches: u64,
+    /// Clusters in use between two freed ones moved into a freed cluster between
+    /// two in use (plain dedup): each joins two runs of freed clusters and fills
+    /// a third, two hole punches fewer.
+    pub clusters_moved_to_join_holes: u64,
     /// File size before.
     pub file_size_before: u64,
     /// File size after (with `--dry-run`: what it would be).
@@ -78,6 +82,7 @@ impl DedupReport {
             bytes_freed: 0,
             clusters_moved: 0,
             hole_punches: 0,
+            clusters_moved_to_join_holes: 0,
             file_size_before: im.file_len,
             file_size_after: im.file_len,
             hash_collisions: 0,
@@ -128,6 +133,13 @@ impl fmt::Display for DedupReport {
         )?;
         if self.clusters_moved > 0 {
             writeln!(f, "Clusters moved to compact: {}", self.clusters_moved)?;
+        }
+        if self.clusters_moved_to_join_holes > 0 {
+            writeln!(
+                f,
+                "Clusters moved to join holes: {} ({} hole punches)",
+                self.clusters_moved_to_join_holes, self.hole_punches
+            )?;
         }
         writeln!(
             f,
