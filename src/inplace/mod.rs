@@ -62,7 +62,7 @@ use crate::io::{ReadAt, WriteAt};
 
 /// Plain dedup moves at most this share (in percent) of the image's clusters
 /// to join runs of freed clusters ([`plan::bridges`]).
-const JOIN_MOVES_PERCENT: u64 = 3;
+const JOIN_MOVES_PERCENT: u64 = 4;
 
 /// How to deduplicate.
 #[derive(Debug, Clone)]
@@ -245,7 +245,7 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
     report.note_scan(&scan, &plan);
     let freed: std::collections::HashSet<usize> = plan.remaps.iter().map(|r| r.from).collect();
     // Plain dedup: clusters moved to join runs of freed clusters (fewer punches),
-    // within a share of the image.
+    // within a share of the image (at least one move: small images too).
     let joins = if opts.compact {
         Vec::new()
     } else {

@@ -176,7 +176,7 @@ pub(crate) fn plan<F: ReadAt + ?Sized>(
 /// compared afterwards as always, and the refcount maximum may still make more
 /// members stay. On the 2 GiB benchmark (35% random copies) the runs, joined
 /// across flush groups, fall from 7 513 to 4 478 (10 127 punches before, one
-/// flush group at a time).
+/// flush group at a time; 2 317 with [`bridges`]).
 pub(crate) fn choose_survivors(scan: &Scan, keyed: &[([u8; 16], usize)]) -> Vec<bool> {
     const PASSES: usize = 6;
     let hosts = &scan.hosts;
@@ -249,43 +249,95 @@ pub(crate) fn choose_survivors(scan: &Scan, keyed: &[([u8; 16], usize)]) -> Vec<
     survivor
 }
 
-/// Moves that join runs of freed clusters (plain dedup): a cluster in use
-/// between two freed ones (a *bridge*) moves into a freed cluster between two
-/// in use (an *island*). The bridge's place then joins the two runs around it
-/// and the island is filled: two hole punches fewer for one cluster written.
-/// Returns `(index in Scan::hosts of the bridge, island cluster)`, at most
-/// `budget` of them, islands in file order.
+/// Moves that join runs of freed clusters (plain dedup): one or two adjacent
+/// clusters in use between two freed ones (a *bridge*) move into freed
+/// clusters between two in use (*islands*). The bridge's place then joins the
+/// two runs around it and each island is filled: a one-cluster bridge saves two
+/// hole punches for one cluster written, a two-cluster one three for two. The
+/// one-cluster bridges go first. Returns `(index in Scan::hosts of a bridge
+/// cluster, island cluster)`, at most `budget` of them, in host order.
 ///
-/// A bridge is a cluster every reference of which `dedup` may change and that
-/// no remap touches (a survivor gains references the scan did not see); an
+/// A bridge cluster is one every reference of which `dedup` may change and
+/// that no remap touches (a survivor gains references the scan did not see); an
 /// island next to a bridge is left out (filling it would keep the bridge's
 /// runs apart).
 pub(crate) fn bridges(scan: &Scan, remaps: &[Remap], budget: usize) -> Vec<(usize, u64)> {
     if budget == 0 || remaps.is_empty() {
         return Vec::new();
     }
-    let mut freed: Vec<u64> = remaps.iter().map(|r| scan.hosts[r.from].cluster).collect();
+    let hosts = &scan.hosts;
+    let mut freed: Vec<u64> = remaps.iter().map(|r| hosts[r.from].cluster).collect();
     freed.sort_unstable();
-    let is_freed = |c: u64| freed.binary_search(&c).is_ok();
-    let mut touched = vec![false; scan.hosts.len()];
+    let is_freed = |c: Option<u64>| c.is_some_and(|c| freed.binary_search(&c).is_ok());
+    let mut touched = vec![false; hosts.len()];
     for r in remaps {
         touched[r.from] = true;
         touched[r.to] = true;
     }
-    let found: Vec<usize> = (0..scan.hosts.len())
-        .filter(|&i| {
-            let h = &scan.hosts[i];
-            !touched[i]
-                && h.removable()
-                && h.cluster > 0
-                && is_freed(h.cluster - 1)
-                && is_freed(h.cluster + 1)
+    let movable = |i: usize| !touched[i] && hosts[i].removable();
+    // Host i and the next one, if it is the next cluster and movable too.
+    let next = |i: usize| {
+        Some(i + 1)
+            .filter(|&j| j < hosts.len() && hosts[j].cluster == hosts[i].cluster + 1 && movable(j))
+    };
+    let mut ones = Vec::new();
+    let mut twos: Vec<(usize, usize)> = Vec::new();
+    for i in (0..hosts.len()).filter(|&i| movable(i)) {
+        let c = hosts[i].cluster;
+        if !is_freed(c.checked_sub(1)) {
+            continue;
+        }
+        if is_freed(c.checked_add(1)) {
+            ones.push(i);
+        } else if let Some(j) = next(i).filter(|_| is_freed(c.checked_add(2))) {
+            twos.push((i, j));
+        }
+    }
+    // Freed clusters between two in use, not next to a one-cluster bridge.
+    let near_ones: Vec<u64> = ones.iter().map(|&i| hosts[i].cluster).collect();
+    let near = |list: &[u64], c: Option<u64>| c.is_some_and(|c| list.binary_search(&c).is_ok());
+    let islands: Vec<u64> = freed
+        .iter()
+        .copied()
+        .filter(|&f| {
+            let (l, r) = (f.checked_sub(1), f.checked_add(1));
+            !is_freed(l) && !is_freed(r) && !near(&near_ones, l) && !near(&near_ones, r)
         })
         .collect();
-    let bridge_clusters: Vec<u64> = found.iter().map(|&i| scan.hosts[i].cluster).collect();
-    let is_bridge = |c: u64| bridge_clusters.binary_search(&c).is_ok();
-    let islands = freed.iter().copied().filter(|&f| {
-        f > 0 && !is_freed(f - 1) && !is_freed(f + 1) && !is_bridge(f - 1) && !is_bridge(f + 1)
+    let mut used = vec![false; islands.len()];
+    let mut out: Vec<(usize, u64)> = Vec::new();
+    for (k, i) in ones.into_iter().enumerate().take(budget.min(islands.len())) {
+        out.push((i, islands[k]));
+        used[k] = true;
+    }
+    // Two-cluster bridges whose runs are not islands filled above, into the
+    // islands left that are not next to one of them.
+    let filled = |c: Option<u64>| {
+        c.and_then(|c| islands.binary_search(&c).ok())
+            .is_some_and(|k| used[k])
+    };
+    twos.retain(|&(i, j)| {
+        !filled(hosts[i].cluster.checked_sub(1)) && !filled(hosts[j].cluster.checked_add(1))
     });
-    found.into_iter().zip(islands).take(budget).collect()
+    let mut near_twos: Vec<u64> = twos
+        .iter()
+        .flat_map(|&(i, j)| [hosts[i].cluster, hosts[j].cluster])
+        .collect();
+    near_twos.sort_unstable();
+    let mut left = islands.iter().zip(&used).filter_map(|(&f, &u)| {
+        (!u && !near(&near_twos, f.checked_sub(1)) && !near(&near_twos, f.checked_add(1)))
+            .then_some(f)
+    });
+    for (i, j) in twos {
+        if out.len() + 2 > budget {
+            break;
+        }
+        let (Some(f), Some(g)) = (left.next(), left.next()) else {
+            break;
+        };
+        out.push((i, f));
+        out.push((j, g));
+    }
+    out.sort_unstable();
+    out
 }
