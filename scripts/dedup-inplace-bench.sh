@@ -20,8 +20,9 @@
 # binary, default target/release/qdedup), SYNC=0 to pass --no-sync to both.
 #
 # Hole punching is where a file system can differ most: on ext4 mounted with
-# `discard` every fallocate(PUNCH_HOLE) that frees blocks waits for the device's
-# trim (milliseconds each); see docs/benchmarks.md.
+# `discard` and without a journal every fallocate(PUNCH_HOLE) that frees blocks
+# waits for the device's trim (milliseconds each, so plain dedup punches as few
+# runs as it can); see docs/benchmarks.md.
 set -euo pipefail
 
 SIZE=${1:-${SIZE:-2G}}
@@ -86,7 +87,7 @@ for mode in dedup compact; do
     "$QDEDUP" dedup --output json "${NOSYNC[@]}" "${extra[@]}" "$WORKDIR/a.qcow2" > "$WORKDIR/$mode.json"
     t1=$(now)
     row "$mode" "$(echo "$t1 - $t0" | bc)" "$(field "$WORKDIR/$mode.json" bytes-written)" "$WORKDIR/a.qcow2"
-    echo "         ($(field "$WORKDIR/$mode.json" hole-punches) hole punches)"
+    echo "         ($(field "$WORKDIR/$mode.json" hole-punches) hole punches, $(field "$WORKDIR/$mode.json" clusters-moved-to-join-holes) clusters moved to join holes)"
     qemu-img check -q "$WORKDIR/a.qcow2"
     qemu-img compare -q "$base" "$WORKDIR/a.qcow2"
 done
