@@ -17,7 +17,10 @@
 //! the worker rather than in a separate reader thread spreads the `pread` copy over
 //! the workers and hashes the data while it is still in the core's cache
 //! (docs/benchmarks.md). The writer reorders batches by sequence number and hands
-//! them to the writer in guest order, then returns the buffer to the pool.
+//! them on in guest order: with [`run_overlay`] it then returns the buffer to the
+//! pool; with [`run_overlay_owned`] (`convert`) the batch is given away, with the
+//! pool's sender, and comes back from the image writer's I/O thread once its
+//! writes are done (`writer::output`).
 //!
 //! Every planned batch reaches the writer, even one whose read failed (it carries
 //! the error), so the writer never waits for a batch that will not come. A closed
