@@ -103,6 +103,21 @@ pub trait WriteAt: Send + Sync {
         Ok(())
     }
 
+    /// [`WriteAt::preallocate`] without preparing the page cache: for a range
+    /// that is then written with [`WriteAt::open_direct`]'s descriptor, which
+    /// bypasses it. The default is `preallocate`.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.preallocate(offset, len)
+    }
+
+    /// A second descriptor of this file opened for direct I/O (`O_DIRECT`:
+    /// writes go to the device from the caller's memory, bypassing the page
+    /// cache; offsets, lengths and memory must be 4 KiB-aligned), or `None` (the
+    /// default, and where the file or the file system does not allow it).
+    fn open_direct(&self) -> Option<File> {
+        None
+    }
+
     /// Reads back `buf.len()` bytes written at `offset` (the writer's
     /// `--verify`; a `File` must be open for reading too). The default
     /// cannot: it fails with [`io::ErrorKind::Unsupported`].
@@ -158,6 +173,26 @@ impl WriteAt for File {
             prefault_page_cache(self, offset, len);
         }
         Ok(())
+    }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Best effort, as `preallocate`.
+        let _ = rustix::fs::fallocate(self, rustix::fs::FallocateFlags::empty(), offset, len);
+        Ok(())
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn open_direct(&self) -> Option<File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Regular files only; a new open file description (O_DIRECT set on a
+        // duplicate would change this descriptor too).
+        if !self.metadata().ok()?.is_file() {
+            return None;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?)
+            .open(format!("/proc/self/fd/{}", self.as_raw_fd()))
+            .ok()
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::FallocateFlags as F;

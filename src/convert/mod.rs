@@ -460,7 +460,7 @@ pub fn convert_salvaging_to(
     // does the writes (writer::output). The sequential one does all on this thread.
     let bytes_read = std::thread::scope(|s| -> Result<pipeline::BytesRead> {
         if opts.workers > 0 {
-            w.start_io_thread(s);
+            w.start_io_thread(s, opts.direct_io);
         }
         let r = pipeline::run_overlay_owned(
             src,

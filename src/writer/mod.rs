@@ -681,12 +681,21 @@ impl<'a> ImageWriter<'a> {
     /// [`ImageWriter::stop_io_thread`] before `scope` ends (the scope waits for
     /// the thread, which runs until then). With `verify` (which reads back what
     /// was written) the writes stay on this thread.
-    pub(crate) fn start_io_thread<'s>(&mut self, scope: &'s std::thread::Scope<'s, '_>)
-    where
+    ///
+    /// `direct`: the I/O thread writes whole aligned 4 KiB blocks through the
+    /// output's direct-I/O descriptor ([`WriteAt::open_direct`]) instead of the
+    /// page cache; everything else (and everything after
+    /// [`ImageWriter::stop_io_thread`]) stays buffered. The same bytes either way.
+    pub(crate) fn start_io_thread<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        direct: bool,
+    ) where
         'a: 's,
     {
         if !self.verify {
-            self.sink.start(scope);
+            let d = if direct { self.out.open_direct() } else { None };
+            self.sink.start(scope, d);
         }
     }
 

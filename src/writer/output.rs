@@ -50,7 +50,15 @@ pub(crate) struct Output<'a> {
     reserved: u64,
     wbuf: Vec<u8>,
     wbuf_off: u64,
+    /// The output opened for direct I/O ([`WriteAt::open_direct`]): writes of
+    /// whole, aligned 4 KiB blocks go through it.
+    direct: Option<std::fs::File>,
+    /// A page-aligned copy of what a direct write writes.
+    stage: Vec<u8>,
 }
+
+/// Alignment of direct writes (offset, length, memory).
+const DIRECT_ALIGN: usize = 4096;
 
 impl<'a> Output<'a> {
     pub(crate) fn new(out: &'a dyn WriteAt) -> Self {
@@ -59,6 +67,8 @@ impl<'a> Output<'a> {
             reserved: 0,
             wbuf: Vec::new(),
             wbuf_off: 0,
+            direct: None,
+            stage: Vec::new(),
         }
     }
 
@@ -97,6 +107,49 @@ impl<'a> Output<'a> {
     /// Writes `bytes` at `off` on their own (not gathered), reserving ahead.
     pub(crate) fn write(&mut self, bytes: &[u8], off: u64) -> Result<()> {
         let end = off + bytes.len() as u64;
+        self.reserve(end)?;
+        if self.direct.is_some()
+            && off % DIRECT_ALIGN as u64 == 0
+            && bytes.len() % DIRECT_ALIGN == 0
+            && !bytes.is_empty()
+            && self.write_direct(bytes, off)?
+        {
+            return Ok(());
+        }
+        self.out
+            .write_all_at(bytes, off)
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+    }
+
+    /// Writes whole aligned blocks through the direct descriptor, from a
+    /// page-aligned copy (the batch buffers are not aligned); `Ok(false)` where
+    /// the file system refuses (direct I/O is then off for the rest).
+    fn write_direct(&mut self, bytes: &[u8], off: u64) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let Some(d) = &self.direct else {
+            return Ok(false);
+        };
+        self.stage.resize(bytes.len() + DIRECT_ALIGN, 0);
+        // Safe: the window starts where the pointer is aligned.
+        let pad = self.stage.as_ptr().align_offset(DIRECT_ALIGN);
+        let buf = &mut self.stage[pad..pad + bytes.len()];
+        buf.copy_from_slice(bytes);
+        match FileExt::write_all_at(d, buf, off) {
+            Ok(()) => Ok(true),
+            // Alignment or direct I/O not supported here after all.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.direct = None;
+                Ok(false)
+            }
+            Err(e) => Err(Error::io(
+                format!("cannot write the output at offset {off:#x} (direct I/O)"),
+                e,
+            )),
+        }
+    }
+
+    /// Reserves the output ahead of `end` (see [`PREALLOCATE_STEP`]).
+    fn reserve(&mut self, end: u64) -> Result<()> {
         // Keep the reservation ahead of the writes by as much as has been
         // written (4 MiB at first, at most PREALLOCATE_STEP), so that what
         // `preallocate` starts for a range is under way before the writes reach it.
@@ -104,14 +157,16 @@ impl<'a> Output<'a> {
         if end + ahead > self.reserved {
             let to = (end + 2 * ahead).next_multiple_of(1 << 20);
             let from = self.reserved;
-            self.out
-                .preallocate(from, to - from)
-                .ctx(|| format!("cannot reserve space in the output at {from:#x}"))?;
+            // Direct writes bypass the page cache: nothing to prepare there.
+            if self.direct.is_some() {
+                self.out.reserve(from, to - from)
+            } else {
+                self.out.preallocate(from, to - from)
+            }
+            .ctx(|| format!("cannot reserve space in the output at {from:#x}"))?;
             self.reserved = to;
         }
-        self.out
-            .write_all_at(bytes, off)
-            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+        Ok(())
     }
 
     /// Does a job's writes in order.
@@ -269,16 +324,22 @@ impl<'a> Sink<'a> {
 
     /// Starts the I/O thread in `scope`, taking the output over; does nothing if
     /// one runs already.
-    pub(crate) fn start<'s>(&mut self, scope: &'s std::thread::Scope<'s, '_>)
-    where
+    /// `direct`: write whole aligned blocks through this descriptor of the
+    /// output, opened for direct I/O ([`WriteAt::open_direct`]).
+    pub(crate) fn start<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        direct: Option<std::fs::File>,
+    ) where
         'a: 's,
     {
         if !matches!(self, Sink::Direct(_)) {
             return;
         }
-        let Sink::Direct(out) = std::mem::replace(self, Sink::Gone) else {
+        let Sink::Direct(mut out) = std::mem::replace(self, Sink::Gone) else {
             unreachable!("matched above")
         };
+        out.direct = direct;
         // The output reaches the thread through a channel, so that it can be
         // taken back if the thread cannot be spawned.
         let (out_tx, out_rx) = crossbeam_channel::bounded(1);
@@ -308,6 +369,8 @@ impl<'a> Sink<'a> {
                         let _ = r.send(b);
                     }
                 }
+                // Back on the writer's thread (the metadata), writes are buffered.
+                out.direct = None;
                 let _ = back_tx.send((out, crate::io::thread_cpu_ns()));
             });
         *self = match spawned {
