@@ -11,11 +11,14 @@
 #   sparse  a 4 TiB sparse raw with 1 GiB of data in 64 KiB pieces every 256 MiB
 #           (8192 L2 tables at 64 KiB clusters) against a dense 1 GiB file: peak RSS
 #   share   the 2 GiB (SIZE) mixed sample at -m 2, unsynced: CPU time of the writer
-#           (main) thread against the whole process (perf record -e cpu-clock,
-#           samples per thread name)
+#           (main) thread against the whole process: each thread's own CPU clock
+#           by role (QDEDUP_THREAD_CPU=1, no perf needed) and, where perf is
+#           installed, perf record -e cpu-clock samples per thread name. ROUNDS
+#           (default 3) runs.
 #
 # Environment: WORKDIR (default ${TMPDIR:-/tmp}/qdedup-big; every input and output
-# is deleted after use), QDEDUP (a binary to measure instead of this tree's).
+# is deleted after use), QDEDUP (a binary to measure instead of this tree's; one
+# from before the I/O thread prints no thread-cpu lines), ROUNDS (share).
 set -euo pipefail
 
 MODE=${1:-all}
@@ -92,11 +95,22 @@ PY
 share() {
     echo "== writer thread share, $SIZE mixed, -m 2, unsynced"
     "$GEN" "$WORKDIR/mixed.raw" "$SIZE" mixed
-    cat "$WORKDIR/mixed.raw" >/dev/null
-    perf record -q -e cpu-clock -o "$WORKDIR/perf.data" -- \
-        "$QDEDUP" convert -q --no-sync -m 2 "$WORKDIR/mixed.raw" "$WORKDIR/out.qcow2" 2>/dev/null
-    perf report -i "$WORKDIR/perf.data" --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]'
-    rm -f "$WORKDIR/out.qcow2" "$WORKDIR/mixed.raw" "$WORKDIR/perf.data"
+    local r
+    for r in $(seq 1 "${ROUNDS:-3}"); do
+        cat "$WORKDIR/mixed.raw" >/dev/null
+        echo "-- run $r: per-thread CPU clocks (QDEDUP_THREAD_CPU=1)"
+        QDEDUP_THREAD_CPU=1 "$QDEDUP" convert -q --no-sync -m 2 \
+            "$WORKDIR/mixed.raw" "$WORKDIR/out.qcow2" 2>&1 | sed 's/^thread-cpu: /   /'
+        rm -f "$WORKDIR/out.qcow2"
+        if command -v perf >/dev/null; then
+            echo "-- run $r: perf samples per thread"
+            perf record -q -e cpu-clock -o "$WORKDIR/perf.data" -- \
+                "$QDEDUP" convert -q --no-sync -m 2 "$WORKDIR/mixed.raw" "$WORKDIR/out.qcow2" 2>/dev/null
+            perf report -i "$WORKDIR/perf.data" --sort comm --stdio 2>/dev/null | grep -E '^ +[0-9]'
+            rm -f "$WORKDIR/out.qcow2" "$WORKDIR/perf.data"
+        fi
+    done
+    rm -f "$WORKDIR/mixed.raw"
 }
 
 case $MODE in

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Positional reads.
@@ -103,6 +103,21 @@ pub trait WriteAt: Send + Sync {
         Ok(())
     }
 
+    /// [`WriteAt::preallocate`] without preparing the page cache: for a range
+    /// that is then written with [`WriteAt::open_direct`]'s descriptor, which
+    /// bypasses it. The default is `preallocate`.
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.preallocate(offset, len)
+    }
+
+    /// A second descriptor of this file opened for direct I/O (`O_DIRECT`:
+    /// writes go to the device from the caller's memory, bypassing the page
+    /// cache; offsets, lengths and memory must be 4 KiB-aligned), or `None` (the
+    /// default, and where the file or the file system does not allow it).
+    fn open_direct(&self) -> Option<File> {
+        None
+    }
+
     /// Reads back `buf.len()` bytes written at `offset` (the writer's
     /// `--verify`; a `File` must be open for reading too). The default
     /// cannot: it fails with [`io::ErrorKind::Unsupported`].
@@ -159,6 +174,26 @@ impl WriteAt for File {
         }
         Ok(())
     }
+    fn reserve(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Best effort, as `preallocate`.
+        let _ = rustix::fs::fallocate(self, rustix::fs::FallocateFlags::empty(), offset, len);
+        Ok(())
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    fn open_direct(&self) -> Option<File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        // Regular files only; a new open file description (O_DIRECT set on a
+        // duplicate would change this descriptor too).
+        if !self.metadata().ok()?.is_file() {
+            return None;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?)
+            .open(format!("/proc/self/fd/{}", self.as_raw_fd()))
+            .ok()
+    }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::FallocateFlags as F;
         match rustix::fs::fallocate(self, F::PUNCH_HOLE | F::KEEP_SIZE, offset, len) {
@@ -167,6 +202,36 @@ impl WriteAt for File {
             Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(()),
             r => r.map_err(io::Error::from),
         }
+    }
+}
+
+/// CPU time (nanoseconds) of every page-cache prefetcher that has ended in this
+/// process (the helper threads of [`WriteAt::preallocate`] for a `File`); the
+/// difference over a conversion is its prefetchers' share ([`thread_cpu_ns`]).
+pub static PREFAULT_CPU_NS: AtomicU64 = AtomicU64::new(0);
+
+/// CPU time (user + system, nanoseconds) the calling thread has used so far
+/// (`CLOCK_THREAD_CPUTIME_ID`); `None` where the platform has no such clock.
+pub fn thread_cpu_ns() -> Option<u64> {
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_vendor = "apple"
+    ))]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        let ns = u64::try_from(t.tv_sec).ok()? * 1_000_000_000;
+        Some(ns + u64::try_from(t.tv_nsec).ok()?)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_vendor = "apple"
+    )))]
+    {
+        None
     }
 }
 
@@ -206,6 +271,9 @@ fn prefault_page_cache(file: &File, offset: u64, len: u64) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => at += n as u64,
                 }
+            }
+            if let Some(ns) = thread_cpu_ns() {
+                PREFAULT_CPU_NS.fetch_add(ns, Ordering::Relaxed);
             }
             PREFAULTERS.fetch_sub(1, Ordering::AcqRel);
         });

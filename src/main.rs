@@ -303,6 +303,9 @@ fn run_convert(c: &command::Convert) -> Result<ExitCode> {
         }
         r => r.with_context(|| format!("cannot convert {}", c.input.display()))?,
     };
+    if std::env::var_os("QDEDUP_THREAD_CPU").is_some_and(|v| v == "1") {
+        print_thread_cpu(&report.thread_cpu);
+    }
     match c.report {
         // -q: nothing on success, as qemu-img convert -q (JSON included).
         _ if c.quiet => {}
@@ -606,4 +609,28 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     code
+}
+
+/// `QDEDUP_THREAD_CPU=1`: the conversion's CPU time per thread role on stderr
+/// (a profile without `perf`, docs/benchmarks.md), one line per role and the
+/// writer thread's share.
+fn print_thread_cpu(t: &qdedup::convert::ThreadCpu) {
+    let s = |ns: u64| ns as f64 / 1e9;
+    let pct = |ns: u64| 100.0 * ns as f64 / t.total_ns().max(1) as f64;
+    errln!("thread-cpu: role        seconds  share");
+    for (role, ns) in [
+        ("writer", t.writer_ns),
+        ("io", t.io_ns),
+        ("workers", t.workers_ns),
+        ("prefault", t.prefault_ns),
+    ] {
+        errln!("thread-cpu: {role:<9} {:>9.6}  {:>5.1}%", s(ns), pct(ns));
+    }
+    errln!(
+        "thread-cpu: total     {:>9.6}  workers {}, writer share {:.1}%, ceiling {:.1}x",
+        s(t.total_ns()),
+        t.workers,
+        100.0 * t.writer_share(),
+        t.ceiling()
+    );
 }

@@ -510,3 +510,101 @@ fn a_pipe_as_input_is_refused_with_the_reason() {
     assert!(err.contains("is a pipe"), "{err}");
     assert!(!out.exists());
 }
+
+/// `QDEDUP_THREAD_CPU=1` prints the CPU time of each thread role on stderr (a
+/// profile without perf); the pipelined converter's data writes are the I/O
+/// thread's, the sequential converter has none.
+#[test]
+fn thread_cpu_times_are_printed_when_asked() {
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
+    make_input(&input, 65536, 200, 0, 3);
+    let mut cases = 0;
+    for workers in ["0", "2"] {
+        let out = dir.join(format!("out{workers}.qcow2"));
+        let run = std::process::Command::new(qdedup_bin())
+            .args(["convert", "-q", "--no-sync", "-m", workers])
+            .arg(&input)
+            .arg(&out)
+            .env("QDEDUP_THREAD_CPU", "1")
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{run:?}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        let secs = |role: &str| -> f64 {
+            let line = err
+                .lines()
+                .find(|l| l.starts_with(&format!("thread-cpu: {role} ")))
+                .unwrap_or_else(|| panic!("no {role} line in {err}"));
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        assert!(secs("writer") > 0.0, "{err}");
+        assert!(secs("total") > 0.0, "{err}");
+        if workers == "0" {
+            assert!(secs("io") <= 0.0, "{err}");
+            assert!(secs("workers") <= 0.0, "{err}");
+        } else {
+            assert!(secs("io") > 0.0, "{err}");
+            assert!(secs("workers") > 0.0, "{err}");
+        }
+        assert!(err.contains("writer share"), "{err}");
+        // Without the variable, nothing.
+        std::fs::remove_file(&out).unwrap();
+        let quiet = std::process::Command::new(qdedup_bin())
+            .args(["convert", "-q", "--no-sync", "-m", workers])
+            .arg(&input)
+            .arg(&out)
+            .env_remove("QDEDUP_THREAD_CPU")
+            .output()
+            .unwrap();
+        assert!(
+            quiet.status.success() && quiet.stderr.is_empty(),
+            "{quiet:?}"
+        );
+        cases += 1;
+    }
+    assert_eq!(cases, 2);
+}
+
+/// Direct I/O for the data (the default where the output's file system allows
+/// it) writes the same bytes as the page cache, whatever the cluster size (512 B
+/// clusters give unaligned runs, which stay buffered) and with compressed
+/// streams (unaligned).
+#[test]
+fn direct_io_writes_the_same_bytes_as_buffered_writes() {
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
+    make_input(&input, 4096, 3000, 100, 5);
+    let mut cases = 0;
+    for args in [
+        &["-o", "cluster_size=64k"][..],
+        &["-o", "cluster_size=4k"],
+        &["-o", "cluster_size=512"],
+        &["-c", "-o", "cluster_size=4k"],
+    ] {
+        let direct = dir.join("direct.qcow2");
+        let buffered = dir.join("buffered.qcow2");
+        for (out, extra) in [(&direct, None), (&buffered, Some("--no-direct"))] {
+            let run = std::process::Command::new(qdedup_bin())
+                .args(["convert", "-q", "--no-sync", "-m", "2"])
+                .args(args)
+                .args(extra)
+                .arg(&input)
+                .arg(out)
+                .output()
+                .unwrap();
+            assert!(run.status.success(), "{args:?} {extra:?}: {run:?}");
+        }
+        assert_eq!(
+            std::fs::read(&direct).unwrap(),
+            std::fs::read(&buffered).unwrap(),
+            "{args:?}"
+        );
+        assert_qemu_check_clean(&direct);
+        assert_qemu_compare_same(&input, "raw", &direct);
+        std::fs::remove_file(&direct).unwrap();
+        std::fs::remove_file(&buffered).unwrap();
+        cases += 1;
+    }
+    assert_eq!(cases, 4);
+}

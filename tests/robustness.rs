@@ -459,3 +459,33 @@ fn a_closed_stdout_never_panics_nor_changes_the_exit_code() {
     assert_qemu_compare_same(&raw, "raw", &out);
     assert_eq!(cases.len(), 14);
 }
+
+/// A write that fails on the writer's I/O thread (the pipelined converter's
+/// data writes), early or late in a conversion of many batches, is the
+/// conversion's error, for any number of workers: no hang, no panic.
+#[test]
+fn a_write_failing_on_the_io_thread_is_the_conversion_error() {
+    let mut cases = 0;
+    for workers in [1usize, 2, 8] {
+        for fail_after in [0usize, 1, 5, 40] {
+            let src = FailingSource {
+                size: 96 << 20,
+                ok_reads: usize::MAX.into(),
+            };
+            let opts = ConvertOptions {
+                workers,
+                cluster_bits: 12,
+                ..ConvertOptions::default()
+            };
+            let mut mem = qdedup::io::MemFile::new(Vec::new());
+            mem.fail_after_writes = Some(fail_after);
+            let e = convert::convert_to(&src, &mem, &opts).unwrap_err();
+            assert!(
+                e.to_string().contains("injected write failure"),
+                "{workers} workers, failing after {fail_after} writes: {e}"
+            );
+            cases += 1;
+        }
+    }
+    assert_eq!(cases, 12);
+}

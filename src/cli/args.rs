@@ -92,6 +92,10 @@ pub(crate) struct ConvertArgs {
     /// Do not fsync the output (like qemu-img convert's default cache=unsafe).
     #[arg(long)]
     pub(crate) no_sync: bool,
+    /// Write the output's data through the page cache instead of with direct
+    /// I/O (O_DIRECT, the default where the file system allows it).
+    #[arg(long)]
+    pub(crate) no_direct: bool,
     /// Replace OUT if it exists.
     #[arg(long)]
     pub(crate) force: bool,

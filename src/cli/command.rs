@@ -230,6 +230,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         bail!("--max-in-flight 0: give a size of at least 1 byte, e.g. 64M (the default)");
     }
     opts.sync = !a.no_sync;
+    opts.direct_io = !a.no_direct;
     if let Some(mode) = &a.qemu.cache {
         let sync = cache_syncs("-t", mode)?;
         if sync && a.no_sync {

@@ -142,6 +142,10 @@ pub struct ConvertReport {
     /// The hash function of `checksum` ("blake3" or "sha256").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checksum_algorithm: Option<String>,
+    /// CPU time of the conversion's threads by role (not in the JSON report;
+    /// the CLI prints it with `QDEDUP_THREAD_CPU=1`).
+    #[serde(skip)]
+    pub thread_cpu: ThreadCpu,
 }
 
 /// A range of the input `--salvage` converted as zeros.
@@ -365,6 +369,8 @@ pub struct ConvertStats {
     /// The blkhash digest of the input's guest content, when
     /// [`ConvertOptions::checksum`] asked for it.
     pub checksum: Option<crate::checksum::BlockDigest>,
+    /// CPU time of the conversion's threads by role.
+    pub thread_cpu: ThreadCpu,
 }
 
 /// Converts `src` into a qcow2 image written through `out` (a fresh, empty file).
@@ -427,6 +433,8 @@ pub fn convert_salvaging_to(
     opts: &ConvertOptions,
 ) -> Result<SalvageStats> {
     opts.validate()?;
+    let cpu_start = crate::io::thread_cpu_ns();
+    let prefault_start = crate::io::PREFAULT_CPU_NS.load(std::sync::atomic::Ordering::Relaxed);
     let mut w = opts
         .writer(src.virtual_size())
         .backing(backing.map(|b| b.name.clone()))
@@ -447,31 +455,65 @@ pub fn convert_salvaging_to(
     let mut salvaged: Vec<SalvagedRange> = Vec::new();
     let zero = pipeline::zero_hash(opts.cluster_size());
     let (mut backing_clusters, mut zero_data_clusters) = (0u64, 0u64);
-    let bytes_read = pipeline::run_overlay(src, &overlay, opts, compress.as_deref(), &mut |b| {
-        if let Some(sum) = &mut sum {
-            sum.batch(b)?;
+    let mut io_cpu = None;
+    // The pipelined converter's writer only places clusters; an I/O thread
+    // does the writes (writer::output). The sequential one does all on this thread.
+    let bytes_read = std::thread::scope(|s| -> Result<pipeline::BytesRead> {
+        if opts.workers > 0 {
+            w.start_io_thread(s, opts.direct_io);
         }
-        for k in &b.kinds {
-            match k {
-                Kind::Backing => backing_clusters += 1,
-                Kind::Data { hash, .. } if *hash == zero => zero_data_clusters += 1,
-                _ => {}
-            }
-        }
-        for (offset, length, error) in &b.salvaged {
-            match salvaged.last_mut() {
-                Some(r) if r.offset + r.length == *offset => r.length += length,
-                _ => salvaged.push(SalvagedRange {
-                    offset: *offset,
-                    length: *length,
-                    error: error.clone(),
-                }),
-            }
-        }
-        w.accept_batch(b)
+        let r = pipeline::run_overlay_owned(
+            src,
+            &overlay,
+            opts,
+            compress.as_deref(),
+            &mut |b, recycle| {
+                if let Some(sum) = &mut sum {
+                    sum.batch(&b)?;
+                }
+                for k in &b.kinds {
+                    match k {
+                        Kind::Backing => backing_clusters += 1,
+                        Kind::Data { hash, .. } if *hash == zero => zero_data_clusters += 1,
+                        _ => {}
+                    }
+                }
+                for (offset, length, error) in &b.salvaged {
+                    match salvaged.last_mut() {
+                        Some(r) if r.offset + r.length == *offset => r.length += length,
+                        _ => salvaged.push(SalvagedRange {
+                            offset: *offset,
+                            length: *length,
+                            error: error.clone(),
+                        }),
+                    }
+                }
+                w.accept_owned(b, recycle)
+            },
+        );
+        // Always, so that the scope can end; the pipeline's error comes first.
+        let stopped = w.stop_io_thread();
+        let r = r?;
+        io_cpu = stopped?;
+        Ok(r)
     })?;
     let index_bytes = w.index_heap_bytes() as u64;
     let stats = w.finish()?;
+    let thread_cpu = ThreadCpu {
+        writer_ns: crate::io::thread_cpu_ns()
+            .zip(cpu_start)
+            .map_or(0, |(b, a)| b.saturating_sub(a)),
+        io_ns: io_cpu.unwrap_or(0),
+        workers_ns: bytes_read.worker_cpu_ns,
+        workers: if opts.workers == 0 {
+            0
+        } else {
+            opts.workers.max(1)
+        },
+        prefault_ns: crate::io::PREFAULT_CPU_NS
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_sub(prefault_start),
+    };
     Ok(SalvageStats {
         stats: OverlayStats {
             stats: ConvertStats {
@@ -479,6 +521,7 @@ pub fn convert_salvaging_to(
                 bytes_read: bytes_read.source,
                 index_bytes,
                 checksum: sum.map(crate::checksum::ConvertChecksum::finish),
+                thread_cpu,
             },
             backing_clusters,
             backing_bytes_read: bytes_read.backing,
@@ -686,6 +729,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
                         bytes_read,
                         index_bytes,
                         checksum,
+                        thread_cpu,
                     },
                 backing_clusters,
                 backing_bytes_read,
@@ -810,5 +854,50 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         salvaged,
         checksum: checksum.as_ref().map(crate::checksum::to_hex),
         checksum_algorithm: checksum.and(opts.checksum).map(|a| a.name().to_string()),
+        thread_cpu,
     })
+}
+
+/// CPU time (user + system, nanoseconds) of a conversion's threads by role,
+/// each thread's own clock (`CLOCK_THREAD_CPUTIME_ID`) read as it ends: a
+/// per-thread profile without `perf` (docs/benchmarks.md, "Big images"). All
+/// zeros where the platform has no per-thread clock.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadCpu {
+    /// The calling thread, from the start of the conversion to the end of the
+    /// writer's `finish`: the writer (placement: dedup index, refcounts, L2
+    /// tables) and, without workers (`-m 0`), everything.
+    pub writer_ns: u64,
+    /// The writer's I/O thread (the output's data writes; 0 without workers).
+    pub io_ns: u64,
+    /// The workers together (reading the input, zero detection, BLAKE3,
+    /// compression).
+    pub workers_ns: u64,
+    /// Number of workers (0: the sequential converter).
+    pub workers: usize,
+    /// The page-cache prefetchers that ended during the conversion
+    /// ([`crate::io::PREFAULT_CPU_NS`]: process-wide, so conversions running
+    /// at the same time in one process count each other's).
+    pub prefault_ns: u64,
+}
+
+impl ThreadCpu {
+    /// All roles together.
+    pub fn total_ns(&self) -> u64 {
+        self.writer_ns + self.io_ns + self.workers_ns + self.prefault_ns
+    }
+
+    /// The writer thread's share of [`ThreadCpu::total_ns`] (0 to 1).
+    pub fn writer_share(&self) -> f64 {
+        self.writer_ns as f64 / self.total_ns().max(1) as f64
+    }
+
+    /// The projected ceiling of the pipeline's speed-up over one core: the
+    /// whole work over that of its busiest single thread (the writer or the I/O
+    /// thread; the workers and prefetchers are several). No number of cores
+    /// makes a conversion faster than its busiest single thread.
+    pub fn ceiling(&self) -> f64 {
+        let serial = self.writer_ns.max(self.io_ns).max(1);
+        self.total_ns() as f64 / serial as f64
+    }
 }

@@ -17,7 +17,10 @@
 //! the worker rather than in a separate reader thread spreads the `pread` copy over
 //! the workers and hashes the data while it is still in the core's cache
 //! (docs/benchmarks.md). The writer reorders batches by sequence number and hands
-//! them to the writer in guest order, then returns the buffer to the pool.
+//! them on in guest order: with [`run_overlay`] it then returns the buffer to the
+//! pool; with [`run_overlay_owned`] (`convert`) the batch is given away, with the
+//! pool's sender, and comes back from the image writer's I/O thread once its
+//! writes are done (`writer::output`).
 //!
 //! Every planned batch reaches the writer, even one whose read failed (it carries
 //! the error), so the writer never waits for a batch that will not come. A closed
@@ -82,6 +85,10 @@ pub struct BytesRead {
     pub source: u64,
     /// From the backing file (overlays), to compare.
     pub backing: u64,
+    /// CPU time (nanoseconds) of the pipeline's worker threads, together, each
+    /// read as it ended (0 for the sequential converter, whose work is the
+    /// calling thread's).
+    pub worker_cpu_ns: u64,
 }
 
 /// Walks the guest disk and fills batches.
@@ -494,6 +501,38 @@ pub fn run_overlay(
 /// Receives processed batches in guest order (on the calling thread).
 pub type DeliverFn<'a> = dyn FnMut(&Batch) -> Result<()> + 'a;
 
+/// Receives processed batches in guest order (on the calling thread) and keeps
+/// them: each must be sent back through the given pool sender once done with
+/// (it may be later, from another thread: the writer's I/O thread does). A
+/// batch not sent back is simply missing from the pool (fewer batches in
+/// flight).
+pub type OwnedDeliverFn<'a> = dyn FnMut(Batch, &Sender<Batch>) -> Result<()> + 'a;
+
+/// How the writer loop hands batches on.
+enum Deliver<'d, 'a> {
+    /// By reference; the pipeline recycles the buffer.
+    Borrowed(&'d mut DeliverFn<'a>),
+    /// By value; the receiver recycles it.
+    Owned(&'d mut OwnedDeliverFn<'a>),
+}
+
+/// [`run_overlay`] handing the batches over by value ([`OwnedDeliverFn`]):
+/// `convert` gives them, with the writes placed into them, to the writer's I/O
+/// thread.
+pub fn run_overlay_owned(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    deliver: &mut OwnedDeliverFn<'_>,
+) -> Result<BytesRead> {
+    if opts.workers == 0 {
+        run_sequential_inner(src, overlay, opts, compress, Deliver::Owned(deliver))
+    } else {
+        run_pipelined_inner(src, overlay, opts, compress, Deliver::Owned(deliver))
+    }
+}
+
 /// The sequential reader/worker loop, handing each processed batch to `deliver`
 /// (used by `convert` with an [`ImageWriter`](crate::writer::ImageWriter), and by `estimate` with several).
 /// Returns the guest bytes read.
@@ -514,17 +553,37 @@ fn run_sequential_overlay(
     compress: Option<&CompressFn>,
     deliver: &mut DeliverFn<'_>,
 ) -> Result<BytesRead> {
+    run_sequential_inner(src, overlay, opts, compress, Deliver::Borrowed(deliver))
+}
+
+fn run_sequential_inner(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    mut deliver: Deliver<'_, '_>,
+) -> Result<BytesRead> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
     let mut reader = BatchReader::for_overlay(src, cs, overlay);
     let mut batch = Batch::default();
     let claims = opts.dedup.then(Claims::new);
+    // Owned delivery: the batch comes back through here (at once, or from the
+    // writer's I/O thread; a fresh one meanwhile).
+    let (back_tx, back_rx) = crossbeam_channel::unbounded::<Batch>();
     while reader.next_overlay_batch(&mut batch, overlay)? {
         if cancelled(opts) {
             return Err(Error::Interrupted);
         }
         work_on(&mut batch, overlay, opts, total, compress, claims.as_ref());
-        deliver(&batch)?;
+        match &mut deliver {
+            Deliver::Borrowed(d) => d(&batch)?,
+            Deliver::Owned(d) => {
+                let b = std::mem::take(&mut batch);
+                d(b, &back_tx)?;
+                batch = back_rx.try_recv().unwrap_or_default();
+            }
+        }
         if let Some(p) = &opts.progress {
             p(reader.position(), total);
         }
@@ -532,6 +591,7 @@ fn run_sequential_overlay(
     Ok(BytesRead {
         source: reader.bytes_read,
         backing: reader.backing_bytes_read,
+        worker_cpu_ns: 0,
     })
 }
 
@@ -573,6 +633,16 @@ fn run_pipelined_overlay(
     compress: Option<&CompressFn>,
     deliver: &mut DeliverFn<'_>,
 ) -> Result<BytesRead> {
+    run_pipelined_inner(src, overlay, opts, compress, Deliver::Borrowed(deliver))
+}
+
+fn run_pipelined_inner(
+    src: &dyn Source,
+    overlay: &Overlay<'_>,
+    opts: &ConvertOptions,
+    compress: Option<&CompressFn>,
+    mut deliver: Deliver<'_, '_>,
+) -> Result<BytesRead> {
     let cs = opts.cluster_size();
     let total = src.virtual_size();
     let workers = opts.workers.max(1);
@@ -594,6 +664,7 @@ fn run_pipelined_overlay(
         stop.store(true, Ordering::SeqCst);
     };
     let mut bytes_read = BytesRead::default();
+    let worker_cpu = std::sync::atomic::AtomicU64::new(0);
     let claims = opts.dedup.then(Claims::new);
     let claims = claims.as_ref();
 
@@ -602,7 +673,7 @@ fn run_pipelined_overlay(
         for _ in 0..workers {
             let pool_rx = pool_rx.clone();
             let done_tx = done_tx.clone();
-            let (reader, fail, stop) = (&reader, &fail, &stop);
+            let (reader, fail, stop, worker_cpu) = (&reader, &fail, &stop, &worker_cpu);
             spawn_named(s, "qdedup-work", move || {
                 while let Ok(mut b) = pool_rx.recv() {
                     if stop.load(Ordering::Relaxed) {
@@ -641,6 +712,10 @@ fn run_pipelined_overlay(
                         break;
                     }
                 }
+                // Every way out of the loop comes here.
+                if let Some(ns) = crate::io::thread_cpu_ns() {
+                    worker_cpu.fetch_add(ns, Ordering::Relaxed);
+                }
             });
         }
         drop(done_tx);
@@ -658,22 +733,25 @@ fn run_pipelined_overlay(
                     fail(e);
                     break 'recv;
                 }
-                if let Err(e) = deliver(&b) {
-                    fail(e);
-                    break 'recv;
-                }
                 bytes_read.source += b.bytes_read;
                 bytes_read.backing += b.backing_bytes_read;
                 next_seq += 1;
-                if let Some(p) = &opts.progress {
-                    p(
-                        ((b.first_cluster + b.kinds.len() as u64) * cs).min(total),
-                        total,
-                    );
+                let reached = ((b.first_cluster + b.kinds.len() as u64) * cs).min(total);
+                let delivered = match &mut deliver {
+                    Deliver::Borrowed(d) => d(&b).map(|()| {
+                        // The workers may be gone (they finished): then the
+                        // buffer is just dropped.
+                        let _ = pool_tx.send(b);
+                    }),
+                    Deliver::Owned(d) => d(b, &pool_tx),
+                };
+                if let Err(e) = delivered {
+                    fail(e);
+                    break 'recv;
                 }
-                // The workers may be gone (they finished): then the buffer is just
-                // dropped.
-                let _ = pool_tx.send(b);
+                if let Some(p) = &opts.progress {
+                    p(reached, total);
+                }
             }
         }
         // Unblock the workers if we stopped early; the scope joins them.
@@ -683,6 +761,7 @@ fn run_pipelined_overlay(
     if let Some(e) = first_error.into_inner().expect("not poisoned") {
         return Err(e);
     }
+    bytes_read.worker_cpu_ns = worker_cpu.into_inner();
     Ok(bytes_read)
 }
 

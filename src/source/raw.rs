@@ -4,7 +4,8 @@
 //! so a sparse 1 TiB file with little data is read only where it has data. The
 //! virtual size is the file size rounded up to 512 bytes, as qemu-img does; the
 //! rounded tail reads as zeros. Reads are plain `pread`s of whole batches (mmap
-//! would need `unsafe` and gives nothing for sequential reads of large runs).
+//! would need `unsafe`, cannot survive a concurrent truncation of the input, and
+//! saved at most 12% of the CPU time in isolation: docs/benchmarks.md, issue 19).
 
 use std::fs::File;
 use std::os::fd::AsFd;

@@ -58,6 +58,7 @@
 //! iff the refcount is 1, so `qemu-img check` finds the output clean.
 
 pub mod batch;
+mod output;
 mod refcounts;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -78,18 +79,8 @@ use crate::format::l1l2::{L1Entry, L2Entry};
 use crate::format::refcount;
 use crate::io::WriteAt;
 use batch::{Batch, Kind, Stream};
+use output::{Output, Sink};
 use refcounts::HostRefcounts;
-
-/// Write requests smaller than this are gathered into one buffer.
-const WRITE_BUFFER: usize = 4 << 20;
-/// Runs of at least this many bytes are written straight from the batch buffer.
-const DIRECT_WRITE: usize = 256 << 10;
-/// The output file is reserved (`fallocate`, see [`WriteAt::preallocate`]) up to
-/// this far ahead of the writes, and trimmed to its real length at the end.
-/// Writing into reserved space costs ext4 about a third less kernel time than
-/// delayed allocation block by block, and lets the file's page cache be prepared
-/// ahead of the writer.
-const PREALLOCATE_STEP: u64 = 64 << 20;
 
 /// COPIED fixes gathered before they are written (16 bytes each).
 const COPIED_FIXES: usize = 4096;
@@ -481,12 +472,13 @@ pub struct ImageWriter<'a> {
     next_guest: u64,
     /// Clusters given to the streaming API, not yet processed.
     pending: Batch,
-    /// Bytes of the output reserved so far (see [`PREALLOCATE_STEP`]).
-    reserved: std::cell::Cell<u64>,
     /// Where the next compressed stream may start, inside the last allocated cluster.
     ctail: Option<u64>,
-    wbuf: Vec<u8>,
-    wbuf_off: u64,
+    /// Where the writes go: done at once, or by an I/O thread ([`output`]).
+    sink: Sink<'a>,
+    /// The batch being placed travels with its writes to the I/O thread
+    /// ([`ImageWriter::accept_owned`]): its ranges need no copy.
+    owned_batch: bool,
     /// End of the furthest byte handed to `push_bytes`.
     bytes_end: u64,
     run: Option<(u64, std::ops::Range<usize>)>,
@@ -559,10 +551,9 @@ impl<'a> ImageWriter<'a> {
             next_cluster: 1,
             next_guest: 0,
             pending: Batch::default(),
-            reserved: std::cell::Cell::new(0),
             ctail: None,
-            wbuf: Vec::new(),
-            wbuf_off: 0,
+            sink: Sink::Direct(Output::new(out)),
+            owned_batch: false,
             bytes_end: 0,
             run: None,
             stats: WriterStats::default(),
@@ -681,6 +672,57 @@ impl<'a> ImageWriter<'a> {
 
     fn cs(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// Moves the data writes to an I/O thread spawned in `scope` (module
+    /// [`output`]): from now on the writer only places clusters, and
+    /// [`ImageWriter::accept_owned`] hands each batch, with the writes that
+    /// point into it, to that thread. The caller must call
+    /// [`ImageWriter::stop_io_thread`] before `scope` ends (the scope waits for
+    /// the thread, which runs until then). With `verify` (which reads back what
+    /// was written) the writes stay on this thread.
+    ///
+    /// `direct`: the I/O thread writes whole aligned 4 KiB blocks through the
+    /// output's direct-I/O descriptor ([`WriteAt::open_direct`]) instead of the
+    /// page cache; everything else (and everything after
+    /// [`ImageWriter::stop_io_thread`]) stays buffered. The same bytes either way.
+    pub(crate) fn start_io_thread<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        direct: bool,
+    ) where
+        'a: 's,
+    {
+        if !self.verify {
+            let d = if direct { self.out.open_direct() } else { None };
+            self.sink.start(scope, d);
+        }
+    }
+
+    /// [`ImageWriter::accept_batch`] for a batch the caller gives away: once its
+    /// writes are done (on the I/O thread, if one runs) it goes back through
+    /// `recycle`. Returns the I/O thread's error if it failed on an earlier batch.
+    pub(crate) fn accept_owned(
+        &mut self,
+        b: Batch,
+        recycle: &crossbeam_channel::Sender<Batch>,
+    ) -> Result<()> {
+        if let Some(e) = self.sink.io_error() {
+            return Err(e);
+        }
+        self.owned_batch = true;
+        let r = self.accept_batch(&b);
+        self.owned_batch = false;
+        // Sent even after an error: the I/O thread hands the buffer back.
+        let sent = self.sink.send_batch(b, recycle);
+        r.and(sent)
+    }
+
+    /// Waits until the I/O thread has done every write and takes the output back
+    /// (writes are done on this thread again); returns the I/O thread's CPU time
+    /// (nanoseconds, `None` without a thread or a clock), or its error.
+    pub(crate) fn stop_io_thread(&mut self) -> Result<Option<u64>> {
+        self.sink.stop()
     }
 
     /// Counters so far.
@@ -926,57 +968,31 @@ impl<'a> ImageWriter<'a> {
 
     fn flush_run(&mut self, batch: &[u8]) -> Result<()> {
         if let Some((h, r)) = self.run.take() {
-            self.push_bytes(&batch[r], h << self.cluster_bits)?;
+            let off = h << self.cluster_bits;
+            self.bytes_end = self.bytes_end.max(off + r.len() as u64);
+            self.sink.batch_range(batch, r, off, self.owned_batch)?;
         }
         Ok(())
     }
 
+    /// Writes `bytes` at `off`, gathered with adjacent small writes.
     fn push_bytes(&mut self, bytes: &[u8], off: u64) -> Result<()> {
         self.bytes_end = self.bytes_end.max(off + bytes.len() as u64);
-        if !self.wbuf.is_empty() && self.wbuf_off + self.wbuf.len() as u64 != off {
-            self.flush_wbuf()?;
-        }
-        if bytes.len() >= DIRECT_WRITE {
-            self.flush_wbuf()?;
-            return self.write(bytes, off);
-        }
-        if self.wbuf.is_empty() {
-            self.wbuf_off = off;
-        }
-        self.wbuf.extend_from_slice(bytes);
-        if self.wbuf.len() >= WRITE_BUFFER {
-            self.flush_wbuf()?;
-        }
-        Ok(())
+        self.sink.bytes(bytes, off, true)
     }
 
+    /// Writes out what is gathered (writes done at once only: `--verify` runs
+    /// without an I/O thread).
     fn flush_wbuf(&mut self) -> Result<()> {
-        if !self.wbuf.is_empty() {
-            let buf = std::mem::take(&mut self.wbuf);
-            self.write(&buf, self.wbuf_off)?;
-            self.wbuf = buf;
-            self.wbuf.clear();
+        match self.sink.direct() {
+            Some(o) => o.flush(),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    fn write(&self, bytes: &[u8], off: u64) -> Result<()> {
-        let end = off + bytes.len() as u64;
-        // Keep the reservation ahead of the writes by as much as has been
-        // written (4 MiB at first, at most PREALLOCATE_STEP), so that what
-        // `preallocate` starts for a range is under way before the writes reach it.
-        let ahead = end.clamp(4 << 20, PREALLOCATE_STEP);
-        if end + ahead > self.reserved.get() {
-            let to = (end + 2 * ahead).next_multiple_of(1 << 20);
-            let from = self.reserved.get();
-            self.out
-                .preallocate(from, to - from)
-                .ctx(|| format!("cannot reserve space in the output at {from:#x}"))?;
-            self.reserved.set(to);
-        }
-        self.out
-            .write_all_at(bytes, off)
-            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+    /// Writes `bytes` at `off` on their own (metadata).
+    fn write(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        self.sink.bytes(bytes, off, false)
     }
 
     fn set_l2(&mut self, guest_cluster: u64, entry: u64) {
@@ -1125,6 +1141,7 @@ impl<'a> ImageWriter<'a> {
     /// Writes the metadata and the header; returns the final counters. Clusters
     /// never given read as zeros.
     pub fn finish(mut self) -> Result<WriterStats> {
+        self.stop_io_thread()?;
         self.flush_pending()?;
         let cs = self.cs();
         let cb = self.cluster_bits;

@@ -1,0 +1,433 @@
+//! The writer's side of the output file: small writes gathered into one buffer,
+//! the file reserved ahead of the writes ([`WriteAt::preallocate`]), and,
+//! for the conversion pipeline, all of it done on an I/O thread.
+//!
+//! The [`ImageWriter`](super::ImageWriter) decides what goes where (dedup index,
+//! refcounts, L2 tables) and emits writes in order. Without an I/O thread
+//! ([`Sink::Direct`]) each write is done at once, as it always was. With one
+//! ([`Sink::Thread`], [`ImageWriter::start_io_thread`](super::ImageWriter::start_io_thread))
+//! the writes of one batch are recorded as a [`Job`]: ranges of the batch's own
+//! buffer (no copy) and a few owned bytes (compressed streams, L2 tables, COPIED
+//! fixes). The job, with the batch, goes to the I/O thread, which does the writes
+//! in the order they were emitted and hands the batch buffer back to the
+//! pipeline's pool. The file gets the same bytes at the same offsets through the
+//! same [`Output`] either way, so the output is identical.
+//!
+//! Why: on the 2 GiB mixed sample at `-m 2`, the buffered `pwrite`s into the
+//! output's page cache were 68% of the writer thread's time, and the writer
+//! thread's share of the CPU caps how far the pipeline scales
+//! (docs/benchmarks.md, "Big images").
+//!
+//! Errors: the I/O thread keeps the first one and stops writing, but keeps
+//! taking jobs and handing their buffers back, so no thread waits for a buffer
+//! that will not come; the writer returns the error from its next batch (or from
+//! [`ImageWriter::stop_io_thread`](super::ImageWriter::stop_io_thread)).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::batch::Batch;
+use crate::error::{Error, IoContext, Result};
+use crate::io::WriteAt;
+
+/// Write requests smaller than this are gathered into one buffer.
+const WRITE_BUFFER: usize = 4 << 20;
+/// Runs of at least this many bytes are written straight from the batch buffer.
+const DIRECT_WRITE: usize = 256 << 10;
+/// The output file is reserved (`fallocate`, see [`WriteAt::preallocate`]) up to
+/// this far ahead of the writes, and trimmed to its real length at the end.
+/// Writing into reserved space costs ext4 about a third less kernel time than
+/// delayed allocation block by block, and lets the file's page cache be prepared
+/// ahead of the writer.
+const PREALLOCATE_STEP: u64 = 64 << 20;
+
+/// The output file with its write buffer and reservation.
+pub(crate) struct Output<'a> {
+    out: &'a dyn WriteAt,
+    /// Bytes of the output reserved so far (see [`PREALLOCATE_STEP`]).
+    reserved: u64,
+    wbuf: Vec<u8>,
+    wbuf_off: u64,
+    /// The output opened for direct I/O ([`WriteAt::open_direct`]): writes of
+    /// whole, aligned 4 KiB blocks go through it.
+    direct: Option<std::fs::File>,
+    /// A page-aligned copy of what a direct write writes.
+    stage: Vec<u8>,
+}
+
+/// Alignment of direct writes (offset, length, memory).
+const DIRECT_ALIGN: usize = 4096;
+
+impl<'a> Output<'a> {
+    pub(crate) fn new(out: &'a dyn WriteAt) -> Self {
+        Output {
+            out,
+            reserved: 0,
+            wbuf: Vec::new(),
+            wbuf_off: 0,
+            direct: None,
+            stage: Vec::new(),
+        }
+    }
+
+    /// Writes `bytes` at `off`, gathered with adjacent small writes (runs of at
+    /// least [`DIRECT_WRITE`] bytes go out at once).
+    pub(crate) fn push(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        if !self.wbuf.is_empty() && self.wbuf_off + self.wbuf.len() as u64 != off {
+            self.flush()?;
+        }
+        if bytes.len() >= DIRECT_WRITE {
+            self.flush()?;
+            return self.write(bytes, off);
+        }
+        if self.wbuf.is_empty() {
+            self.wbuf_off = off;
+        }
+        self.wbuf.extend_from_slice(bytes);
+        if self.wbuf.len() >= WRITE_BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes out what is gathered.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if !self.wbuf.is_empty() {
+            let buf = std::mem::take(&mut self.wbuf);
+            let r = self.write(&buf, self.wbuf_off);
+            self.wbuf = buf;
+            self.wbuf.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `off` on their own (not gathered), reserving ahead.
+    pub(crate) fn write(&mut self, bytes: &[u8], off: u64) -> Result<()> {
+        let end = off + bytes.len() as u64;
+        self.reserve(end)?;
+        if self.direct.is_some()
+            && off % DIRECT_ALIGN as u64 == 0
+            && bytes.len() % DIRECT_ALIGN == 0
+            && !bytes.is_empty()
+            && self.write_direct(bytes, off)?
+        {
+            return Ok(());
+        }
+        self.out
+            .write_all_at(bytes, off)
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+    }
+
+    /// Writes whole aligned blocks through the direct descriptor, from a
+    /// page-aligned copy (the batch buffers are not aligned); `Ok(false)` where
+    /// the file system refuses (direct I/O is then off for the rest).
+    fn write_direct(&mut self, bytes: &[u8], off: u64) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let Some(d) = &self.direct else {
+            return Ok(false);
+        };
+        self.stage.resize(bytes.len() + DIRECT_ALIGN, 0);
+        // Safe: the window starts where the pointer is aligned.
+        let pad = self.stage.as_ptr().align_offset(DIRECT_ALIGN);
+        let buf = &mut self.stage[pad..pad + bytes.len()];
+        buf.copy_from_slice(bytes);
+        match FileExt::write_all_at(d, buf, off) {
+            Ok(()) => Ok(true),
+            // Alignment or direct I/O not supported here after all.
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                self.direct = None;
+                Ok(false)
+            }
+            Err(e) => Err(Error::io(
+                format!("cannot write the output at offset {off:#x} (direct I/O)"),
+                e,
+            )),
+        }
+    }
+
+    /// Reserves the output ahead of `end` (see [`PREALLOCATE_STEP`]).
+    fn reserve(&mut self, end: u64) -> Result<()> {
+        // Keep the reservation ahead of the writes by as much as has been
+        // written (4 MiB at first, at most PREALLOCATE_STEP), so that what
+        // `preallocate` starts for a range is under way before the writes reach it.
+        let ahead = end.clamp(4 << 20, PREALLOCATE_STEP);
+        if end + ahead > self.reserved {
+            let to = (end + 2 * ahead).next_multiple_of(1 << 20);
+            let from = self.reserved;
+            // Direct writes bypass the page cache: nothing to prepare there.
+            if self.direct.is_some() {
+                self.out.reserve(from, to - from)
+            } else {
+                self.out.preallocate(from, to - from)
+            }
+            .ctx(|| format!("cannot reserve space in the output at {from:#x}"))?;
+            self.reserved = to;
+        }
+        Ok(())
+    }
+
+    /// Does a job's writes in order.
+    fn apply(&mut self, job: &Job) -> Result<()> {
+        let data: &[u8] = job.batch.as_ref().map_or(&[], |b| &b.data);
+        for op in &job.ops {
+            let bytes = match op.src {
+                Src::Batch(a, b) => data.get(a..b),
+                Src::Owned(a, b) => job.owned.get(a..b),
+            };
+            // Ranges the writer recorded in this job: always inside.
+            let bytes = bytes.ok_or_else(|| {
+                Error::InvalidArgument(format!("a write at {:#x} lost its bytes", op.off))
+            })?;
+            if op.gather {
+                self.push(bytes, op.off)?;
+            } else {
+                self.write(bytes, op.off)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a recorded write's bytes are.
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    /// A range of the job's batch's `data`.
+    Batch(usize, usize),
+    /// A range of the job's `owned` bytes.
+    Owned(usize, usize),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Op {
+    off: u64,
+    /// [`Output::push`] (gathered) or [`Output::write`] (on its own).
+    gather: bool,
+    src: Src,
+}
+
+/// The writes the writer emitted for one batch, and the batch they point into.
+#[derive(Default)]
+pub(crate) struct Job {
+    ops: Vec<Op>,
+    owned: Vec<u8>,
+    batch: Option<Batch>,
+    /// Where the batch goes once written (the pipeline's pool).
+    recycle: Option<Sender<Batch>>,
+}
+
+/// The I/O thread as the writer sees it.
+pub(crate) struct IoThread<'a> {
+    jobs: Sender<Job>,
+    back: Receiver<(Output<'a>, Option<u64>)>,
+    error: Arc<Mutex<Option<Error>>>,
+    failed: Arc<AtomicBool>,
+    /// The job being recorded.
+    job: Job,
+}
+
+/// Where the writer's writes go.
+pub(crate) enum Sink<'a> {
+    /// Done at once on the writer's thread.
+    Direct(Output<'a>),
+    /// Recorded and done by the I/O thread.
+    Thread(Box<IoThread<'a>>),
+    /// The I/O thread ended without handing the output back (it panicked).
+    Gone,
+}
+
+impl<'a> Sink<'a> {
+    /// Writes `bytes` at `off`, gathered or on their own: at once, or recorded as
+    /// owned bytes.
+    pub(crate) fn bytes(&mut self, bytes: &[u8], off: u64, gather: bool) -> Result<()> {
+        match self {
+            Sink::Direct(o) if gather => o.push(bytes, off),
+            Sink::Direct(o) => o.write(bytes, off),
+            Sink::Thread(t) => {
+                let a = t.job.owned.len();
+                t.job.owned.extend_from_slice(bytes);
+                t.job.ops.push(Op {
+                    off,
+                    gather,
+                    src: Src::Owned(a, a + bytes.len()),
+                });
+                Ok(())
+            }
+            Sink::Gone => Err(gone()),
+        }
+    }
+
+    /// Writes `batch[range]` at `off`, gathered. With an I/O thread and
+    /// `owned_batch` (the batch travels with the job), only the range is
+    /// recorded; otherwise the bytes are copied.
+    pub(crate) fn batch_range(
+        &mut self,
+        batch: &[u8],
+        range: std::ops::Range<usize>,
+        off: u64,
+        owned_batch: bool,
+    ) -> Result<()> {
+        match self {
+            Sink::Thread(t) if owned_batch => {
+                t.job.ops.push(Op {
+                    off,
+                    gather: true,
+                    src: Src::Batch(range.start, range.end),
+                });
+                Ok(())
+            }
+            _ => self.bytes(&batch[range], off, true),
+        }
+    }
+
+    /// The output, when writes are done at once (`None` while an I/O thread
+    /// runs).
+    pub(crate) fn direct(&mut self) -> Option<&mut Output<'a>> {
+        match self {
+            Sink::Direct(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The I/O thread's first error, if it failed.
+    pub(crate) fn io_error(&mut self) -> Option<Error> {
+        match self {
+            Sink::Thread(t) if t.failed.load(Ordering::Acquire) => Some(
+                t.error
+                    .lock()
+                    .expect("not poisoned")
+                    .take()
+                    .unwrap_or_else(gone),
+            ),
+            _ => None,
+        }
+    }
+
+    /// Sends the recorded job, with `batch`, to the I/O thread; without one,
+    /// hands `batch` straight back through `recycle`.
+    pub(crate) fn send_batch(&mut self, batch: Batch, recycle: &Sender<Batch>) -> Result<()> {
+        if let Sink::Thread(t) = self {
+            let mut job = std::mem::take(&mut t.job);
+            job.batch = Some(batch);
+            job.recycle = Some(recycle.clone());
+            // Fails only when the I/O thread is gone (it panicked).
+            t.jobs.send(job).map_err(|_| gone())
+        } else {
+            // The pipeline may have stopped taking buffers back: then it is
+            // dropped.
+            let _ = recycle.send(batch);
+            Ok(())
+        }
+    }
+
+    /// Starts the I/O thread in `scope`, taking the output over; does nothing if
+    /// one runs already.
+    /// `direct`: write whole aligned blocks through this descriptor of the
+    /// output, opened for direct I/O ([`WriteAt::open_direct`]).
+    pub(crate) fn start<'s>(
+        &mut self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        direct: Option<std::fs::File>,
+    ) where
+        'a: 's,
+    {
+        if !matches!(self, Sink::Direct(_)) {
+            return;
+        }
+        let Sink::Direct(mut out) = std::mem::replace(self, Sink::Gone) else {
+            unreachable!("matched above")
+        };
+        out.direct = direct;
+        // The output reaches the thread through a channel, so that it can be
+        // taken back if the thread cannot be spawned.
+        let (out_tx, out_rx) = crossbeam_channel::bounded(1);
+        out_tx.send(out).expect("room for one");
+        let out_back = out_rx.clone();
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded::<Job>();
+        let (back_tx, back_rx) = crossbeam_channel::bounded(1);
+        let error = Arc::new(Mutex::new(None));
+        let failed = Arc::new(AtomicBool::new(false));
+        let (err, fail) = (Arc::clone(&error), Arc::clone(&failed));
+        let spawned = std::thread::Builder::new()
+            .name("qdedup-io".into())
+            .spawn_scoped(scope, move || {
+                let Ok(mut out) = out_rx.recv() else {
+                    return;
+                };
+                // The number of jobs is bounded by the pipeline's buffers (each
+                // carries one), so the channel needs no bound of its own.
+                for job in jobs_rx {
+                    if !fail.load(Ordering::Acquire) {
+                        if let Err(e) = out.apply(&job) {
+                            *err.lock().expect("not poisoned") = Some(e);
+                            fail.store(true, Ordering::Release);
+                        }
+                    }
+                    if let (Some(b), Some(r)) = (job.batch, job.recycle) {
+                        let _ = r.send(b);
+                    }
+                }
+                // Back on the writer's thread (the metadata), writes are buffered.
+                out.direct = None;
+                let _ = back_tx.send((out, crate::io::thread_cpu_ns()));
+            });
+        *self = match spawned {
+            Ok(_) => Sink::Thread(Box::new(IoThread {
+                jobs: jobs_tx,
+                back: back_rx,
+                error,
+                failed,
+                job: Job::default(),
+            })),
+            // No thread: the writes stay on the writer's thread.
+            Err(_) => match out_back.try_recv() {
+                Ok(out) => Sink::Direct(out),
+                Err(_) => Sink::Gone,
+            },
+        };
+    }
+
+    /// Waits for the I/O thread to finish its jobs and takes the output back
+    /// (writes are done at once again); returns the thread's CPU time, and its
+    /// error if it failed. Without an I/O thread, does nothing.
+    pub(crate) fn stop(&mut self) -> Result<Option<u64>> {
+        match self {
+            Sink::Thread(_) => {}
+            Sink::Gone => return Err(gone()),
+            Sink::Direct(_) => return Ok(None),
+        }
+        let Sink::Thread(t) = std::mem::replace(self, Sink::Gone) else {
+            unreachable!("matched above")
+        };
+        let IoThread {
+            jobs,
+            back,
+            error,
+            failed,
+            job,
+        } = *t;
+        // Writes recorded after the last batch (the pipeline leaves none) are
+        // owned ones: done before the thread ends.
+        if !job.ops.is_empty() {
+            let _ = jobs.send(job);
+        }
+        drop(jobs);
+        let (out, cpu) = back.recv().map_err(|_| gone())?;
+        if failed.load(Ordering::Acquire) {
+            let e = error.lock().expect("not poisoned").take();
+            return Err(e.unwrap_or_else(gone));
+        }
+        // What the thread gathered last is written by the next flush.
+        *self = Sink::Direct(out);
+        Ok(cpu)
+    }
+}
+
+fn gone() -> Error {
+    Error::io(
+        "the output's I/O thread stopped",
+        std::io::Error::other("I/O thread ended early"),
+    )
+}
