@@ -132,8 +132,10 @@ pub(crate) struct QemuImgConvertArgs {
     /// Show progress even when stderr is not a terminal (as qemu-img -p).
     #[arg(short = 'p')]
     pub(crate) progress: bool,
-    /// Output cache mode, as qemu-img: unsafe = --no-sync; none, writeback,
-    /// writethrough, directsync = sync the output (the default).
+    /// Output cache mode, as qemu-img: none, directsync = sync the output and
+    /// write its data with direct I/O (the default); writeback, writethrough =
+    /// sync it, data through the page cache (--no-direct); unsafe = neither
+    /// (--no-sync --no-direct).
     #[arg(short = 't', value_name = "CACHE")]
     pub(crate) cache: Option<String>,
     /// Source cache mode (qemu-img -T): accepted and ignored, the input is only read.

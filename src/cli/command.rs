@@ -237,6 +237,15 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
             bail!("-t {mode} syncs the output, --no-sync does not: give one of them");
         }
         opts.sync = sync;
+        // As QEMU: `none` and `directsync` bypass the host's page cache
+        // (O_DIRECT), the other modes write through it.
+        if matches!(mode.as_str(), "none" | "directsync") {
+            if a.no_direct {
+                bail!("-t {mode} writes with direct I/O, --no-direct does not: give one of them");
+            }
+        } else {
+            opts.direct_io = false;
+        }
     }
     if let Some(mode) = &a.qemu.src_cache {
         // Checked, then ignored: the input is only read.

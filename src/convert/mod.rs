@@ -142,6 +142,11 @@ pub struct ConvertReport {
     /// The hash function of `checksum` ("blake3" or "sha256").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checksum_algorithm: Option<String>,
+    /// Bytes of data written with direct I/O (`O_DIRECT`, the default; 0 with
+    /// `--no-direct`, a `-t` mode other than none/directsync, or where the
+    /// file system refuses direct I/O: the writes then went through the page
+    /// cache).
+    pub direct_io_bytes: u64,
     /// CPU time of the conversion's threads by role (not in the JSON report;
     /// the CLI prints it with `QDEDUP_THREAD_CPU=1`).
     #[serde(skip)]
@@ -369,6 +374,8 @@ pub struct ConvertStats {
     /// The blkhash digest of the input's guest content, when
     /// [`ConvertOptions::checksum`] asked for it.
     pub checksum: Option<crate::checksum::BlockDigest>,
+    /// Bytes of data written with direct I/O (`O_DIRECT`).
+    pub direct_io_bytes: u64,
     /// CPU time of the conversion's threads by role.
     pub thread_cpu: ThreadCpu,
 }
@@ -498,6 +505,7 @@ pub fn convert_salvaging_to(
         Ok(r)
     })?;
     let index_bytes = w.index_heap_bytes() as u64;
+    let direct_io_bytes = w.direct_io_bytes();
     let stats = w.finish()?;
     let thread_cpu = ThreadCpu {
         writer_ns: crate::io::thread_cpu_ns()
@@ -521,6 +529,7 @@ pub fn convert_salvaging_to(
                 bytes_read: bytes_read.source,
                 index_bytes,
                 checksum: sum.map(crate::checksum::ConvertChecksum::finish),
+                direct_io_bytes,
                 thread_cpu,
             },
             backing_clusters,
@@ -729,6 +738,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
                         bytes_read,
                         index_bytes,
                         checksum,
+                        direct_io_bytes,
                         thread_cpu,
                     },
                 backing_clusters,
@@ -854,6 +864,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         salvaged,
         checksum: checksum.as_ref().map(crate::checksum::to_hex),
         checksum_algorithm: checksum.and(opts.checksum).map(|a| a.name().to_string()),
+        direct_io_bytes,
         thread_cpu,
     })
 }

@@ -725,6 +725,13 @@ impl<'a> ImageWriter<'a> {
         self.sink.stop()
     }
 
+    /// Bytes of data written with direct I/O (`O_DIRECT`; 0 where the file
+    /// system refused it or it was not asked for), once the I/O thread has
+    /// stopped.
+    pub fn direct_io_bytes(&self) -> u64 {
+        self.sink.direct_bytes()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> WriterStats {
         self.stats

@@ -55,6 +55,8 @@ pub(crate) struct Output<'a> {
     direct: Option<std::fs::File>,
     /// A page-aligned copy of what a direct write writes.
     stage: Vec<u8>,
+    /// Bytes written through `direct` so far.
+    direct_bytes: u64,
 }
 
 /// Alignment of direct writes (offset, length, memory).
@@ -69,6 +71,7 @@ impl<'a> Output<'a> {
             wbuf_off: 0,
             direct: None,
             stage: Vec::new(),
+            direct_bytes: 0,
         }
     }
 
@@ -135,7 +138,10 @@ impl<'a> Output<'a> {
         let buf = &mut self.stage[pad..pad + bytes.len()];
         buf.copy_from_slice(bytes);
         match FileExt::write_all_at(d, buf, off) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                self.direct_bytes += bytes.len() as u64;
+                Ok(true)
+            }
             // Alignment or direct I/O not supported here after all.
             Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
                 self.direct = None;
@@ -279,6 +285,15 @@ impl<'a> Sink<'a> {
                 Ok(())
             }
             _ => self.bytes(&batch[range], off, true),
+        }
+    }
+
+    /// Bytes written with direct I/O so far (known while writes are done at
+    /// once, i.e. not while an I/O thread runs; 0 then).
+    pub(crate) fn direct_bytes(&self) -> u64 {
+        match self {
+            Sink::Direct(o) => o.direct_bytes,
+            _ => 0,
         }
     }
 
