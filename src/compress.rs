@@ -64,6 +64,9 @@ pub fn worth_storing(len: usize, cs: usize) -> bool {
 pub const ZLIB_DEFAULT_LEVEL: i32 = 5;
 
 thread_local! {
+    /// The compressors' output buffer, one per thread (grown to the largest
+    /// bound seen, zeroed only when it grows).
+    static OUT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
     static DEFLATE: RefCell<Option<(i32, Compress)>> = const { RefCell::new(None) };
     static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
@@ -226,45 +229,55 @@ pub fn compress(
     }
     // Room for the worst case (zlib's deflateBound, zstd's compress bound): zlib-rs
     // panics when a stored block does not fit the output buffer, so never give it
-    // less; whether the stream is worth storing is decided afterwards.
+    // less; whether the stream is worth storing is decided afterwards. The buffer
+    // is the thread's, zeroed once: only the stream is copied out.
     let bound = data.len() + data.len() / 8 + 1024;
-    let mut out = vec![0u8; bound.max(zstd::zstd_safe::compress_bound(data.len()))];
-    let n = match codec {
-        CompressionType::Zlib => {
-            let level = level.unwrap_or(ZLIB_DEFAULT_LEVEL).clamp(0, 9);
-            DEFLATE.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                    *c = Some((
-                        level,
-                        Compress::new_with_window_bits(Compression::new(level as u32), false, 12),
-                    ));
-                }
-                let (_, z) = c.as_mut().expect("just set");
-                z.reset();
-                match z.compress(data, &mut out, FlushCompress::Finish) {
-                    Ok(Status::StreamEnd) => Some(z.total_out() as usize),
-                    _ => None,
-                }
-            })?
+    let need = bound.max(zstd::zstd_safe::compress_bound(data.len()));
+    OUT.with(|o| {
+        let mut o = o.borrow_mut();
+        if o.len() < need {
+            o.resize(need, 0);
         }
-        CompressionType::Zstd => {
-            let level = level.unwrap_or(3);
-            ZSTD.with(|c| {
-                let mut c = c.borrow_mut();
-                if c.as_ref().map(|(l, _)| *l) != Some(level) {
-                    *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
-                }
-                let (_, z) = c.as_mut().expect("just set");
-                z.compress_to_buffer(data, &mut out).ok()
-            })?
-        }
-    };
-    if !worth_storing(n, cs) {
-        return None;
-    }
-    out.truncate(n);
-    Some(out)
+        let out = &mut o[..need];
+        let n = match codec {
+            CompressionType::Zlib => {
+                let level = level.unwrap_or(ZLIB_DEFAULT_LEVEL).clamp(0, 9);
+                DEFLATE.with(|c| {
+                    let mut c = c.borrow_mut();
+                    if c.as_ref().map(|(l, _)| *l) != Some(level) {
+                        *c = Some((
+                            level,
+                            Compress::new_with_window_bits(
+                                Compression::new(level as u32),
+                                false,
+                                12,
+                            ),
+                        ));
+                    }
+                    let (_, z) = c.as_mut().expect("just set");
+                    z.reset();
+                    match z.compress(data, out, FlushCompress::Finish) {
+                        Ok(Status::StreamEnd) => Some(z.total_out() as usize),
+                        _ => None,
+                    }
+                })?
+            }
+            CompressionType::Zstd => {
+                let level = level.unwrap_or(3);
+                ZSTD.with(|c| {
+                    let mut c = c.borrow_mut();
+                    if c.as_ref().map(|(l, _)| *l) != Some(level) {
+                        *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+                    }
+                    let (_, z) = c.as_mut().expect("just set");
+                    z.compress_to_buffer(data, out).ok()
+                })?
+            }
+        };
+        // `n` comes from the codec; never trust it past the buffer.
+        let stream = out.get(..n)?;
+        worth_storing(n, cs).then(|| stream.to_vec())
+    })
 }
 
 /// Inflates a raw deflate stream into `out` (one cluster). The input may hold
