@@ -169,7 +169,8 @@ make_realfs() {
                     }
                 }' |
             xargs -d '\n' -r cp --parents -t "$dest" 2>/dev/null) || true
-        left=$((left - $(du -sb --apparent-size "$dest" | cut -f1)))
+        # What the copied files take in whole blocks, as the share counted them.
+        left=$((left - $(du -sk "$dest" | cut -f1) * 1024))
         ((left > 0)) || left=0
     done
     for c in $(seq 1 $((copies - 1))); do
