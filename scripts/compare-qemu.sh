@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
-# Side-by-side timings of `qdedup convert` and `qemu-img convert` (issue 4 and 5).
+# Side-by-side timings of `qdedup convert` and `qemu-img convert` (issue 4, 5 and 19).
 #
-# usage: scripts/compare-qemu.sh [plain|compress|sparse|scattered|all] [SIZE] [ROUNDS]
+# usage: scripts/compare-qemu.sh [plain|compress|sparse|scattered|issue19|all] [SIZE] [ROUNDS]
 #
+#   issue19   the rows of issue 19's table, from one run, each as the median of
+#             ROUNDS paired runs: the random input unsynced (`--no-sync` against
+#             `qemu-img convert -m 8 -W`) and synced (against `-t writeback -m 8
+#             -W`), the mixed input unsynced (against `-m 8 -W`), and an ext4
+#             image of real files (below, FS_SIZE) with `-c` (zlib) synced against
+#             `qemu-img convert -c -m 8 -W -t writeback`. Ends with one table: per
+#             row the input, the pairing, both tools' median/min, the ratio of
+#             the medians (and of the mins), the target and whether the median
+#             meets it, and the `qemu-img check` / `compare` verdicts of both
+#             outputs. Not part of `all`
 #   plain     mixed, all-random and filesystem (4 KiB clusters) images: qdedup
 #             against qemu-img, default and `-m 8 -W`, synced and unsynced
 #   compress  the mixed image with -c (zlib) and zstd against `qemu-img convert -c`
@@ -23,6 +33,18 @@
 #   SCATTER_SIZE size of the scattered image (default 16383G: ext4 refuses files of
 #                16 TiB; the issue's 16T, 32768 pieces, works on XFS or tmpfs)
 #   KEEP=1       keep the outputs of the last round
+#   FS_SIZE      size of issue19's ext4 image of real files (default 2G). The image
+#                is made with `mkfs.ext4 -d` from a tree of this machine's files:
+#                every k-th file (name order) of each of FS_ROOTS (default
+#                "/usr/include /usr/bin /usr/share /usr/lib"), an equal share of
+#                FS_FILL percent (default 75) of the image divided by FS_COPIES
+#                (default 3), the unused part of a share passed on to the next root;
+#                that tree FS_COPIES times side by side (sharing, at file
+#                granularity: the copies do not start on cluster boundaries); one
+#                time stamp, a fixed UUID, hash seed and mkfs clock (as
+#                tests/common's real_files_fs), so the image is the same on every
+#                run on one machine. Kept as realfs-SIZE-fFILL-cCOPIES.ext4 and
+#                reused (delete it after changing FS_ROOTS)
 #
 # Like is compared with like: `qemu-img convert` does not flush by default
 # (cache=unsafe), so an unsynced qdedup run (`--no-sync`) is compared with the
@@ -44,8 +66,8 @@ SPARSE_DATA=${SPARSE_DATA:-1G}
 WORKDIR=${WORKDIR:-${TMPDIR:-/tmp}/qdedup-compare}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
-case $MODE in plain | compress | sparse | scattered | all) ;; *)
-    sed -n '2,36p' "$0" >&2
+case $MODE in plain | compress | sparse | scattered | issue19 | all) ;; *)
+    sed -n '2,58p' "$0" >&2
     exit 2
     ;;
 esac
@@ -107,6 +129,60 @@ make_fs() {
     mv "$img.tmp" "$img"
     rm -rf "$tree"
     FS=$img
+}
+
+# make_realfs: issue19's ext4 image of real files (see FS_SIZE above); sets REALFS.
+make_realfs() {
+    local size=${FS_SIZE:-2G} fill=${FS_FILL:-75} copies=${FS_COPIES:-3}
+    local img size_b roots=() r left i c dest share
+    img=$WORKDIR/realfs-$size-f$fill-c$copies.ext4
+    size_b=$(bytes "$size")
+    REALFS=$img
+    [[ -f $img && $(stat -c %s "$img") == "$size_b" ]] && return
+    echo "   generating $(basename "$img") (real files, mkfs.ext4 -d)"
+    for r in ${FS_ROOTS:-/usr/include /usr/bin /usr/share /usr/lib}; do
+        [[ -d $r ]] && roots+=("$r")
+    done
+    ((${#roots[@]} > 0)) || {
+        echo "compare-qemu: none of FS_ROOTS is a directory" >&2
+        exit 2
+    }
+    local tree=$WORKDIR/realtree
+    rm -rf "$tree"
+    mkdir -p "$tree/c0"
+    left=$((size_b * fill / 100 / copies))
+    for i in "${!roots[@]}"; do
+        dest=$tree/c0/r$i
+        mkdir -p "$dest"
+        share=$((left / (${#roots[@]} - i)))
+        # Every k-th file of the root in name order (k: the root's bytes over its
+        # share), counted in whole 4 KiB blocks, while it fits in the share.
+        (cd "${roots[$i]}" && find . -xdev -type f -readable -printf '%s\t%P\n' 2>/dev/null |
+            LC_ALL=C sort -t $'\t' -k2 |
+            awk -F'\t' -v share="$share" '
+                { s[NR] = int(($1 + 4095) / 4096) * 4096; p[NR] = $2; t += s[NR] }
+                END {
+                    k = t / share; if (k < 1) k = 1; left = share
+                    for (x = 1; x <= NR; x += k) {
+                        j = int(x)
+                        if (s[j] <= left) { left -= s[j]; print p[j] }
+                    }
+                }' |
+            xargs -d '\n' -r cp --parents -t "$dest" 2>/dev/null) || true
+        # What the copied files take in whole blocks, as the share counted them.
+        left=$((left - $(du -sk "$dest" | cut -f1) * 1024))
+        ((left > 0)) || left=0
+    done
+    for c in $(seq 1 $((copies - 1))); do
+        cp -a "$tree/c0" "$tree/c$c"
+    done
+    # One time stamp, UUID, hash seed and mkfs clock: the same image on every run.
+    find "$tree" -exec touch -h -d @1700000000 {} +
+    rm -f "$img" "$img.tmp"
+    E2FSPROGS_FAKE_TIME=1700000000 mke2fs -q -F -t ext4 -U 6b0c7a52-8c1e-4d1e-9a53-2f4a6a1e0d11 \
+        -E hash_seed=3f1d0c9e-5b7a-4e2c-8d6f-1a2b3c4d5e6f -d "$tree" "$img.tmp" "$((size_b / 1024))k" >/dev/null
+    mv "$img.tmp" "$img"
+    rm -rf "$tree"
 }
 
 # warm FILE: read it once so that the page cache is warm. The sparse image is read
@@ -186,8 +262,9 @@ verdicts() { # INPUT OUTPUT -> "check compare"
 }
 
 # run_set NAME INPUT ROUNDS PAIRS...: each pair is "qlabel|qemu-label"; commands are in
-# the CMD associative array, keyed by label, with @IN and @OUT placeholders.
-declare -A CMD
+# the CMD associative array, keyed by label, with @IN and @OUT placeholders. The
+# results stay in RES_MED, RES_MIN and RES_VERDICT, keyed by "NAME/label".
+declare -A CMD RES_MED RES_MIN RES_VERDICT
 run_set() {
     local name=$1 input=$2 rounds=$3
     shift 3
@@ -227,6 +304,9 @@ run_set() {
         SZ[$l]=$(stat -c %s "$OUT/$l.qcow2")
         read -r c k < <(verdicts "$input" "$OUT/$l.qcow2")
         printf '%-22s %7ss %7ss %12s %7s %-8s %-10s\n' "$l" "$med" "$min" "${SZ[$l]}" "" "$c" "$k"
+        RES_MED[$name/$l]=$med
+        RES_MIN[$name/$l]=$min
+        RES_VERDICT[$name/$l]="$c/$k"
     done
     for p in "${pairs[@]}"; do
         local a=${p%%|*} b=${p##*|}
@@ -373,12 +453,60 @@ scattered() {
     done
 }
 
+# issue19: the rows of issue 19's table from one run (see the top of this file).
+issue19() {
+    echo "== inputs ($SIZE; real-file ext4 image ${FS_SIZE:-2G})"
+    gen "$WORKDIR/random-$SIZE.raw" "$SIZE" random
+    gen "$WORKDIR/mixed-$SIZE.raw" "$SIZE" mixed
+    make_realfs
+    local random=$WORKDIR/random-$SIZE.raw mixed=$WORKDIR/mixed-$SIZE.raw
+    CMD=(
+        [qdedup-nosync]="$QDEDUP convert -q --no-sync @IN @OUT"
+        [qemu-img-m8W]="qemu-img convert -O qcow2 -m 8 -W @IN @OUT"
+        [qdedup-sync]="$QDEDUP convert -q @IN @OUT"
+        [qemu-img-wb-m8W]="qemu-img convert -t writeback -O qcow2 -m 8 -W @IN @OUT"
+        [qdedup-sync-zlib]="$QDEDUP convert -q -c @IN @OUT"
+        [qemu-img-wb-m8W-zlib]="qemu-img convert -c -t writeback -O qcow2 -m 8 -W @IN @OUT"
+    )
+    echo "== $(basename "$random")"
+    run_set random "$random" "$ROUNDS" "qdedup-nosync|qemu-img-m8W" "qdedup-sync|qemu-img-wb-m8W"
+    echo "== $(basename "$mixed")"
+    run_set mixed "$mixed" "$ROUNDS" "qdedup-nosync|qemu-img-m8W"
+    echo "== $(basename "$REALFS") compressed (zlib)"
+    run_set realfs "$REALFS" "$ROUNDS" "qdedup-sync-zlib|qemu-img-wb-m8W-zlib"
+
+    # One row per line of the issue's table: set, qdedup label, qemu-img label,
+    # input, pairing, target speed.
+    local rows=(
+        "random|qdedup-nosync|qemu-img-m8W|random $SIZE|unsynced: --no-sync vs -m 8 -W|1.0"
+        "random|qdedup-sync|qemu-img-wb-m8W|random $SIZE|synced: default vs -t writeback -m 8 -W|1.2"
+        "mixed|qdedup-nosync|qemu-img-m8W|mixed $SIZE|unsynced: --no-sync vs -m 8 -W|1.3"
+        "realfs|qdedup-sync-zlib|qemu-img-wb-m8W-zlib|ext4 real files ${FS_SIZE:-2G}, -c zlib|synced: -c vs -c -t writeback -m 8 -W|3.0"
+    )
+    echo "== issue 19: median (min) of $ROUNDS paired runs; speed = qemu-img time / qdedup time"
+    printf '%-30s | %-40s | %-17s | %-17s | %-15s | %-6s | %-7s | %s\n' input "like for like" \
+        "qdedup med (min)" "qemu-img med (min)" "speed (mins)" target verdict "check/compare qdedup, qemu-img"
+    local row set a b input pairing target qm qn em en
+    for row in "${rows[@]}"; do
+        IFS='|' read -r set a b input pairing target <<<"$row"
+        qm=${RES_MED[$set/$a]} qn=${RES_MIN[$set/$a]}
+        em=${RES_MED[$set/$b]} en=${RES_MIN[$set/$b]}
+        awk -v input="$input" -v pairing="$pairing" -v qm="$qm" -v qn="$qn" -v em="$em" -v en="$en" \
+            -v target="$target" -v va="${RES_VERDICT[$set/$a]}" -v vb="${RES_VERDICT[$set/$b]}" 'BEGIN {
+                r = em / qm
+                printf "%-30s | %-40s | %7.3fs (%6.3fs) | %7.3fs (%6.3fs) | %5.2fx (%5.2fx) | >= %.1fx | %-7s | %s, %s\n",
+                    input, pairing, qm, qn, em, en, r, en / qn, target, (r >= target) ? "met" : "NOT met", va, vb
+            }'
+    done
+}
+
 machine
 case $MODE in
 plain) plain ;;
 compress) compress ;;
 sparse) sparse ;;
 scattered) scattered ;;
+issue19) issue19 ;;
 all)
     plain
     compress

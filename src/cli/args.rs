@@ -42,7 +42,7 @@ pub(crate) struct ImageArgs {
     /// Compress clusters (codec from -o compression_type, default zlib).
     #[arg(short = 'c', long = "compress")]
     pub(crate) compress: bool,
-    /// Compression level (zlib 0-9, zstd 1-22; needs -c).
+    /// Compression level (zlib 0-9, default 5; zstd 1-22, default 3; needs -c).
     #[arg(long, allow_negative_numbers = true)]
     pub(crate) compression_level: Option<i32>,
     /// Try deflate on every distinct cluster, also those the incompressibility
