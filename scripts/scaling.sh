@@ -7,8 +7,9 @@
 #
 #   GEN      the gen_sample example binary (inputs: SIZE mixed and random)
 #   WORKERS  worker counts to run, e.g. "1 2 4 8 15"
-#   NAME=QDEDUP  binaries to compare (e.g. before=/path/qdedup after=/path/qdedup);
-#            runs alternate between them, ROUNDS (default 3) times each
+#   NAME=QDEDUP  binaries to compare (e.g. before=/path/qdedup after=/path/qdedup;
+#            "NAME=QDEDUP --flag" adds convert options); runs alternate between
+#            them, ROUNDS (default 3) times each
 #
 # Every conversion is unsynced (--no-sync) into WORKDIR (default
 # ${TMPDIR:-/tmp}/qdedup-scaling), after reading the input once (page cache warm) and
@@ -32,10 +33,12 @@ for kind in mixed random; do
     for round in $(seq 1 "$ROUNDS"); do
         for m in $WORKERS; do
             for spec in "$@"; do
-                name=${spec%%=*} bin=${spec#*=}
+                name=${spec%%=*}
+                read -r bin args <<<"${spec#*=}"
+                # shellcheck disable=SC2086 # options split on purpose
                 rm -f "$WORKDIR/out.qcow2"
                 cat "$in" >/dev/null
-                t=$({ time QDEDUP_THREAD_CPU=1 "$bin" convert --no-sync -q -m "$m" "$in" "$WORKDIR/out.qcow2" 2>"$WORKDIR/threads.txt"; } 2>&1)
+                t=$({ time QDEDUP_THREAD_CPU=1 "$bin" convert --no-sync -q -m "$m" $args "$in" "$WORKDIR/out.qcow2" 2>"$WORKDIR/threads.txt"; } 2>&1)
                 echo "$name $kind -m $m round $round: wall/user/sys $t | $(tr '\n' ' ' <"$WORKDIR/threads.txt")"
                 if [[ $round == 1 ]]; then
                     if [[ -f $WORKDIR/ref-$kind.qcow2 ]]; then

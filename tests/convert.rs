@@ -602,7 +602,9 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
         for (extra, is_direct) in [
             (&[][..], true),
             (&["-t", "none"][..], true),
+            (&["--no-sync", "--direct"][..], true),
             (&["--no-direct"][..], false),
+            (&["--no-sync"][..], false),
             (&["-t", "writeback"][..], false),
             (&["-t", "unsafe"][..], false),
         ] {
@@ -646,17 +648,25 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 20);
+    assert_eq!(cases, 28);
     // Direct and not direct at once is refused.
-    let run = std::process::Command::new(qdedup_bin())
-        .args(["convert", "-t", "none", "--no-direct"])
-        .arg(&input)
-        .arg(direct_out(&dir))
-        .output()
-        .unwrap();
-    assert!(!run.status.success());
-    assert!(String::from_utf8_lossy(&run.stderr).contains("--no-direct"));
-    assert!(!direct_out(&dir).exists());
+    for args in [
+        &["-t", "none", "--no-direct"][..],
+        &["-t", "writeback", "--direct"],
+        &["--direct", "--no-direct"],
+    ] {
+        let run = std::process::Command::new(qdedup_bin())
+            .arg("convert")
+            .args(args)
+            .arg(&input)
+            .arg(direct_out(&dir))
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains("direct"), "{args:?}: {err}");
+        assert!(!direct_out(&dir).exists());
+    }
 }
 
 fn direct_out(dir: &Scratch) -> std::path::PathBuf {

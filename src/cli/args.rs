@@ -92,10 +92,14 @@ pub(crate) struct ConvertArgs {
     /// Do not fsync the output (like qemu-img convert's default cache=unsafe).
     #[arg(long)]
     pub(crate) no_sync: bool,
-    /// Write the output's data through the page cache instead of with direct
-    /// I/O (O_DIRECT, the default where the file system allows it).
-    #[arg(long)]
+    /// Write the output's data through the page cache. By default a synced
+    /// conversion writes it with direct I/O (O_DIRECT, where the file system
+    /// allows it) and an unsynced one (--no-sync) through the page cache.
+    #[arg(long, conflicts_with = "direct")]
     pub(crate) no_direct: bool,
+    /// Write the output's data with direct I/O (O_DIRECT) also with --no-sync.
+    #[arg(long)]
+    pub(crate) direct: bool,
     /// Replace OUT if it exists.
     #[arg(long)]
     pub(crate) force: bool,

@@ -230,7 +230,18 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         bail!("--max-in-flight 0: give a size of at least 1 byte, e.g. 64M (the default)");
     }
     opts.sync = !a.no_sync;
-    opts.direct_io = !a.no_direct;
+    // Direct I/O by default where the output is synced anyway: the data must
+    // reach the device before the end, and going around the page cache saves a
+    // copy and keeps what others cached. Unsynced (qemu-img's cache=unsafe), the
+    // page cache is what the user asked for: the run ends before the device
+    // has the data. --direct and --no-direct choose.
+    let mut direct = if a.direct {
+        Some(true)
+    } else if a.no_direct {
+        Some(false)
+    } else {
+        None
+    };
     if let Some(mode) = &a.qemu.cache {
         let sync = cache_syncs("-t", mode)?;
         if sync && a.no_sync {
@@ -239,14 +250,18 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         opts.sync = sync;
         // As QEMU: `none` and `directsync` bypass the host's page cache
         // (O_DIRECT), the other modes write through it.
-        if matches!(mode.as_str(), "none" | "directsync") {
-            if a.no_direct {
-                bail!("-t {mode} writes with direct I/O, --no-direct does not: give one of them");
-            }
-        } else {
-            opts.direct_io = false;
+        let mode_direct = matches!(mode.as_str(), "none" | "directsync");
+        if direct.is_some_and(|d| d != mode_direct) {
+            let (flag, how) = if mode_direct {
+                ("--no-direct", "with direct I/O")
+            } else {
+                ("--direct", "through the page cache")
+            };
+            bail!("-t {mode} writes {how}, {flag} does not: give one of them");
         }
+        direct = Some(mode_direct);
     }
+    opts.direct_io = direct.unwrap_or(opts.sync);
     if let Some(mode) = &a.qemu.src_cache {
         // Checked, then ignored: the input is only read.
         cache_syncs("-T", mode)?;

@@ -71,11 +71,13 @@ pub struct ConvertOptions {
     /// from the output; default false: a match is trusted on 96 bits of BLAKE3).
     pub verify: bool,
     /// Write the data of the pipelined converter with direct I/O (`O_DIRECT`,
-    /// bypassing the page cache) where the output allows it (default true):
+    /// bypassing the page cache) where the output allows it (default true; the
+    /// CLI's default is true for a synced conversion, false with `--no-sync`):
     /// about a third to a half less CPU time on this project's benchmark VM
     /// (docs/benchmarks.md, issue 19). An unsynced conversion then waits for the
-    /// device rather than only for the page cache. The output's bytes are the
-    /// same either way.
+    /// device rather than only for the page cache, which on a machine with
+    /// memory to spare makes it slower. The output's bytes are the same either
+    /// way.
     pub direct_io: bool,
 }
 
