@@ -250,8 +250,18 @@ static PREFAULTERS: AtomicUsize = AtomicUsize::new(0);
 /// clear and a copy of the range on an otherwise idle core. At most two run at
 /// once; a range no thread is free for is simply not prefetched. Pages the writer
 /// reaches first are left alone (a read never changes the file).
+///
+/// Off unless the environment variable `QDEDUP_PREFAULT` is `1`: on the 2-core
+/// VM of later measurements (the same balloon, another host) it made unsynced
+/// 2 GiB conversions 20–45% slower (its clearing and copying compete for the
+/// cores with the workers), and on 16 cores 10–20% slower at `-m 8` with about
+/// 0.7 s more system time (docs/benchmarks.md, change 7 and "Prefault off").
 fn prefault_page_cache(file: &File, offset: u64, len: u64) {
     const MAX: usize = 2;
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var_os("QDEDUP_PREFAULT").is_some_and(|v| v == "1")) {
+        return;
+    }
     if PREFAULTERS.fetch_add(1, Ordering::AcqRel) >= MAX {
         PREFAULTERS.fetch_sub(1, Ordering::AcqRel);
         return;
