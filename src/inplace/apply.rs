@@ -9,10 +9,10 @@
 //!    COPIED would be a corruption);
 //! 2. point `B`'s entries at `S`, without COPIED (L2 tables), sync;
 //! 3. lower `B`'s refcount to 0 (refcount blocks), sync;
-//! 4. punch `B`'s clusters out of the file (on background threads, in runs of
-//!    adjacent clusters across groups, while the next groups are applied:
-//!    [`super::punch`]; with `--compact`, after the moves instead: most of them
-//!    are filled again, the rest is punched then).
+//! 4. punch `B`'s clusters out of the file, in runs of adjacent clusters
+//!    across groups, once the image is final: after the last group and the
+//!    final repair and their syncs ([`super::punch`]; with `--compact` most of
+//!    them are filled again by the moves, and the rest is punched then).
 //!
 //! After the last group, plain dedup moves a few clusters in use that lie
 //! between two freed ones into freed clusters that lie between two in use
@@ -59,8 +59,6 @@ pub(crate) struct Apply<'a, F: ReadAt + WriteAt + ?Sized> {
     pub(crate) punch_now: bool,
     /// Clusters freed and not taken yet ([`Apply::take_freed`]).
     freed: Vec<u64>,
-    /// Hole-punching calls made.
-    pub(crate) punches: u64,
 }
 
 impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
@@ -78,7 +76,6 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
             tables: BTreeMap::new(),
             punch_now: true,
             freed: Vec::new(),
-            punches: 0,
         }
     }
 
@@ -177,7 +174,7 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         // The tables are written: memory stays bounded by one group's tables.
         self.tables.clear();
         // 4. Their space may go back to the file system: the caller punches
-        // them ([`Apply::take_freed`], [`super::punch::Puncher`]).
+        // them ([`Apply::take_freed`], [`super::punch::Runs`]).
         if self.punch_now {
             self.freed
                 .extend(group.iter().map(|r| scan.hosts[r.from].cluster));
@@ -190,21 +187,6 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
     /// since the last call, ascending; collected only with `punch_now`.
     pub(crate) fn take_freed(&mut self) -> Vec<u64> {
         std::mem::take(&mut self.freed)
-    }
-
-    /// Punches the clusters `sorted` out of the file, runs of adjacent ones at
-    /// once (each call can cost milliseconds: a file system mounted with
-    /// `discard` trims the device as it frees).
-    pub(crate) fn punch(&mut self, sorted: &[u64]) -> Result<()> {
-        let cb = self.cluster_bits;
-        for run in sorted.chunk_by(|a, b| *b == *a + 1) {
-            self.punches += 1;
-            let (off, len) = (run[0] << cb, (run.len() as u64) << cb);
-            self.file
-                .punch_hole(off, len)
-                .ctx(|| format!("punching a hole of {len} bytes at {off:#x}"))?;
-        }
-        Ok(())
     }
 
     /// Applies one group of moves `(host, free cluster)` (steps 1 to 3 of the

@@ -27,13 +27,14 @@
 //!    as they are;
 //! 4. hash every candidate cluster, compare candidates byte for byte and plan the
 //!    remaps within the refcount maximum (`plan.rs`);
-//! 5. apply them in flush groups, in the order `apply.rs` describes, punching
-//!    the freed clusters on background threads (`punch.rs`) in runs as long as
-//!    the survivors chosen and a few moves joining runs (`plan::bridges`) make
-//!    them;
-//! 6. with `compact`, move clusters from the end into free ones and cut the file;
+//! 5. apply them in flush groups, in the order `apply.rs` describes, collecting
+//!    the freed clusters in runs as long as the survivors chosen and a few moves
+//!    joining runs (`plan::bridges`) make them;
+//! 6. with `compact`, move clusters from the end into free ones;
 //! 7. set COPIED again where a refcount is 1 (`check --repair all`), so that the
-//!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean.
+//!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean;
+//! 8. give the space back, after the last sync: cut the file (`compact`) and
+//!    punch the runs of free clusters (`punch.rs`, which says why last).
 //!
 //! docs/inplace.md gives the crash-safety argument.
 
@@ -258,6 +259,10 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         )
     };
     report.clusters_moved_to_join_holes = joins.len() as u64;
+    // Runs of free clusters to punch once the image is final (`punch.rs`).
+    let mut to_punch: Vec<(u64, u64)> = Vec::new();
+    // Where `--compact` cuts the file, once the image is final.
+    let mut cut = None;
     if opts.dry_run {
         report.entries_remapped = plan.remaps.iter().map(|r| scan.hosts[r.from].n).sum();
     } else {
@@ -273,48 +278,46 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         let mut islands: Vec<u64> = joins.iter().map(|j| j.1).collect();
         islands.sort_unstable();
         let bridges: Vec<u64> = joins.iter().map(|j| scan.hosts[j.0].cluster).collect();
-        report.hole_punches = std::thread::scope(|s| -> Result<u64> {
-            let mut puncher = ap
-                .punch_now
-                .then(|| punch::Puncher::new(s, &io, cb, punch::PUNCH_THREADS));
-            if let Some(p) = &mut puncher {
-                p.wait_for(bridges.clone());
+        let mut runs = punch::Runs::default();
+        runs.wait_for(bridges.clone());
+        // The bridges moved so far (ascending: `joins` is in host order).
+        let mut moved = 0;
+        // Stopped by an error: the groups done stay done, and the clusters
+        // they freed are punched (nothing else will change the image).
+        let punch_now = ap.punch_now;
+        let stop = |mut runs: punch::Runs, moved: &[u64], e| -> Result<DedupReport> {
+            if punch_now {
+                runs.add_late(moved);
+                punch::punch_runs(&io, cb, &runs.finish(), punch::PUNCH_THREADS)?;
             }
-            // The bridges moved so far (ascending: `joins` is in host order).
-            let mut moved = 0;
-            let stop = |p: Option<punch::Puncher>, moved: &[u64], e| -> Result<u64> {
-                // The groups done stay done, and so do their punches.
-                if let Some(mut p) = p {
-                    p.add_late(moved)?;
-                    p.finish()?;
-                }
-                Err(e)
-            };
-            for group in remaps.chunks(opts.flush_group.max(1)) {
-                if let Err(e) = cancelled(opts) {
-                    return stop(puncher, &[], e);
-                }
-                report.entries_remapped += ap.remap_group(&scan, group)?;
-                if let Some(p) = &mut puncher {
-                    let mut freed = ap.take_freed();
-                    freed.retain(|c| islands.binary_search(c).is_err());
-                    p.add(&freed)?;
-                }
+            Err(e)
+        };
+        for group in remaps.chunks(opts.flush_group.max(1)) {
+            if let Err(e) = cancelled(opts) {
+                return stop(runs, &[], e);
             }
-            // 5. The bridges move into the islands (as compaction moves data).
-            for group in joins.chunks(opts.flush_group.max(1)) {
-                if let Err(e) = cancelled(opts) {
-                    return stop(puncher, &bridges[..moved], e);
-                }
-                ap.move_group(&scan, group)?;
-                moved += group.len();
+            match ap.remap_group(&scan, group) {
+                Ok(n) => report.entries_remapped += n,
+                Err(e) => return stop(runs, &[], e),
             }
-            if let Some(p) = &mut puncher {
-                p.add_late(&bridges)?;
+            let mut freed = ap.take_freed();
+            freed.retain(|c| islands.binary_search(c).is_err());
+            runs.add(&freed);
+        }
+        // 5. The bridges move into the islands (as compaction moves data).
+        for group in joins.chunks(opts.flush_group.max(1)) {
+            if let Err(e) = cancelled(opts) {
+                return stop(runs, &bridges[..moved], e);
             }
-            // Every punch is made before anything else changes the image.
-            puncher.map_or(Ok(0), punch::Puncher::finish)
-        })?;
+            if let Err(e) = ap.move_group(&scan, group) {
+                return stop(runs, &bridges[..moved], e);
+            }
+            moved += group.len();
+        }
+        runs.add_late(&bridges);
+        if punch_now {
+            to_punch = runs.finish();
+        }
     }
     if opts.compact {
         let end = im.file_len.div_ceil(im.cluster_size);
@@ -333,14 +336,24 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
             report.clusters_moved = moves.len() as u64;
             report.file_size_after = im.file_len.min(top << cb);
         } else {
-            compact(&io, &im, opts, &mut report)?;
+            (to_punch, cut) = compact(&io, &im, opts, &mut report)?;
         }
     }
     if !opts.dry_run {
-        // Strict again: COPIED where the refcount is 1, no leaks.
+        // Strict again: COPIED where the refcount is 1, no leaks. The repair
+        // only lowers refcounts and sets flags: the free clusters stay free.
         let fin = repair_image(&io, name, &check_opts(Some(RepairMode::All)))?;
         report.copied_flags_set = fin.relaxed_copied_fixed;
         report.clean_after = fin.is_clean() && fin.relaxed_copied == 0;
+        // The space goes back last, after the last sync: a file system that
+        // trims as it frees does so in the background where it can
+        // (`punch.rs`). Neither the cut nor the holes need to be durable: a
+        // crash before they are leaves free clusters in the file.
+        if let Some(cut) = cut {
+            io.set_len(cut)
+                .ctx(|| format!("cutting the image to {cut} bytes"))?;
+        }
+        report.hole_punches = punch::punch_runs(&io, cb, &to_punch, punch::PUNCH_THREADS)?;
         report.file_size_after = io.len().ctx(|| "reading the image size".into())?;
     }
     report.bytes_read = io.read.load(Ordering::Relaxed);
@@ -349,13 +362,14 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
     Ok(report)
 }
 
-/// `--compact` after the remaps: scan again, move, cut the file.
+/// `--compact` after the remaps: scan again and move; returns the runs of free
+/// clusters left below the end and where to cut the file (if it gets shorter).
 fn compact<F: ReadAt + WriteAt + ?Sized>(
     io: &F,
     im: &Image,
     opts: &DedupOptions,
     report: &mut DedupReport,
-) -> Result<()> {
+) -> Result<(Vec<(u64, u64)>, Option<u64>)> {
     let cb = im.cluster_bits;
     let mut refcounts = Refcounts::load(io, &im.header)?;
     let scan = scan::scan(io, im, &mut refcounts)?;
@@ -407,15 +421,7 @@ fn compact<F: ReadAt + WriteAt + ?Sized>(
     let top = used.iter().rposition(|u| *u).map_or(1, |i| i as u64 + 1);
     let cut = top << cb;
     // The free clusters left below the cut give their space back.
-    let free: Vec<u64> = (0..top).filter(|&c| !used[c as usize]).collect();
-    ap.punch(&free)?;
-    report.hole_punches += ap.punches;
-    if cut < len {
-        io.set_len(cut)
-            .ctx(|| format!("cutting the image to {cut} bytes"))?;
-        if opts.sync {
-            io.sync().ctx(|| "syncing the image".into())?;
-        }
-    }
-    Ok(())
+    let mut runs = punch::Runs::default();
+    runs.add(&(0..top).filter(|&c| !used[c as usize]).collect::<Vec<_>>());
+    Ok((runs.finish(), (cut < len).then_some(cut)))
 }
