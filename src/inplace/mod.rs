@@ -260,7 +260,7 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
     };
     report.clusters_moved_to_join_holes = joins.len() as u64;
     // Runs of free clusters to punch once the image is final (`punch.rs`).
-    let mut to_punch: Vec<(u64, u64)> = Vec::new();
+    let mut to_punch: Vec<punch::Run> = Vec::new();
     // Where `--compact` cuts the file, once the image is final.
     let mut cut = None;
     if opts.dry_run {
@@ -369,7 +369,7 @@ fn compact<F: ReadAt + WriteAt + ?Sized>(
     im: &Image,
     opts: &DedupOptions,
     report: &mut DedupReport,
-) -> Result<(Vec<(u64, u64)>, Option<u64>)> {
+) -> Result<(Vec<punch::Run>, Option<u64>)> {
     let cb = im.cluster_bits;
     let mut refcounts = Refcounts::load(io, &im.header)?;
     let scan = scan::scan(io, im, &mut refcounts)?;

@@ -41,6 +41,9 @@ use crate::io::WriteAt;
 /// waiting on the lock when one returns.
 pub(crate) const PUNCH_THREADS: usize = 4;
 
+/// A run of adjacent clusters: (first cluster, count).
+pub(crate) type Run = (u64, u64);
+
 /// Freed clusters joined into runs `(first cluster, count)` to punch (see the
 /// module doc).
 #[derive(Default)]
