@@ -526,6 +526,7 @@ fn run_dedup(c: &command::Dedup) -> Result<ExitCode> {
         r => r.with_context(|| format!("cannot dedup {}", c.image.display()))?,
     };
     match c.report {
+        _ if c.quiet => {}
         OutputFormat::Human => outln!("{report}"),
         OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
     }

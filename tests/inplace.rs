@@ -761,3 +761,36 @@ fn space_is_given_back_only_after_the_last_write_and_sync() {
     }
     assert_eq!(cases, 2);
 }
+
+#[test]
+fn dedup_quiet_prints_nothing_and_does_the_work() {
+    let c = qemu_image(65536, 16, false, 47, &[]);
+    let expect = freeable_duplicates(&c.ids, max_refcount(16));
+    assert!(expect > 0);
+    let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+    for output in ["human", "json"] {
+        let img = copy_file(&c.img, c.dir.join(format!("q-{output}.qcow2")));
+        let o = qdedup_ok([
+            OsStr::new("dedup"),
+            OsStr::new("-q"),
+            OsStr::new("--output"),
+            OsStr::new(output),
+            img.as_os_str(),
+        ]);
+        assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+        assert_qemu_check_clean(&img);
+        assert_qemu_compare_same(&before, "qcow2", &img);
+        // The work was done: nothing is left to share.
+        let r = dedup_json(&img, &["--dry-run"]);
+        assert_eq!(n(&r, "clusters-remapped"), 0, "{output}: {r}");
+    }
+    // Errors still say why, on stderr.
+    let bad = c.dir.join("missing.qcow2");
+    let o = qdedup([OsStr::new("dedup"), OsStr::new("-q"), bad.as_os_str()]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(o.stdout.is_empty());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("missing.qcow2"),
+        "{o:?}"
+    );
+}

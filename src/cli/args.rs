@@ -321,6 +321,10 @@ pub(crate) struct DedupArgs {
     /// killed process, not for a power loss).
     #[arg(long)]
     pub(crate) no_sync: bool,
+    /// Print nothing on success, as qemu-img -q (no report, JSON included;
+    /// errors still go to stderr).
+    #[arg(short, long)]
+    pub(crate) quiet: bool,
     /// Report format.
     #[arg(long, value_enum, default_value = "human")]
     pub(crate) output: OutputFormat,

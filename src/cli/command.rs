@@ -96,6 +96,8 @@ pub(crate) struct Check {
 pub(crate) struct Dedup {
     pub(crate) image: PathBuf,
     pub(crate) opts: qdedup::DedupOptions,
+    /// No report on success (`-q`).
+    pub(crate) quiet: bool,
     pub(crate) report: OutputFormat,
 }
 
@@ -427,6 +429,7 @@ fn dedup(a: DedupArgs) -> Result<Dedup> {
             sync: !a.no_sync,
             cancel: None,
         },
+        quiet: a.quiet,
         report: a.output,
     })
 }
