@@ -20,6 +20,14 @@ pub trait ReadAt: Send + Sync {
         Ok(self.len()? == 0)
     }
 
+    /// Whether any of the `len` bytes at `offset` may hold data in the file
+    /// system (not a hole). The default, and a file system that cannot tell,
+    /// say yes.
+    fn data_in(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let _ = (offset, len);
+        Ok(true)
+    }
+
     /// Fills `buf` from `offset`; bytes past the end of the file read as zeros and
     /// the number of bytes that really came from the file is returned.
     fn read_at_zero_fill(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -136,6 +144,19 @@ impl ReadAt for File {
     }
     fn len(&self) -> io::Result<u64> {
         file_length(self)
+    }
+    fn data_in(&self, offset: u64, len: u64) -> io::Result<bool> {
+        use rustix::io::Errno;
+        // The position it moves is irrelevant: every read and write here is
+        // positional.
+        match rustix::fs::seek(self, rustix::fs::SeekFrom::Data(offset)) {
+            Ok(at) => Ok(at < offset.saturating_add(len)),
+            // Only a hole from `offset` to the end.
+            Err(e) if e == Errno::NXIO => Ok(false),
+            // No SEEK_DATA here: it may hold data.
+            Err(e) if e == Errno::INVAL || e == Errno::OPNOTSUPP => Ok(true),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

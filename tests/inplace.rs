@@ -794,3 +794,39 @@ fn dedup_quiet_prints_nothing_and_does_the_work() {
         "{o:?}"
     );
 }
+
+#[test]
+fn a_rerun_gives_back_the_space_an_interrupted_run_freed_but_did_not_punch() {
+    use qdedup::inplace::{dedup_image, DedupOptions};
+    let c = qemu_image(65536, 16, false, 53, &[]);
+    let before = copy_file(&c.img, c.dir.join("before.qcow2"));
+    // What one whole run leaves.
+    let whole = copy_file(&c.img, c.dir.join("whole.qcow2"));
+    let r = dedup_json(&whole, &[]);
+    assert!(n(&r, "hole-punches") > 0, "{r}");
+    let want = allocated_bytes(&whole);
+    // A run whose every punch fails: the duplicates are freed in the image (and
+    // the run fails), the file keeps their bytes.
+    let img = copy_file(&c.img, c.dir.join("stopped.qcow2"));
+    let f = PunchFailingFile::open(&img, 0);
+    let err = dedup_image(&f, "img", &DedupOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("injected punch failure"), "{err}");
+    drop(f);
+    let kept = allocated_bytes(&img);
+    assert!(kept >= want + 8 * 65536, "{kept} allocated against {want}");
+    // The rerun has nothing to remap, and gives the space back.
+    let r = dedup_json(&img, &[]);
+    assert_eq!(n(&r, "clusters-remapped"), 0, "{r}");
+    assert!(n(&r, "hole-punches") > 0, "{r}");
+    let now = allocated_bytes(&img);
+    assert!(
+        now <= want,
+        "{now} allocated after the rerun, {want} after one run"
+    );
+    assert_qemu_check_clean(&img);
+    assert_qemu_compare_same(&before, "qcow2", &img);
+    // Then nothing is left to punch either.
+    let r = dedup_json(&img, &[]);
+    assert_eq!(n(&r, "clusters-remapped"), 0, "{r}");
+    assert_eq!(n(&r, "hole-punches"), 0, "{r}");
+}

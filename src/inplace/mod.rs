@@ -34,7 +34,8 @@
 //! 7. set COPIED again where a refcount is 1 (`check --repair all`), so that the
 //!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean;
 //! 8. give the space back, after the last sync: cut the file (`compact`) and
-//!    punch the runs of free clusters (`punch.rs`, which says why last).
+//!    punch the runs of free clusters that still hold data, this run's and any
+//!    an interrupted run left (`punch.rs`, which says why last).
 //!
 //! docs/inplace.md gives the crash-safety argument.
 
@@ -128,6 +129,9 @@ impl<F: ReadAt + ?Sized> ReadAt for Counting<'_, F> {
     }
     fn len(&self) -> std::io::Result<u64> {
         self.inner.len()
+    }
+    fn data_in(&self, offset: u64, len: u64) -> std::io::Result<bool> {
+        self.inner.data_in(offset, len)
     }
 }
 
@@ -352,6 +356,15 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         if let Some(cut) = cut {
             io.set_len(cut)
                 .ctx(|| format!("cutting the image to {cut} bytes"))?;
+        }
+        if report.clean_after {
+            // The refcounts are exact now: every free cluster that still holds
+            // data goes, those this run freed and those an earlier run that was
+            // stopped before its punches (or QEMU) left.
+            let after = Image::open(&io, OpenMode::Read)?;
+            let refcounts = Refcounts::load(&io, &after.header)?;
+            let end = after.file_len.div_ceil(after.cluster_size);
+            to_punch = punch::free_runs_with_data(&io, &refcounts, cb, end)?;
         }
         report.hole_punches = punch::punch_runs(&io, cb, &to_punch, punch::PUNCH_THREADS)?;
         report.file_size_after = io.len().ctx(|| "reading the image size".into())?;

@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{Error, IoContext, Result};
-use crate::io::WriteAt;
+use crate::image::refcounts::{BlockRead, Refcounts};
+use crate::io::{ReadAt, WriteAt};
 
 /// Threads punching at once. The inode lock serializes the punches of one file,
 /// yet on the benchmark VM two or more threads took the punching of the 2 GiB
@@ -129,6 +130,48 @@ impl Runs {
         runs.sort_unstable();
         runs
     }
+}
+
+/// The runs of free clusters (stored refcount 0) below cluster `end` that still
+/// hold data in the file ([`ReadAt::data_in`]): what an earlier run that was
+/// stopped before its punches (killed, a failing punch), or QEMU freeing
+/// clusters without punching them, left. Clusters whose refcount block cannot
+/// be read count as in use.
+pub(crate) fn free_runs_with_data<F: ReadAt + ?Sized>(
+    file: &F,
+    refcounts: &Refcounts,
+    cb: u32,
+    end: u64,
+) -> Result<Vec<Run>> {
+    use crate::format::refcount;
+    let bits = refcounts.entries_per_block_bits();
+    let mut buf = vec![0u8; 1 << cb];
+    let mut runs = Runs::default();
+    let mut free = Vec::new();
+    for b in 0..end.div_ceil(1 << bits) {
+        let first = b << bits;
+        let last = ((b + 1) << bits).min(end);
+        free.clear();
+        match refcounts.read_block(file, b, &mut buf)? {
+            BlockRead::Empty => free.extend(first..last),
+            BlockRead::Unreadable { .. } => {}
+            BlockRead::Read { .. } => free.extend(
+                (first..last).filter(|&c| refcount::get(&buf, refcounts.order(), c - first) == 0),
+            ),
+        }
+        runs.add(&free);
+    }
+    let mut out = Vec::new();
+    for (first, n) in runs.finish() {
+        let (off, len) = (first << cb, n << cb);
+        if file
+            .data_in(off, len)
+            .ctx(|| format!("looking for data in the {len} bytes at {off:#x}"))?
+        {
+            out.push((first, n));
+        }
+    }
+    Ok(out)
 }
 
 /// Punches `runs` (clusters of `1 << cb` bytes, each free for good) out of
