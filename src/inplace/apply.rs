@@ -55,10 +55,6 @@ pub(crate) struct Apply<'a, F: ReadAt + WriteAt + ?Sized> {
     sync: bool,
     /// L2 tables read so far, by offset.
     tables: BTreeMap<u64, TableBytes>,
-    /// Collect the freed clusters for punching at once (step 4).
-    pub(crate) punch_now: bool,
-    /// Clusters freed and not taken yet ([`Apply::take_freed`]).
-    freed: Vec<u64>,
 }
 
 impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
@@ -74,8 +70,6 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
             cluster_bits,
             sync,
             tables: BTreeMap::new(),
-            punch_now: true,
-            freed: Vec::new(),
         }
     }
 
@@ -173,20 +167,8 @@ impl<'a, F: ReadAt + WriteAt + ?Sized> Apply<'a, F> {
         self.sync()?;
         // The tables are written: memory stays bounded by one group's tables.
         self.tables.clear();
-        // 4. Their space may go back to the file system: the caller punches
-        // them ([`Apply::take_freed`], [`super::punch::Runs`]).
-        if self.punch_now {
-            self.freed
-                .extend(group.iter().map(|r| scan.hosts[r.from].cluster));
-            self.freed.sort_unstable();
-        }
+        // 4. Their space goes back to the file system at the end (`punch.rs`).
         Ok(entries)
-    }
-
-    /// The clusters freed (durably: refcount 0 synced) by the groups applied
-    /// since the last call, ascending; collected only with `punch_now`.
-    pub(crate) fn take_freed(&mut self) -> Vec<u64> {
-        std::mem::take(&mut self.freed)
     }
 
     /// Applies one group of moves `(host, free cluster)` (steps 1 to 3 of the

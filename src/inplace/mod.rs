@@ -263,64 +263,27 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         )
     };
     report.clusters_moved_to_join_holes = joins.len() as u64;
-    // Runs of free clusters to punch once the image is final (`punch.rs`).
-    let mut to_punch: Vec<punch::Run> = Vec::new();
     // Where `--compact` cuts the file, once the image is final.
     let mut cut = None;
     if opts.dry_run {
         report.entries_remapped = plan.remaps.iter().map(|r| scan.hosts[r.from].n).sum();
     } else {
         let mut ap = apply::Apply::new(&io, &mut refcounts, cb, opts.sync);
-        // --compact fills most freed clusters again: it punches what is left.
-        ap.punch_now = !opts.compact;
-        // In file order: each group frees clusters of one stretch of the file,
-        // whose runs the puncher joins across groups.
+        // In file order: each group frees clusters of one stretch of the file.
         let mut remaps = plan.remaps.clone();
         remaps.sort_unstable_by_key(|r| r.from);
-        // The islands are filled again: never punched. The bridges are freed
-        // after the remaps: the runs around them wait.
-        let mut islands: Vec<u64> = joins.iter().map(|j| j.1).collect();
-        islands.sort_unstable();
-        let bridges: Vec<u64> = joins.iter().map(|j| scan.hosts[j.0].cluster).collect();
-        let mut runs = punch::Runs::default();
-        runs.wait_for(bridges.clone());
-        // The bridges moved so far (ascending: `joins` is in host order).
-        let mut moved = 0;
-        // Stopped by an error: the groups done stay done, and the clusters
-        // they freed are punched (nothing else will change the image).
-        let punch_now = ap.punch_now;
-        let stop = |mut runs: punch::Runs, moved: &[u64], e| -> Result<DedupReport> {
-            if punch_now {
-                runs.add_late(moved);
-                punch::punch_runs(&io, cb, &runs.finish(), punch::PUNCH_THREADS)?;
-            }
-            Err(e)
-        };
+        // Stopped (an error, a signal): the groups done stay done, and what they
+        // freed stays unpunched, so that the run stops at once; the next run
+        // punches it (the free clusters that still hold data, step 8).
         for group in remaps.chunks(opts.flush_group.max(1)) {
-            if let Err(e) = cancelled(opts) {
-                return stop(runs, &[], e);
-            }
-            match ap.remap_group(&scan, group) {
-                Ok(n) => report.entries_remapped += n,
-                Err(e) => return stop(runs, &[], e),
-            }
-            let mut freed = ap.take_freed();
-            freed.retain(|c| islands.binary_search(c).is_err());
-            runs.add(&freed);
+            cancelled(opts)?;
+            report.entries_remapped += ap.remap_group(&scan, group)?;
         }
-        // 5. The bridges move into the islands (as compaction moves data).
+        // 5. The bridges move into the islands (as compaction moves data): the
+        // runs of freed clusters on both sides of each bridge become one.
         for group in joins.chunks(opts.flush_group.max(1)) {
-            if let Err(e) = cancelled(opts) {
-                return stop(runs, &bridges[..moved], e);
-            }
-            if let Err(e) = ap.move_group(&scan, group) {
-                return stop(runs, &bridges[..moved], e);
-            }
-            moved += group.len();
-        }
-        runs.add_late(&bridges);
-        if punch_now {
-            to_punch = runs.finish();
+            cancelled(opts)?;
+            ap.move_group(&scan, group)?;
         }
     }
     if opts.compact {
@@ -340,7 +303,7 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
             report.clusters_moved = moves.len() as u64;
             report.file_size_after = im.file_len.min(top << cb);
         } else {
-            (to_punch, cut) = compact(&io, &im, opts, &mut report)?;
+            cut = compact(&io, &im, opts, &mut report)?;
         }
     }
     if !opts.dry_run {
@@ -360,13 +323,14 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
         if report.clean_after {
             // The refcounts are exact now: every free cluster that still holds
             // data goes, those this run freed and those an earlier run that was
-            // stopped before its punches (or QEMU) left.
+            // stopped before its punches (or QEMU) left. (Not where the check
+            // finds anything wrong: then nothing is punched.)
             let after = Image::open(&io, OpenMode::Read)?;
             let refcounts = Refcounts::load(&io, &after.header)?;
             let end = after.file_len.div_ceil(after.cluster_size);
-            to_punch = punch::free_runs_with_data(&io, &refcounts, cb, end)?;
+            let runs = punch::free_runs_with_data(&io, &refcounts, cb, end)?;
+            report.hole_punches = punch::punch_runs(&io, cb, &runs, punch::PUNCH_THREADS)?;
         }
-        report.hole_punches = punch::punch_runs(&io, cb, &to_punch, punch::PUNCH_THREADS)?;
         report.file_size_after = io.len().ctx(|| "reading the image size".into())?;
     }
     report.bytes_read = io.read.load(Ordering::Relaxed);
@@ -375,14 +339,14 @@ pub fn dedup_image<F: ReadAt + WriteAt + ?Sized>(
     Ok(report)
 }
 
-/// `--compact` after the remaps: scan again and move; returns the runs of free
-/// clusters left below the end and where to cut the file (if it gets shorter).
+/// `--compact` after the remaps: scan again and move; returns where to cut the
+/// file (if it gets shorter).
 fn compact<F: ReadAt + WriteAt + ?Sized>(
     io: &F,
     im: &Image,
     opts: &DedupOptions,
     report: &mut DedupReport,
-) -> Result<(Vec<punch::Run>, Option<u64>)> {
+) -> Result<Option<u64>> {
     let cb = im.cluster_bits;
     let mut refcounts = Refcounts::load(io, &im.header)?;
     let scan = scan::scan(io, im, &mut refcounts)?;
@@ -433,8 +397,5 @@ fn compact<F: ReadAt + WriteAt + ?Sized>(
     let used = ap.used(end)?;
     let top = used.iter().rposition(|u| *u).map_or(1, |i| i as u64 + 1);
     let cut = top << cb;
-    // The free clusters left below the cut give their space back.
-    let mut runs = punch::Runs::default();
-    runs.add(&(0..top).filter(|&c| !used[c as usize]).collect::<Vec<_>>());
-    Ok((runs.finish(), (cut < len).then_some(cut)))
+    Ok((cut < len).then_some(cut))
 }

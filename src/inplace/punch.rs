@@ -1,18 +1,19 @@
 //! Hole punching, after everything else.
 //!
-//! The clusters a flush group frees may be punched out of the file once their
-//! refcount 0 is durable (step 3 of [`super::apply`]); nothing refers to them
-//! and nothing allocates them while `dedup` holds the image (the final repair
-//! only lowers refcounts and sets flags: it allocates nothing). A [`Runs`]
-//! takes them after each group and joins adjacent clusters into runs (across
-//! groups too: the last run of a group is held back until the next group shows
-//! whether it goes on, and runs next to clusters freed later wait for them);
-//! [`punch_runs`] punches the runs on a few threads once the image is final.
+//! Once the image is final (every flush group, the moves and the final repair
+//! done and synced, and the final check clean), [`free_runs_with_data`] reads
+//! the refcounts and finds the runs of free clusters that still hold data in the
+//! file: those this run freed, and those an earlier run that was stopped before
+//! its punches left. [`punch_runs`] gives their space back with
+//! `fallocate(PUNCH_HOLE)` on a few threads. Nothing allocates clusters in
+//! between (the final repair only lowers refcounts and sets flags, and `dedup`
+//! holds QEMU's write lock), so every cluster punched is free.
 //!
 //! Why runs: on ext4 mounted with `discard`, every extent freed is trimmed on
 //! the device, and each trim costs (about 1.5 ms plus 1.4 ms per MiB on the
-//! benchmark VM): the number of runs is what costs (see also
-//! [`super::plan::choose_survivors`] and [`super::plan::bridges`]).
+//! benchmark VM): the number of runs is what costs, and the survivors and the
+//! moves are chosen to make few ([`super::plan::choose_survivors`],
+//! [`super::plan::bridges`]).
 //!
 //! Why last: without a journal the trim happens in `fallocate` itself, wherever
 //! it is called. With one (ext4's default) `fallocate` returns at once and the
@@ -26,7 +27,8 @@
 //!
 //! A failing punch stops the punching: [`punch_runs`] returns its error. The
 //! clusters not punched are free in the image (refcount 0) and only keep their
-//! space in the file (QEMU allocates free clusters again).
+//! space in the file until the next `dedup` (QEMU allocates free clusters
+//! again).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -45,90 +47,31 @@ pub(crate) const PUNCH_THREADS: usize = 4;
 /// A run of adjacent clusters: (first cluster, count).
 pub(crate) type Run = (u64, u64);
 
-/// Freed clusters joined into runs `(first cluster, count)` to punch (see the
-/// module doc).
+/// Clusters, added in ascending order, joined into runs.
 #[derive(Default)]
-pub(crate) struct Runs {
-    /// Runs complete.
-    done: Vec<(u64, u64)>,
-    /// The last run added, not complete yet: the next clusters may extend it.
-    held: Option<(u64, u64)>,
-    /// Clusters that will be freed later ([`Runs::add_late`], ascending):
-    /// runs next to them wait for them.
-    late: Vec<u64>,
-    /// Runs waiting for `late` clusters.
-    parked: Vec<(u64, u64)>,
+struct Runs {
+    done: Vec<Run>,
+    /// The last run, which the next cluster may extend.
+    open: Option<Run>,
 }
 
 impl Runs {
-    /// Says which clusters will be freed after the ones [`Runs::add`] gets
-    /// (`sorted`, ascending): runs next to them are held back until
-    /// [`Runs::add_late`] joins them.
-    pub(crate) fn wait_for(&mut self, sorted: Vec<u64>) {
-        self.late = sorted;
-    }
-
-    /// Adds the clusters `sorted` (ascending, each freed durably).
-    pub(crate) fn add(&mut self, sorted: &[u64]) {
+    fn add(&mut self, sorted: &[u64]) {
         for &c in sorted {
-            match &mut self.held {
+            match &mut self.open {
                 Some((first, n)) if *first + *n == c => *n += 1,
-                held => {
-                    if let Some(run) = held.replace((c, 1)) {
-                        self.emit(run);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Adds the clusters announced by [`Runs::wait_for`] (`sorted`, each freed
-    /// durably), joined with the runs that waited for them.
-    pub(crate) fn add_late(&mut self, sorted: &[u64]) {
-        if let Some(run) = self.held.take() {
-            self.emit(run);
-        }
-        self.late.clear();
-        let mut runs = std::mem::take(&mut self.parked);
-        runs.extend(sorted.iter().map(|&c| (c, 1)));
-        runs.sort_unstable();
-        let mut cur: Option<(u64, u64)> = None;
-        for (first, n) in runs {
-            match &mut cur {
-                Some((f, m)) if *f + *m == first => *m += n,
-                cur => {
-                    if let Some(run) = cur.replace((first, n)) {
+                open => {
+                    if let Some(run) = open.replace((c, 1)) {
                         self.done.push(run);
                     }
                 }
             }
         }
-        if let Some(run) = cur {
-            self.done.push(run);
-        }
     }
 
-    /// Completes `run`, or parks it if a late cluster borders it.
-    fn emit(&mut self, run: (u64, u64)) {
-        let (first, n) = run;
-        let borders = |c: Option<u64>| c.is_some_and(|c| self.late.binary_search(&c).is_ok());
-        if borders(first.checked_sub(1)) || borders(first.checked_add(n)) {
-            self.parked.push(run);
-        } else {
-            self.done.push(run);
-        }
-    }
-
-    /// Every run, the one held back and those still parked (the late clusters
-    /// never came: an error) included, ascending.
-    pub(crate) fn finish(mut self) -> Vec<(u64, u64)> {
-        if let Some(run) = self.held.take() {
-            self.emit(run);
-        }
-        let mut runs = self.done;
-        runs.append(&mut self.parked);
-        runs.sort_unstable();
-        runs
+    fn finish(mut self) -> Vec<Run> {
+        self.done.extend(self.open.take());
+        self.done
     }
 }
 
