@@ -27,9 +27,9 @@
 //!    as they are;
 //! 4. hash every candidate cluster, compare candidates byte for byte and plan the
 //!    remaps within the refcount maximum (`plan.rs`);
-//! 5. apply them in flush groups, in the order `apply.rs` describes, collecting
-//!    the freed clusters in runs as long as the survivors chosen and a few moves
-//!    joining runs (`plan::bridges`) make them;
+//! 5. apply them in flush groups, in the order `apply.rs` describes, then move a
+//!    few clusters so that runs of freed clusters join (`plan::bridges`; the
+//!    survivors are chosen for long runs too);
 //! 6. with `compact`, move clusters from the end into free ones;
 //! 7. set COPIED again where a refcount is 1 (`check --repair all`), so that the
 //!    image is strict: COPIED iff refcount 1, and `qemu-img check` clean;
