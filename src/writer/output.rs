@@ -175,9 +175,17 @@ impl<'a> Output<'a> {
         Ok(())
     }
 
-    /// Does a job's writes in order.
+    /// Does a job's writes in order. Through the page cache, adjacent gathered
+    /// writes go out as one vectored write straight from the job's memory
+    /// ([`WriteAt::write_all_vectored_at`]) rather than copied together into the
+    /// write buffer first (that copy was 6% of a mixed 2 GiB conversion's CPU);
+    /// direct writes need an aligned copy anyway and keep the buffer.
     fn apply(&mut self, job: &Job) -> Result<()> {
         let data: &[u8] = job.batch.as_ref().map_or(&[], |b| &b.data);
+        let vectored = self.direct.is_none();
+        // The run of adjacent gathered writes not written yet: slices, offset, length.
+        let mut run: Vec<&[u8]> = Vec::new();
+        let (mut run_off, mut run_len) = (0u64, 0u64);
         for op in &job.ops {
             let bytes = match op.src {
                 Src::Batch(a, b) => data.get(a..b),
@@ -187,13 +195,48 @@ impl<'a> Output<'a> {
             let bytes = bytes.ok_or_else(|| {
                 Error::InvalidArgument(format!("a write at {:#x} lost its bytes", op.off))
             })?;
+            if vectored && op.gather {
+                if !run.is_empty()
+                    && (run_off + run_len != op.off || run_len >= WRITE_BUFFER as u64)
+                {
+                    self.write_slices(&run, run_off)?;
+                    run.clear();
+                }
+                if run.is_empty() {
+                    // What was gathered before (not in vectored mode) goes first.
+                    self.flush()?;
+                    (run_off, run_len) = (op.off, 0);
+                }
+                run.push(bytes);
+                run_len += bytes.len() as u64;
+                continue;
+            }
+            if !run.is_empty() {
+                self.write_slices(&run, run_off)?;
+                run.clear();
+            }
             if op.gather {
                 self.push(bytes, op.off)?;
             } else {
                 self.write(bytes, op.off)?;
             }
         }
+        if !run.is_empty() {
+            self.write_slices(&run, run_off)?;
+        }
         Ok(())
+    }
+
+    /// Writes `bufs` one after the other from `off`, reserving ahead.
+    fn write_slices(&mut self, bufs: &[&[u8]], off: u64) -> Result<()> {
+        if let [one] = bufs {
+            return self.write(one, off);
+        }
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        self.reserve(off + len)?;
+        self.out
+            .write_all_vectored_at(bufs, off)
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))
     }
 }
 
