@@ -351,40 +351,68 @@ fn compressed_clusters_are_left_as_they_are_and_extended_l2_entries_are_shared_w
     assert_qemu_compare_same(&before, "qcow2", &part);
 }
 
-/// A storage layer whose writes fail after a budget: the crash of a process at
-/// that write, as the library sees it (every write before it is in the file,
-/// none after it). Truncation and hole punching count as writes.
-struct FailingFile {
+/// A storage layer that fails on purpose, and logs its changes in order (`w`
+/// write, `s` sync, `t` set_len, `p` punch):
+/// - once `writes_left` is spent, its writes fail (truncation and hole punching
+///   count as writes): the crash of a process at that write, as the library sees
+///   it (every write before it is in the file, none after it);
+/// - once `punches_left` is spent, its hole punches alone fail.
+///
+/// Syncs do nothing but log: a killed process loses no completed write.
+struct FaultyFile {
     file: std::fs::File,
-    budget: std::sync::atomic::AtomicUsize,
+    writes_left: std::sync::atomic::AtomicUsize,
+    /// Writes made.
     writes: std::sync::atomic::AtomicUsize,
+    punches_left: std::sync::atomic::AtomicUsize,
+    /// Punches tried.
+    punches: std::sync::atomic::AtomicUsize,
+    log: std::sync::Mutex<String>,
 }
 
-impl FailingFile {
-    fn open(p: &Path, budget: usize) -> FailingFile {
-        FailingFile {
+impl FaultyFile {
+    fn open(p: &Path, writes_left: usize, punches_left: usize) -> FaultyFile {
+        FaultyFile {
             file: std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(p)
                 .unwrap(),
-            budget: budget.into(),
+            writes_left: writes_left.into(),
             writes: 0.into(),
+            punches_left: punches_left.into(),
+            punches: 0.into(),
+            log: String::new().into(),
         }
     }
 
-    fn spend(&self) -> std::io::Result<()> {
+    /// Writes fail after `n`.
+    fn failing_writes(p: &Path, n: usize) -> FaultyFile {
+        FaultyFile::open(p, n, usize::MAX)
+    }
+
+    /// Hole punches fail after `n` (writes succeed).
+    fn failing_punches(p: &Path, n: usize) -> FaultyFile {
+        FaultyFile::open(p, usize::MAX, n)
+    }
+
+    /// Logs `op` and spends one write.
+    fn spend(&self, op: char) -> std::io::Result<()> {
         use std::sync::atomic::Ordering::SeqCst;
-        if self.budget.load(SeqCst) == 0 {
+        self.log.lock().unwrap().push(op);
+        if self
+            .writes_left
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
             return Err(std::io::Error::other("injected write failure"));
         }
-        self.budget.fetch_sub(1, SeqCst);
         self.writes.fetch_add(1, SeqCst);
         Ok(())
     }
 }
 
-impl qdedup::io::ReadAt for FailingFile {
+impl qdedup::io::ReadAt for FaultyFile {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
         qdedup::io::ReadAt::read_at(&self.file, buf, offset)
     }
@@ -393,20 +421,31 @@ impl qdedup::io::ReadAt for FailingFile {
     }
 }
 
-impl qdedup::io::WriteAt for FailingFile {
+impl qdedup::io::WriteAt for FaultyFile {
     fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.spend()?;
+        self.spend('w')?;
         qdedup::io::WriteAt::write_all_at(&self.file, buf, offset)
     }
     fn sync(&self) -> std::io::Result<()> {
+        self.log.lock().unwrap().push('s');
         Ok(())
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.spend()?;
+        self.spend('t')?;
         self.file.set_len(len)
     }
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.spend()?;
+        use std::sync::atomic::Ordering::SeqCst;
+        self.punches.fetch_add(1, SeqCst);
+        if self
+            .punches_left
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            self.log.lock().unwrap().push('p');
+            return Err(std::io::Error::other("injected punch failure"));
+        }
+        self.spend('p')?;
         qdedup::io::WriteAt::punch_hole(&self.file, offset, len)
     }
 }
@@ -467,7 +506,7 @@ fn failing_writes(compact: bool) {
     };
     // How many writes a whole run makes.
     let probe = copy_file(&c.img, c.dir.join("probe.qcow2"));
-    let f = FailingFile::open(&probe, usize::MAX);
+    let f = FaultyFile::failing_writes(&probe, usize::MAX);
     let r = dedup_image(&f, "probe", &opts).unwrap();
     if !compact {
         assert!(r.clusters_moved_to_join_holes > 0, "{r:?}");
@@ -485,7 +524,7 @@ fn failing_writes(compact: bool) {
         .collect();
     for (i, &n) in points.iter().enumerate() {
         let img = copy_file(&c.img, c.dir.join(format!("fail{i}.qcow2")));
-        let f = FailingFile::open(&img, n);
+        let f = FaultyFile::failing_writes(&img, n);
         let err = dedup_image(&f, "img", &opts).unwrap_err();
         assert!(err.to_string().contains("injected"), "write {n}: {err}");
         drop(f);
@@ -620,70 +659,6 @@ fn survivors_are_chosen_so_that_freed_clusters_form_few_runs_each_punched_once()
     }
 }
 
-/// A file whose hole punches fail from the `n`th on (writes succeed), and that
-/// logs its changes in order: `w` write, `s` sync, `t` set_len, `p` punch.
-struct PunchFailingFile {
-    file: std::fs::File,
-    punches_left: std::sync::atomic::AtomicUsize,
-    punches: std::sync::atomic::AtomicUsize,
-    log: std::sync::Mutex<String>,
-}
-
-impl PunchFailingFile {
-    fn open(p: &Path, punches_left: usize) -> Self {
-        PunchFailingFile {
-            file: std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .unwrap(),
-            punches_left: punches_left.into(),
-            punches: 0.into(),
-            log: String::new().into(),
-        }
-    }
-    fn note(&self, op: char) {
-        self.log.lock().unwrap().push(op);
-    }
-}
-
-impl qdedup::io::ReadAt for PunchFailingFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        qdedup::io::ReadAt::read_at(&self.file, buf, offset)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        qdedup::io::ReadAt::len(&self.file)
-    }
-}
-
-impl qdedup::io::WriteAt for PunchFailingFile {
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.note('w');
-        qdedup::io::WriteAt::write_all_at(&self.file, buf, offset)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.note('s');
-        qdedup::io::WriteAt::sync(&self.file)
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.note('t');
-        self.file.set_len(len)
-    }
-    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering::SeqCst;
-        self.note('p');
-        self.punches.fetch_add(1, SeqCst);
-        if self
-            .punches_left
-            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
-            .is_err()
-        {
-            return Err(std::io::Error::other("injected punch failure"));
-        }
-        qdedup::io::WriteAt::punch_hole(&self.file, offset, len)
-    }
-}
-
 #[test]
 fn a_failing_hole_punch_is_reported_and_leaves_a_sound_image() {
     use qdedup::inplace::{dedup_image, DedupOptions};
@@ -693,7 +668,7 @@ fn a_failing_hole_punch_is_reported_and_leaves_a_sound_image() {
         flush_group: 2,
         ..DedupOptions::default()
     };
-    let open = PunchFailingFile::open;
+    let open = FaultyFile::failing_punches;
     // How many punches a whole run makes.
     let probe = copy_file(&c.img, c.dir.join("probe.qcow2"));
     let f = open(&probe, usize::MAX);
@@ -732,7 +707,7 @@ fn space_is_given_back_only_after_the_last_write_and_sync() {
     let mut cases = 0;
     for compact in [false, true] {
         let img = copy_file(&c.img, c.dir.join(format!("order-{compact}.qcow2")));
-        let f = PunchFailingFile::open(&img, usize::MAX);
+        let f = FaultyFile::failing_punches(&img, usize::MAX);
         let opts = DedupOptions {
             flush_group: 2,
             compact,
@@ -808,7 +783,7 @@ fn a_rerun_gives_back_the_space_an_interrupted_run_freed_but_did_not_punch() {
     // A run whose every punch fails: the duplicates are freed in the image (and
     // the run fails), the file keeps their bytes.
     let img = copy_file(&c.img, c.dir.join("stopped.qcow2"));
-    let f = PunchFailingFile::open(&img, 0);
+    let f = FaultyFile::failing_punches(&img, 0);
     let err = dedup_image(&f, "img", &DedupOptions::default()).unwrap_err();
     assert!(err.to_string().contains("injected punch failure"), "{err}");
     drop(f);
