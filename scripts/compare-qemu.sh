@@ -33,6 +33,9 @@
 #   SCATTER_SIZE size of the scattered image (default 16383G: ext4 refuses files of
 #                16 TiB; the issue's 16T, 32768 pieces, works on XFS or tmpfs)
 #   KEEP=1       keep the outputs of the last round
+#   AA=1         an A/A control: the first qdedup command of each set runs twice
+#                per round under two labels and is paired with itself; its ratio
+#                shows what the protocol alone makes of one command (about 1.00x)
 #   FS_SIZE      size of issue19's ext4 image of real files (default 2G). The image
 #                is made with `mkfs.ext4 -d` from a tree of this machine's files:
 #                every k-th file (name order) of each of FS_ROOTS (default
@@ -49,9 +52,12 @@
 # Like is compared with like: `qemu-img convert` does not flush by default
 # (cache=unsafe), so an unsynced qdedup run (`--no-sync`) is compared with the
 # default, and a synced one with `qemu-img convert -t writeback` (flushes at close).
-# Before every timed run the previous output is removed, the input is read once
-# (the page cache is warm for both tools), `sync` runs and the memory freed is let
-# go back to the host (see settle below). The wall time printed is
+# The commands of a set run in a new shuffled order every round (seeded with the
+# round number, so the same orders on every run). Before every timed run the input
+# is read once (the page cache is warm for both tools), `sync` runs and the memory
+# freed is let go back to the host (see settle below); after it, `sync` runs and
+# its output is removed (the last round's once checked), so no run starts with
+# another's output in the page cache. The wall time printed is
 # the median over the rounds (min in brackets); ratios are qemu-img time / qdedup
 # time (> 1: qdedup is faster), of the medians and of the mins, and qdedup size /
 # qemu-img size. On a shared VM the noise only ever adds time, so the ratio of the
@@ -280,29 +286,50 @@ run_set() {
             seen+="$l "
         }
     done
+    # AA=1: the first qdedup command once more under another label, paired with
+    # itself: the protocol's own bias, which should come out at 1.00x.
+    if [[ ${AA:-0} == 1 ]]; then
+        l=${pairs[0]%%|*}
+        CMD[$l-again]=${CMD[$l]}
+        uniq+=("$l-again")
+        pairs+=("$l|$l-again")
+    fi
     TIMES=$WORKDIR/times-$name
     : >"$TIMES"
     n=${#uniq[@]}
+    declare -A MED MIN SZ VERDICT
     for r in $(seq 1 "$rounds"); do
         printf '   round %d/%d\r' "$r" "$rounds"
-        for i in $(seq 0 $((n - 1))); do
-            # Rotate the order every round so that no command always runs first.
-            l=${uniq[$(((i + r) % n))]}
+        # A new order every round, shuffled with the round number as the seed (the
+        # same orders on every run of the script): a rotation would keep each
+        # command's predecessor, and on a VM the predecessor decides which memory
+        # the next run writes into (see docs/benchmarks.md, "Order bias").
+        for l in $(for l in "${uniq[@]}"; do echo "$l"; done |
+            awk -v seed="$r" 'BEGIN { srand(seed) } { printf "%.9f\t%s\n", rand(), $0 }' |
+            sort -k1,1g | cut -f2); do
             local cmd=${CMD[$l]//@IN/$input}
             cmd=${cmd//@OUT/$OUT/$l.qcow2}
             # shellcheck disable=SC2086 # the command is a word list
             timed "$l" "$input" "$OUT/$l.qcow2" $cmd
+            # Every output goes right after its run (the last round's once its
+            # size and verdicts are taken), so that no run starts with other
+            # commands' outputs in the page cache.
+            if ((r == rounds)); then
+                SZ[$l]=$(stat -c %s "$OUT/$l.qcow2")
+                VERDICT[$l]=$(verdicts "$input" "$OUT/$l.qcow2")
+                [[ ${KEEP:-0} == 1 ]] || rm -f "$OUT/$l.qcow2"
+            else
+                rm -f "$OUT/$l.qcow2"
+            fi
         done
     done
     printf '\n'
     printf '%-22s %8s %8s %12s %7s %-8s %-10s\n' "$name: command" "median" "(min)" "size" "" "check" "compare"
-    declare -A MED MIN SZ
     for l in "${uniq[@]}"; do
         read -r med min < <(median "$l")
         MED[$l]=$med
         MIN[$l]=$min
-        SZ[$l]=$(stat -c %s "$OUT/$l.qcow2")
-        read -r c k < <(verdicts "$input" "$OUT/$l.qcow2")
+        read -r c k <<<"${VERDICT[$l]}"
         printf '%-22s %7ss %7ss %12s %7s %-8s %-10s\n' "$l" "$med" "$min" "${SZ[$l]}" "" "$c" "$k"
         RES_MED[$name/$l]=$med
         RES_MIN[$name/$l]=$min
@@ -314,7 +341,6 @@ run_set() {
             -v ma="${MIN[$a]}" -v mb="${MIN[$b]}" \
             'BEGIN { printf "  %-22s vs %-22s speed %.2fx (mins %.2fx)  size %.3fx\n", a, b, tb / ta, mb / ma, sa / sb }'
     done
-    [[ ${KEEP:-0} == 1 ]] || rm -f "$OUT"/*.qcow2
 }
 
 machine() {
