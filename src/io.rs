@@ -128,6 +128,17 @@ pub trait WriteAt: Send + Sync {
         self.preallocate(offset, len)
     }
 
+    /// Starts writing the `len` bytes at `offset`, already written, to the
+    /// device without waiting for it, and lets the page cache drop the pages of
+    /// the range that are already on the device. A hint for a writer that will
+    /// sync the file at the end anyway: the device works while the writer goes
+    /// on, and the final sync finds little left to do. The default does
+    /// nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+
     /// A second descriptor of this file opened for direct I/O (`O_DIRECT`:
     /// writes go to the device from the caller's memory, bypassing the page
     /// cache; offsets, lengths and memory must be 4 KiB-aligned), or `None` (the
@@ -258,6 +269,18 @@ impl WriteAt for File {
             .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?)
             .open(format!("/proc/self/fd/{}", self.as_raw_fd()))
             .ok()
+    }
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        // Linux's POSIX_FADV_DONTNEED starts writeback of the range's dirty
+        // pages (without waiting: WB_SYNC_NONE) and drops its clean ones;
+        // pages still being written stay. Best effort, as a hint.
+        let _ = rustix::fs::fadvise(
+            self,
+            offset,
+            std::num::NonZeroU64::new(len),
+            rustix::fs::Advice::DontNeed,
+        );
+        Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         use rustix::fs::FallocateFlags as F;

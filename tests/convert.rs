@@ -566,8 +566,76 @@ fn thread_cpu_times_are_printed_when_asked() {
     assert_eq!(cases, 2);
 }
 
-/// Direct I/O for the data (the default where the output's file system allows
-/// it) writes the same bytes as the page cache, whatever the cluster size (512 B
+/// A synced conversion through the page cache (the default, `-t writeback`,
+/// `-m 0`) starts the writeback of its output as it goes (write-behind), in
+/// 8 MiB steps up to two steps behind the end of the data; an unsynced one and
+/// one whose data goes with direct I/O do not. The bytes are the same.
+#[test]
+fn synced_conversions_through_the_page_cache_write_behind() {
+    let dir = Scratch::new();
+    let input = dir.join("in.raw");
+    // 48 MiB of unique 64 KiB clusters: 48 MiB of data in the output.
+    std::fs::write(&input, random_bytes(9, 48 << 20)).unwrap();
+    let out = dir.join("out.qcow2");
+    let fs_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = dir.join("probe");
+        std::fs::write(&probe, b"").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap())
+            .open(&probe)
+            .is_ok()
+    };
+    let mut reference: Option<Vec<u8>> = None;
+    let mut cases = 0;
+    for (extra, behind) in [
+        (&[][..], true),
+        (&["-t", "writeback"][..], true),
+        (&["-m", "0"][..], true),
+        (&["--no-direct"][..], true),
+        (&["--no-sync"][..], false),
+        (&["-t", "unsafe"][..], false),
+        // Where the file system refuses O_DIRECT the data goes through the
+        // page cache after all, and is written behind.
+        (&["--direct"][..], !fs_direct),
+        (&["-t", "none"][..], !fs_direct),
+    ] {
+        let run = std::process::Command::new(qdedup_bin())
+            .args(["convert", "--output", "json"])
+            .args(extra)
+            .arg(&input)
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{extra:?}: {run:?}");
+        let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let behind_bytes = report["write-behind-bytes"].as_u64().unwrap();
+        if behind {
+            // Every 8 MiB step of the 48 MiB but the last two or three.
+            assert!(
+                (24 << 20..=48 << 20).contains(&behind_bytes) && behind_bytes % (8 << 20) == 0,
+                "{extra:?}: {behind_bytes}"
+            );
+        } else {
+            assert_eq!(behind_bytes, 0, "{extra:?}");
+        }
+        let bytes = std::fs::read(&out).unwrap();
+        if let Some(r) = &reference {
+            assert!(r == &bytes, "{extra:?}: other bytes");
+        } else {
+            assert_qemu_check_clean(&out);
+            assert_qemu_compare_same(&input, "raw", &out);
+            reference = Some(bytes);
+        }
+        std::fs::remove_file(&out).unwrap();
+        cases += 1;
+    }
+    assert_eq!(cases, 8);
+}
+
+/// Direct I/O for the data (`--direct`, `-t none`, where the output's file
+/// system allows it) writes the same bytes as the page cache, whatever the cluster size (512 B
 /// clusters give unaligned runs, which stay buffered) and with compressed
 /// streams (unaligned).
 #[test]
@@ -596,11 +664,12 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
         &["-c", "-o", "cluster_size=4k"],
     ] {
         let direct = dir.join("direct.qcow2");
-        // Buffered four ways: --no-direct, and the qemu-img cache modes that
-        // go through the page cache; `-t none` is direct like the default.
+        // Buffered five ways: the default, --no-direct, and the qemu-img cache
+        // modes that go through the page cache; direct three ways.
         let mut reference: Option<Vec<u8>> = None;
         for (extra, is_direct) in [
-            (&[][..], true),
+            (&[][..], false),
+            (&["--direct"][..], true),
             (&["-t", "none"][..], true),
             (&["--no-sync", "--direct"][..], true),
             (&["--no-direct"][..], false),
@@ -648,7 +717,7 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
             cases += 1;
         }
     }
-    assert_eq!(cases, 28);
+    assert_eq!(cases, 32);
     // Direct and not direct at once is refused.
     for args in [
         &["-t", "none", "--no-direct"][..],

@@ -92,12 +92,12 @@ pub(crate) struct ConvertArgs {
     /// Do not fsync the output (like qemu-img convert's default cache=unsafe).
     #[arg(long)]
     pub(crate) no_sync: bool,
-    /// Write the output's data through the page cache. By default a synced
-    /// conversion writes it with direct I/O (O_DIRECT, where the file system
-    /// allows it) and an unsynced one (--no-sync) through the page cache.
+    /// Write the output's data through the page cache (the default; a synced
+    /// conversion starts writing it back to the device as it goes).
     #[arg(long, conflicts_with = "direct")]
     pub(crate) no_direct: bool,
-    /// Write the output's data with direct I/O (O_DIRECT) also with --no-sync.
+    /// Write the output's data with direct I/O (O_DIRECT, where the file system
+    /// allows it): less CPU, each write waits for the device.
     #[arg(long)]
     pub(crate) direct: bool,
     /// Replace OUT if it exists.
@@ -137,9 +137,9 @@ pub(crate) struct QemuImgConvertArgs {
     #[arg(short = 'p')]
     pub(crate) progress: bool,
     /// Output cache mode, as qemu-img: none, directsync = sync the output and
-    /// write its data with direct I/O (the default); writeback, writethrough =
-    /// sync it, data through the page cache (--no-direct); unsafe = neither
-    /// (--no-sync --no-direct).
+    /// write its data with direct I/O (--direct); writeback, writethrough =
+    /// sync it, data through the page cache (the default); unsafe = neither
+    /// (--no-sync).
     #[arg(short = 't', value_name = "CACHE")]
     pub(crate) cache: Option<String>,
     /// Source cache mode (qemu-img -T): accepted and ignored, the input is only read.

@@ -232,11 +232,11 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         bail!("--max-in-flight 0: give a size of at least 1 byte, e.g. 64M (the default)");
     }
     opts.sync = !a.no_sync;
-    // Direct I/O by default where the output is synced anyway: the data must
-    // reach the device before the end, and going around the page cache saves a
-    // copy and keeps what others cached. Unsynced (qemu-img's cache=unsafe), the
-    // page cache is what the user asked for: the run ends before the device
-    // has the data. --direct and --no-direct choose.
+    // The page cache by default: synced, the writer starts the writeback of
+    // what it wrote as it goes (write-behind), which ended sooner than direct
+    // I/O's one write at a time on the benchmark VM (docs/benchmarks.md);
+    // unsynced (qemu-img's cache=unsafe), the run ends before the device has
+    // the data. --direct (and -t none/directsync) choose direct I/O.
     let mut direct = if a.direct {
         Some(true)
     } else if a.no_direct {
@@ -263,7 +263,7 @@ fn convert(a: ConvertArgs) -> Result<Option<Convert>> {
         }
         direct = Some(mode_direct);
     }
-    opts.direct_io = direct.unwrap_or(opts.sync);
+    opts.direct_io = direct.unwrap_or(false);
     if let Some(mode) = &a.qemu.src_cache {
         // Checked, then ignored: the input is only read.
         cache_syncs("-T", mode)?;

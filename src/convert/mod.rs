@@ -142,11 +142,15 @@ pub struct ConvertReport {
     /// The hash function of `checksum` ("blake3" or "sha256").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checksum_algorithm: Option<String>,
-    /// Bytes of data written with direct I/O (`O_DIRECT`, the default; 0 with
-    /// `--no-direct`, a `-t` mode other than none/directsync, or where the
-    /// file system refuses direct I/O: the writes then went through the page
-    /// cache).
+    /// Bytes of data written with direct I/O (`O_DIRECT`: `--direct`, `-t
+    /// none` or `-t directsync`; 0 otherwise, or where the file system refuses
+    /// direct I/O: the writes then went through the page cache).
     pub direct_io_bytes: u64,
+    /// Bytes of the output whose writeback to the device was started while
+    /// converting (write-behind: a synced conversion through the page cache,
+    /// the default; 0 with `--no-sync`, or where the data went with direct
+    /// I/O).
+    pub write_behind_bytes: u64,
     /// CPU time of the conversion's threads by role (not in the JSON report;
     /// the CLI prints it with `QDEDUP_THREAD_CPU=1`).
     #[serde(skip)]
@@ -376,6 +380,9 @@ pub struct ConvertStats {
     pub checksum: Option<crate::checksum::BlockDigest>,
     /// Bytes of data written with direct I/O (`O_DIRECT`).
     pub direct_io_bytes: u64,
+    /// Bytes of the output whose writeback was started during the conversion
+    /// (write-behind: a synced conversion through the page cache).
+    pub write_behind_bytes: u64,
     /// CPU time of the conversion's threads by role.
     pub thread_cpu: ThreadCpu,
 }
@@ -466,6 +473,7 @@ pub fn convert_salvaging_to(
     // The pipelined converter's writer only places clusters; an I/O thread
     // does the writes (writer::output). The sequential one does all on this thread.
     let bytes_read = std::thread::scope(|s| -> Result<pipeline::BytesRead> {
+        w.set_write_behind(opts.sync);
         if opts.workers > 0 {
             w.start_io_thread(s, opts.direct_io);
         }
@@ -506,6 +514,7 @@ pub fn convert_salvaging_to(
     })?;
     let index_bytes = w.index_heap_bytes() as u64;
     let direct_io_bytes = w.direct_io_bytes();
+    let write_behind_bytes = w.write_behind_bytes();
     let stats = w.finish()?;
     let thread_cpu = ThreadCpu {
         writer_ns: crate::io::thread_cpu_ns()
@@ -530,6 +539,7 @@ pub fn convert_salvaging_to(
                 index_bytes,
                 checksum: sum.map(crate::checksum::ConvertChecksum::finish),
                 direct_io_bytes,
+                write_behind_bytes,
                 thread_cpu,
             },
             backing_clusters,
@@ -739,6 +749,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
                         index_bytes,
                         checksum,
                         direct_io_bytes,
+                        write_behind_bytes,
                         thread_cpu,
                     },
                 backing_clusters,
@@ -865,6 +876,7 @@ pub fn convert_input(input: &Input, output: &Path, opts: &ConvertOptions) -> Res
         checksum: checksum.as_ref().map(crate::checksum::to_hex),
         checksum_algorithm: checksum.and(opts.checksum).map(|a| a.name().to_string()),
         direct_io_bytes,
+        write_behind_bytes,
         thread_cpu,
     })
 }

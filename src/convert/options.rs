@@ -71,13 +71,14 @@ pub struct ConvertOptions {
     /// from the output; default false: a match is trusted on 96 bits of BLAKE3).
     pub verify: bool,
     /// Write the data of the pipelined converter with direct I/O (`O_DIRECT`,
-    /// bypassing the page cache) where the output allows it (default true; the
-    /// CLI's default is true for a synced conversion, false with `--no-sync`):
-    /// about a third to a half less CPU time on this project's benchmark VM
-    /// (docs/benchmarks.md, issue 19). An unsynced conversion then waits for the
-    /// device rather than only for the page cache, which on a machine with
-    /// memory to spare makes it slower. The output's bytes are the same either
-    /// way.
+    /// bypassing the page cache) where the output allows it (default false, as
+    /// the CLI's without `--direct` or `-t none`): a third to a half less CPU
+    /// time, but each write waits for the device, one at a time. Through the
+    /// page cache a synced conversion starts the writeback of its output as it
+    /// goes (write-behind), which on this project's benchmark VM ended 20–35%
+    /// sooner than direct I/O (docs/benchmarks.md, issue 19); an unsynced one
+    /// ends once the data is in the page cache. The output's bytes are the
+    /// same either way.
     pub direct_io: bool,
 }
 
@@ -128,7 +129,7 @@ impl Default for ConvertOptions {
             salvage: false,
             checksum: None,
             verify: false,
-            direct_io: true,
+            direct_io: false,
         }
     }
 }

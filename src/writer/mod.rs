@@ -732,6 +732,23 @@ impl<'a> ImageWriter<'a> {
         self.sink.direct_bytes()
     }
 
+    /// Write-behind, for an output that will be synced at the end: while the
+    /// data goes through the page cache, the writeback of what is written is
+    /// started as the writes go on and the pages already on the device are let
+    /// go ([`WriteAt::start_writeback`]), so the final sync has little left to
+    /// wait for. Call before [`ImageWriter::start_io_thread`].
+    pub(crate) fn set_write_behind(&mut self, on: bool) {
+        if let Some(o) = self.sink.direct() {
+            o.write_behind = on;
+        }
+    }
+
+    /// Bytes whose writeback write-behind started, once the I/O thread has
+    /// stopped.
+    pub fn write_behind_bytes(&self) -> u64 {
+        self.sink.write_behind_bytes()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> WriterStats {
         self.stats

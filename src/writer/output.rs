@@ -57,7 +57,19 @@ pub(crate) struct Output<'a> {
     stage: Vec<u8>,
     /// Bytes written through `direct` so far.
     direct_bytes: u64,
+    /// Write-behind ([`Output::written`]): on for an output synced at the end.
+    pub(crate) write_behind: bool,
+    /// Where the next range to start writing back begins.
+    wb_started: u64,
+    /// Where the next range to let the page cache drop begins.
+    wb_dropped: u64,
+    /// Bytes whose writeback write-behind started.
+    pub(crate) write_behind_bytes: u64,
 }
+
+/// With write-behind, the writeback of the output is started in steps of this
+/// many bytes, one step behind the furthest write (see [`Output::written`]).
+const WRITE_BEHIND_STEP: u64 = 8 << 20;
 
 /// Alignment of direct writes (offset, length, memory).
 const DIRECT_ALIGN: usize = 4096;
@@ -72,6 +84,10 @@ impl<'a> Output<'a> {
             direct: None,
             stage: Vec::new(),
             direct_bytes: 0,
+            write_behind: false,
+            wb_started: 0,
+            wb_dropped: 0,
+            write_behind_bytes: 0,
         }
     }
 
@@ -121,7 +137,38 @@ impl<'a> Output<'a> {
         }
         self.out
             .write_all_at(bytes, off)
-            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))?;
+        self.written(end);
+        Ok(())
+    }
+
+    /// Write-behind, after a buffered write that ended at `end`. A synced
+    /// conversion through the page cache would otherwise leave all of its data
+    /// to the final sync, which then waits for the whole output; here, once
+    /// the writes have passed a range by a step ([`WRITE_BEHIND_STEP`]), its
+    /// writeback is started ([`WriteAt::start_writeback`]), so the device
+    /// writes while the conversion goes on; a step later the same call lets the
+    /// page cache drop what has reached the device, so a big conversion does
+    /// not push everything else out of it. The writer appends data in order,
+    /// so the furthest write is the data's end; writes into earlier ranges
+    /// (tables, COPIED fixes, the metadata at the end) are left to the sync.
+    fn written(&mut self, end: u64) {
+        if !self.write_behind || self.direct.is_some() {
+            return;
+        }
+        if end < self.wb_started + 2 * WRITE_BEHIND_STEP {
+            return;
+        }
+        let to = (end - WRITE_BEHIND_STEP) / WRITE_BEHIND_STEP * WRITE_BEHIND_STEP;
+        // From the previous call's start: the new range's writeback starts and
+        // the previous range's pages, written back by now, can go. A hint; its
+        // failure changes nothing.
+        let _ = self
+            .out
+            .start_writeback(self.wb_dropped, to - self.wb_dropped);
+        self.write_behind_bytes += to - self.wb_started;
+        self.wb_dropped = self.wb_started;
+        self.wb_started = to;
     }
 
     /// Writes whole aligned blocks through the direct descriptor, from a
@@ -236,7 +283,9 @@ impl<'a> Output<'a> {
         self.reserve(off + len)?;
         self.out
             .write_all_vectored_at(bufs, off)
-            .ctx(|| format!("cannot write the output at offset {off:#x}"))
+            .ctx(|| format!("cannot write the output at offset {off:#x}"))?;
+        self.written(off + len);
+        Ok(())
     }
 }
 
@@ -336,6 +385,15 @@ impl<'a> Sink<'a> {
     pub(crate) fn direct_bytes(&self) -> u64 {
         match self {
             Sink::Direct(o) => o.direct_bytes,
+            _ => 0,
+        }
+    }
+
+    /// Bytes whose writeback write-behind started (known as
+    /// [`Sink::direct_bytes`]).
+    pub(crate) fn write_behind_bytes(&self) -> u64 {
+        match self {
+            Sink::Direct(o) => o.write_behind_bytes,
             _ => 0,
         }
     }
@@ -488,4 +546,96 @@ fn gone() -> Error {
         "the output's I/O thread stopped",
         std::io::Error::other("I/O thread ended early"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::MemFile;
+    use std::io;
+
+    /// A file that logs the ranges it is asked to write back, with how far it
+    /// had been written when asked.
+    #[derive(Default)]
+    struct Logged {
+        file: MemFile,
+        written_to: Mutex<u64>,
+        calls: Mutex<Vec<(u64, u64, u64)>>,
+    }
+
+    impl WriteAt for Logged {
+        fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            let mut w = self.written_to.lock().unwrap();
+            *w = (*w).max(offset + buf.len() as u64);
+            self.file.write_all_at(buf, offset)
+        }
+        fn sync(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.file.set_len(len)
+        }
+        fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+            let w = *self.written_to.lock().unwrap();
+            self.calls.lock().unwrap().push((offset, len, w));
+            Ok(())
+        }
+    }
+
+    /// Writes 100 MiB in order in pieces of odd sizes, plain, gathered and
+    /// vectored, with a small write back into the first MiB now and then (as
+    /// the writer's table and COPIED fixes); returns the calls.
+    fn run(write_behind: bool) -> (Vec<(u64, u64, u64)>, u64, Vec<u8>) {
+        let file = Logged::default();
+        let mut o = Output::new(&file);
+        o.write_behind = write_behind;
+        let piece: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+        let total = 100u64 << 20;
+        let (mut off, mut n) = (0u64, 0usize);
+        while off < total {
+            let len = (piece.len() - n * 4099 % 300_000).min((total - off) as usize);
+            let bytes = &piece[..len];
+            match n % 3 {
+                0 => o.write(bytes, off).unwrap(),
+                1 => o.push(bytes, off).unwrap(),
+                _ => {
+                    let (head, tail) = bytes.split_at(len / 2);
+                    o.write_slices(&[head, tail], off).unwrap();
+                }
+            }
+            if n % 7 == 0 {
+                o.write(&[0xab; 512], 4096).unwrap();
+            }
+            off += len as u64;
+            n += 1;
+        }
+        o.flush().unwrap();
+        let calls = file.calls.lock().unwrap().clone();
+        (calls, o.write_behind_bytes, file.file.contents())
+    }
+
+    #[test]
+    fn write_behind_starts_each_range_once_behind_the_writes_then_lets_it_go() {
+        let (calls, bytes, contents) = run(true);
+        let (none, none_bytes, plain) = run(false);
+        assert!(none.is_empty() && none_bytes == 0, "{none:?}");
+        // The hint changes no byte.
+        assert!(contents == plain);
+        let step = WRITE_BEHIND_STEP;
+        // 100 MiB in 8 MiB steps, the last two steps left to the sync.
+        assert!(calls.len() >= 10, "{} calls", calls.len());
+        let (mut started, mut dropped) = (0u64, 0u64);
+        for &(off, len, written) in &calls {
+            // Each call covers the previous call's range (to let it go) and a
+            // new one (to start it), ending on a step, a step or more behind
+            // the furthest write.
+            assert_eq!(off, dropped, "{calls:?}");
+            let end = off + len;
+            assert!(end > started && end % step == 0, "{calls:?}");
+            assert!(end + step <= written, "{end} vs {written}");
+            (dropped, started) = (started, end);
+        }
+        assert_eq!(bytes, started);
+        assert!(started + 3 * step >= 100 << 20, "{started}");
+    }
 }
