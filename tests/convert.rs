@@ -568,8 +568,9 @@ fn thread_cpu_times_are_printed_when_asked() {
 
 /// A synced conversion through the page cache (the default, `-t writeback`,
 /// `-m 0`) starts the writeback of its output as it goes (write-behind), in
-/// 8 MiB steps up to two steps behind the end of the data; an unsynced one and
-/// one whose data goes with direct I/O do not. The bytes are the same.
+/// 8 MiB steps up to two steps behind the end of the data; an unsynced one, one
+/// with `--verify` and one whose data goes with direct I/O do not. The bytes are
+/// the same.
 #[test]
 fn synced_conversions_through_the_page_cache_write_behind() {
     let dir = Scratch::new();
@@ -596,6 +597,7 @@ fn synced_conversions_through_the_page_cache_write_behind() {
         (&["--no-direct"][..], true),
         (&["--no-sync"][..], false),
         (&["-t", "unsafe"][..], false),
+        (&["--verify"][..], false),
         // Where the file system refuses O_DIRECT the data goes through the
         // page cache after all, and is written behind.
         (&["--direct"][..], !fs_direct),
@@ -631,7 +633,7 @@ fn synced_conversions_through_the_page_cache_write_behind() {
         std::fs::remove_file(&out).unwrap();
         cases += 1;
     }
-    assert_eq!(cases, 8);
+    assert_eq!(cases, 9);
 }
 
 /// Direct I/O for the data (`--direct`, `-t none`, where the output's file

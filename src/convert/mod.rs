@@ -148,8 +148,8 @@ pub struct ConvertReport {
     pub direct_io_bytes: u64,
     /// Bytes of the output whose writeback to the device was started while
     /// converting (write-behind: a synced conversion through the page cache,
-    /// the default; 0 with `--no-sync`, or where the data went with direct
-    /// I/O).
+    /// the default; 0 with `--no-sync` or `--verify`, or where the data went
+    /// with direct I/O).
     pub write_behind_bytes: u64,
     /// CPU time of the conversion's threads by role (not in the JSON report;
     /// the CLI prints it with `QDEDUP_THREAD_CPU=1`).
@@ -473,7 +473,9 @@ pub fn convert_salvaging_to(
     // The pipelined converter's writer only places clusters; an I/O thread
     // does the writes (writer::output). The sequential one does all on this thread.
     let bytes_read = std::thread::scope(|s| -> Result<pipeline::BytesRead> {
-        w.set_write_behind(opts.sync);
+        // Not with --verify: it reads back earlier clusters of the output,
+        // which write-behind would have let the page cache drop.
+        w.set_write_behind(opts.sync && !opts.verify);
         if opts.workers > 0 {
             w.start_io_thread(s, opts.direct_io);
         }
