@@ -566,6 +566,34 @@ fn thread_cpu_times_are_printed_when_asked() {
     assert_eq!(cases, 2);
 }
 
+/// Whether the file system holding `dir` takes O_DIRECT at all (tmpfs before
+/// 6.6 and some network file systems do not): where it does not, qdedup falls
+/// back to the page cache and says so with direct-io-bytes 0.
+fn fs_takes_o_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap())
+        .open(&probe)
+        .is_ok()
+}
+
+/// The first output of a series is checked with qemu-img (clean, same content
+/// as the raw `input`) and kept in `reference`; every later one must have its
+/// bytes.
+fn same_bytes_as_the_first(reference: &mut Option<Vec<u8>>, input: &Path, out: &Path, what: &str) {
+    let bytes = std::fs::read(out).unwrap();
+    if let Some(r) = reference {
+        assert!(*r == bytes, "{what}: other bytes");
+    } else {
+        assert_qemu_check_clean(out);
+        assert_qemu_compare_same(input, "raw", out);
+        *reference = Some(bytes);
+    }
+}
+
 /// A synced conversion through the page cache (the default, `-t writeback`,
 /// `-m 0`) starts the writeback of its output as it goes (write-behind), in
 /// 8 MiB steps up to two steps behind the end of the data; an unsynced one, one
@@ -578,16 +606,7 @@ fn synced_conversions_through_the_page_cache_write_behind() {
     // 48 MiB of unique 64 KiB clusters: 48 MiB of data in the output.
     std::fs::write(&input, random_bytes(9, 48 << 20)).unwrap();
     let out = dir.join("out.qcow2");
-    let fs_direct = {
-        use std::os::unix::fs::OpenOptionsExt;
-        let probe = dir.join("probe");
-        std::fs::write(&probe, b"").unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap())
-            .open(&probe)
-            .is_ok()
-    };
+    let fs_direct = fs_takes_o_direct(dir.path());
     let mut reference: Option<Vec<u8>> = None;
     let mut cases = 0;
     for (extra, behind) in [
@@ -622,14 +641,7 @@ fn synced_conversions_through_the_page_cache_write_behind() {
         } else {
             assert_eq!(behind_bytes, 0, "{extra:?}");
         }
-        let bytes = std::fs::read(&out).unwrap();
-        if let Some(r) = &reference {
-            assert!(r == &bytes, "{extra:?}: other bytes");
-        } else {
-            assert_qemu_check_clean(&out);
-            assert_qemu_compare_same(&input, "raw", &out);
-            reference = Some(bytes);
-        }
+        same_bytes_as_the_first(&mut reference, &input, &out, &format!("{extra:?}"));
         std::fs::remove_file(&out).unwrap();
         cases += 1;
     }
@@ -645,19 +657,7 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
     let dir = Scratch::new();
     let input = dir.join("in.raw");
     let distinct = make_input(&input, 4096, 3000, 100, 5) as u64;
-    // Whether this file system takes O_DIRECT at all (tmpfs before 6.6 and
-    // some network file systems do not): then qdedup falls back to the page
-    // cache and says so with direct-io-bytes 0.
-    let probe = dir.join("probe");
-    std::fs::write(&probe, b"").unwrap();
-    let fs_direct = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(i32::try_from(rustix::fs::OFlags::DIRECT.bits()).unwrap())
-            .open(&probe)
-            .is_ok()
-    };
+    let fs_direct = fs_takes_o_direct(dir.path());
     let mut cases = 0;
     for args in [
         &["-o", "cluster_size=64k"][..],
@@ -707,14 +707,8 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
             } else {
                 assert_eq!(direct_bytes, 0, "{args:?} {extra:?}");
             }
-            let bytes = std::fs::read(&direct).unwrap();
-            if let Some(r) = &reference {
-                assert!(r == &bytes, "{args:?} {extra:?}: other bytes");
-            } else {
-                assert_qemu_check_clean(&direct);
-                assert_qemu_compare_same(&input, "raw", &direct);
-                reference = Some(bytes);
-            }
+            let what = format!("{args:?} {extra:?}");
+            same_bytes_as_the_first(&mut reference, &input, &direct, &what);
             std::fs::remove_file(&direct).unwrap();
             cases += 1;
         }
