@@ -75,7 +75,7 @@ pub struct ConvertOptions {
     /// the CLI's without `--direct` or `-t none`): a third to a half less CPU
     /// time, but each write waits for the device, one at a time. Through the
     /// page cache a synced conversion starts the writeback of its output as it
-    /// goes (write-behind), which on this project's benchmark VM ended 20–35%
+    /// goes (write-behind), which on this project's benchmark VM ended 20–40%
     /// sooner than direct I/O (docs/benchmarks.md, issue 19); an unsynced one
     /// ends once the data is in the page cache. The output's bytes are the
     /// same either way.

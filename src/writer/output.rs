@@ -148,8 +148,9 @@ impl<'a> Output<'a> {
     /// the writes have passed a range by a step ([`WRITE_BEHIND_STEP`]), its
     /// writeback is started ([`WriteAt::start_writeback`]), so the device
     /// writes while the conversion goes on; a step later the same call lets the
-    /// page cache drop what has reached the device, so a big conversion does
-    /// not push everything else out of it. The writer appends data in order,
+    /// page cache drop what has reached the device by then, so a big
+    /// conversion leaves less of itself in the page cache (what is still being
+    /// written back stays). The writer appends data in order,
     /// so the furthest write is the data's end; writes into earlier ranges
     /// (tables, COPIED fixes, the metadata at the end) are left to the sync.
     fn written(&mut self, end: u64) {
