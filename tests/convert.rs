@@ -622,15 +622,7 @@ fn synced_conversions_through_the_page_cache_write_behind() {
         (&["--direct"][..], !fs_direct),
         (&["-t", "none"][..], !fs_direct),
     ] {
-        let run = std::process::Command::new(qdedup_bin())
-            .args(["convert", "--output", "json"])
-            .args(extra)
-            .arg(&input)
-            .arg(&out)
-            .output()
-            .unwrap();
-        assert!(run.status.success(), "{extra:?}: {run:?}");
-        let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+        let report = convert_json(extra, &input, &out);
         let behind_bytes = report["write-behind-bytes"].as_u64().unwrap();
         if behind {
             // Every 8 MiB step of the 48 MiB but the last two or three.
@@ -679,16 +671,13 @@ fn direct_io_writes_the_same_bytes_as_buffered_writes() {
             (&["-t", "writeback"][..], false),
             (&["-t", "unsafe"][..], false),
         ] {
-            let run = std::process::Command::new(qdedup_bin())
-                .args(["convert", "--output", "json", "-m", "2"])
-                .args(args)
-                .args(extra)
-                .arg(&input)
-                .arg(&direct)
-                .output()
-                .unwrap();
-            assert!(run.status.success(), "{args:?} {extra:?}: {run:?}");
-            let report: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+            let all: Vec<&str> = ["-m", "2"]
+                .iter()
+                .chain(args)
+                .chain(extra)
+                .copied()
+                .collect();
+            let report = convert_json(&all, &input, &direct);
             let direct_bytes = report["direct-io-bytes"].as_u64().unwrap();
             if is_direct && fs_direct {
                 // Uncompressed 4 KiB and 64 KiB clusters: each distinct
